@@ -1,0 +1,219 @@
+"""The featcache command line. The only place that turns exceptions into messages and exit codes."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from featcache import __version__
+from featcache.device import DEVICES, PRECISIONS
+from featcache.errors import FeatcacheError
+
+
+def _friendly(fn):
+    """Bad input ends in one clear line on stderr and exit code 1, never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (FeatcacheError, ValueError) as exc:
+            raise click.ClickException(str(exc)) from exc
+        except KeyboardInterrupt:
+            click.echo("interrupted: finished shards are kept; rerun the command to resume", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+def _ints(value: str | None, name: str) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    try:
+        return tuple(int(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {value!r}", param_hint=name)
+
+
+def _write_json(result: dict, path: str | None) -> None:
+    if path is None:
+        return
+    out = Path(path)
+    if not out.parent.is_dir():
+        raise FeatcacheError(f"--json {out}: directory {out.parent} does not exist")
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    os.replace(tmp, out)
+
+
+@click.group()
+@click.version_option(__version__, prog_name="featcache")
+@click.option("-v", "--verbose", is_flag=True, help="Log progress details.")
+def main(verbose: bool) -> None:
+    """Extract frozen-backbone features once into HDF5; probe and k-NN them in seconds."""
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(message)s"
+    )
+    logging.getLogger("featcache").setLevel(logging.INFO)
+
+
+@main.command()
+def backbones() -> None:
+    """List the backbone registry."""
+    from featcache.backbones import describe
+
+    click.echo(describe())
+
+
+@main.command()
+@click.option("--backbone", required=True, help="Registry name (see `featcache backbones`).")
+@click.option("--dataset", required=True, help="'cifar10' or 'imagefolder:DIR'.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Store to write.")
+@click.option("--weights", default=None, help="Local weights: directory or .safetensors file.")
+@click.option("--data-root", default=None, help="Where cifar10 lives or is downloaded (data/).")
+@click.option("--splits", default="train,test", show_default=True)
+@click.option("--per-class", type=int, default=None, help="Images per class in every split.")
+@click.option("--train-per-class", type=int, default=None)
+@click.option("--test-per-class", type=int, default=None)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the subsets.")
+@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
+@click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True)
+@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--workers", type=int, default=1, show_default=True, help="Image decoding processes.")
+@click.option("--shard-size", type=int, default=1024, show_default=True)
+@click.option("--skip-bad", is_flag=True, help="Record unreadable images as skipped and go on.")
+@click.option("--overwrite", is_flag=True, help="Replace a store made with another spec.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@_friendly
+def extract(**kw) -> None:
+    """Run a frozen backbone once over a dataset into an HDF5 feature store."""
+    from featcache.extract import ExtractConfig
+    from featcache.extract import extract as run
+
+    per_class = kw.pop("per_class")
+    cfg = ExtractConfig(
+        backbone=kw["backbone"],
+        dataset=kw["dataset"],
+        out=kw["out"],
+        weights=kw["weights"],
+        data_root=kw["data_root"],
+        splits=tuple(s.strip() for s in kw["splits"].split(",") if s.strip()),
+        train_per_class=kw["train_per_class"] if kw["train_per_class"] is not None else per_class,
+        test_per_class=kw["test_per_class"] if kw["test_per_class"] is not None else per_class,
+        seed=kw["seed"],
+        device=kw["device"],
+        precision=kw["precision"],
+        batch_size=kw["batch_size"],
+        workers=kw["workers"],
+        shard_size=kw["shard_size"],
+        skip_bad=kw["skip_bad"],
+        overwrite=kw["overwrite"],
+        progress=not kw["no_progress"],
+    )
+    result = run(cfg)
+    if result.images == 0 and result.resumed_images == 0:
+        click.echo(f"{result.path} is already complete (same fingerprint); nothing to do")
+        return
+    for split, ids in result.skipped.items():
+        if ids:
+            click.echo(f"skipped {len(ids)} unreadable images in {split} (recorded in the store)")
+    resumed = f", {result.resumed_images} resumed from shards" if result.resumed_images else ""
+    click.echo(
+        f"extracted {result.images} images in {result.seconds:.1f} s "
+        f"({result.images_per_second:.1f} images/s){resumed} -> {result.path}"
+    )
+
+
+@main.command()
+@click.option("--store", required=True, type=click.Path(dir_okay=False))
+@click.option("--features", default=None, help="Feature set (default: the backbone's first).")
+@click.option("--weight-decays", default=None, help="Comma-separated sweep grid.")
+@click.option("--val-fraction", type=float, default=0.1, show_default=True)
+@click.option("--epochs", type=int, default=100, show_default=True, help="Most epochs per head.")
+@click.option("--patience", type=int, default=10, show_default=True)
+@click.option("--batch-size", type=int, default=256, show_default=True)
+@click.option("--lr", type=float, default=0.1, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", type=click.Choice(DEVICES), default="cpu", show_default=True)
+@click.option("--json", "json_out", default=None, help="Write the full result as JSON.")
+@click.option("--plot", default=None, help="Write per-epoch curves as PNG.")
+@_friendly
+def probe(**kw) -> None:
+    """Train linear heads on a store's features (weight-decay sweep, early stopping)."""
+    from featcache.probe import DEFAULT_WEIGHT_DECAYS, ProbeConfig, plot_probe, run_probe
+
+    wds = DEFAULT_WEIGHT_DECAYS
+    if kw["weight_decays"]:
+        try:
+            wds = tuple(float(v) for v in kw["weight_decays"].split(","))
+        except ValueError:
+            raise click.BadParameter(kw["weight_decays"], param_hint="--weight-decays")
+    cfg = ProbeConfig(
+        store=kw["store"],
+        features=kw["features"],
+        weight_decays=wds,
+        val_fraction=kw["val_fraction"],
+        max_epochs=kw["epochs"],
+        patience=kw["patience"],
+        batch_size=kw["batch_size"],
+        lr=kw["lr"],
+        seed=kw["seed"],
+        device=kw["device"],
+    )
+    result = run_probe(cfg)
+    _write_json(result, kw["json_out"])
+    if kw["plot"]:
+        plot_probe(result, kw["plot"])
+    t, sel = result["test"], result["selected"]
+    click.echo(
+        f"probe {result['backbone']}/{result['features']}: test top-1 {t['top1']:.2f}%  "
+        f"top-3 {t['top3']:.2f}%  loss {t['loss']:.4f}  (weight decay {sel['weight_decay']:g}, "
+        f"{sel['epochs']} epochs, {result['seconds']:.1f} s)"
+    )
+
+
+@main.command()
+@click.option("--store", required=True, type=click.Path(dir_okay=False))
+@click.option("--features", default=None, help="Feature set (default: the backbone's first).")
+@click.option("--k", "ks", default="10,20,100,200", show_default=True)
+@click.option("--temperature", type=float, default=0.07, show_default=True)
+@click.option("--json", "json_out", default=None, help="Write the result as JSON.")
+@_friendly
+def knn(**kw) -> None:
+    """Weighted k-NN classification of the test split by the train split (faiss)."""
+    from featcache.knn import KnnConfig, run_knn
+
+    cfg = KnnConfig(
+        store=kw["store"],
+        features=kw["features"],
+        ks=_ints(kw["ks"], "--k"),
+        temperature=kw["temperature"],
+    )
+    result = run_knn(cfg)
+    _write_json(result, kw["json_out"])
+    click.echo(f"k-NN {result['backbone']}/{result['features']} (T={cfg.temperature}):")
+    for r in result["results"]:
+        click.echo(f"  k={r['k']:<4d} top-1 {r['top1']:.2f}%  top-3 {r['top3']:.2f}%")
+
+
+@main.command()
+@click.argument("store", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the raw metadata as JSON.")
+@_friendly
+def info(store: str, as_json: bool) -> None:
+    """Print a store's metadata."""
+    from featcache.store import Store
+
+    s = Store(store)
+    if as_json:
+        meta = {k: (json.loads(v) if k not in ("format", "fingerprint", "featcache_version") else v)
+                for k, v in s.attrs.items()}
+        click.echo(json.dumps({**meta, "splits": s.splits, "sizes": s.sizes}, indent=1))
+    else:
+        click.echo(s.describe())

@@ -1,0 +1,272 @@
+"""Stage 1: run a frozen backbone once over a dataset into an HDF5 store.
+
+uint8 images are decoded by loader workers, moved to the device as uint8, upscaled there by
+interpolation and normalised per the registry; the backbone runs in inference mode under
+autocast; finished shards are committed as they complete, so a rerun resumes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from featcache import __version__
+from featcache.backbones import BackboneSpec, get_spec, load_backbone, weights_identity
+from featcache.datasets import Split, balanced_subset, load_dataset
+from featcache.device import autocast, resolve_device, resolve_precision
+from featcache.errors import BadImageError, DatasetError
+from featcache.preprocess import Preprocess
+from featcache.store import ShardedWriter
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    backbone: str
+    dataset: str
+    out: str
+    weights: str | None = None
+    data_root: str | None = None
+    splits: tuple[str, ...] = ("train", "test")
+    # Class-balanced subset sizes per split (None: every image). --per-class sets both.
+    train_per_class: int | None = None
+    test_per_class: int | None = None
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "auto"
+    batch_size: int = 64
+    # Loader processes decoding images while the model runs; 0 decodes in the main process.
+    workers: int = 1
+    # Images per committed shard: the most work a crash can lose.
+    shard_size: int = 1024
+    skip_bad: bool = False
+    overwrite: bool = False
+    progress: bool = True
+    channels_last: bool = True
+
+    def __post_init__(self):
+        if self.batch_size < 1:
+            raise ValueError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.shard_size < 1:
+            raise ValueError(f"shard size must be at least 1, got {self.shard_size}")
+        if self.workers < 0:
+            raise ValueError(f"--workers must be 0 or more, got {self.workers}")
+
+
+@dataclass
+class ExtractResult:
+    path: Path
+    images: int  # images run through the backbone in this call (0 if already complete)
+    seconds: float
+    resumed_images: int = 0  # images found in shards from an earlier run
+    skipped: dict[str, list[str]] = field(default_factory=dict)
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images / self.seconds if self.seconds > 0 else 0.0
+
+
+class _Images(torch.utils.data.Dataset):
+    """Decodes split images to uint8 arrays; errors travel back as values, not exceptions."""
+
+    def __init__(self, split: Split, preprocess: Preprocess):
+        self.split, self.preprocess = split, preprocess
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, i: int):
+        try:
+            return i, self.preprocess.prepare(self.split.load(i)), None
+        except BadImageError as exc:
+            return i, None, (exc.path, exc.reason)
+
+
+def _collate(items):
+    """Group a batch by image shape so each group stacks; errors are passed along."""
+    order = [i for i, _, _ in items]
+    errors = [(i, e) for i, _, e in items if e is not None]
+    groups = defaultdict(list)
+    for pos, (_, arr, _) in enumerate(items):
+        if arr is not None:
+            groups[arr.shape].append(pos)
+    stacked = [
+        (pos, torch.from_numpy(np.stack([items[p][1] for p in pos])).permute(0, 3, 1, 2))
+        for pos in groups.values()
+    ]  # each (b, 3, h, w) uint8
+    return order, stacked, errors
+
+
+def fingerprint_fields(
+    cfg: ExtractConfig, spec: BackboneSpec, splits: dict[str, Split], precision: str
+) -> dict:
+    """Everything that shapes the features; its hash is the store's fingerprint."""
+    return {
+        "backbone": {
+            "name": spec.name,
+            "family": spec.family,
+            "arch": spec.arch,
+            "features": dict(spec.features),
+            "default_feature": spec.default_feature,
+        },
+        "weights": weights_identity(spec, cfg.weights),
+        "preprocess": spec.preprocess().to_dict(),
+        "dataset": {
+            "kind": "cifar10" if cfg.dataset == "cifar10" else "imagefolder",
+            "splits": {name: s.identity() for name, s in splits.items()},
+        },
+        "subset": {
+            "train_per_class": cfg.train_per_class,
+            "test_per_class": cfg.test_per_class,
+            "seed": cfg.seed,
+        },
+        "skip_bad": cfg.skip_bad,
+        "precision": precision,
+    }
+
+
+def prepare_splits(cfg: ExtractConfig) -> dict[str, Split]:
+    available = load_dataset(cfg.dataset, cfg.data_root)
+    per_class = {"train": cfg.train_per_class, "test": cfg.test_per_class}
+    splits = {}
+    for name in cfg.splits:
+        if name not in available:
+            raise DatasetError(
+                f"dataset {cfg.dataset} has no '{name}' split (it has: {sorted(available)}); "
+                "pass --splits with the ones it has"
+            )
+        splits[name] = balanced_subset(available[name], per_class.get(name), cfg.seed)
+    return splits
+
+
+def extract(cfg: ExtractConfig) -> ExtractResult:
+    """Run the extraction described by ``cfg``; resumes from shards of an interrupted run."""
+    spec = get_spec(cfg.backbone)  # unknown names fail before any data is touched
+    device = resolve_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
+    splits = prepare_splits(cfg)
+    fields = fingerprint_fields(cfg, spec, splits, precision)
+    writer = ShardedWriter(Path(cfg.out), fields, overwrite=cfg.overwrite)
+    if writer.complete:
+        log.info("%s is already complete with the same fingerprint; nothing to do", cfg.out)
+        return ExtractResult(Path(cfg.out), images=0, seconds=0.0)
+    try:
+        return _run(cfg, spec, splits, writer, device, precision)
+    finally:
+        writer.close()
+
+
+def _shards(n: int, size: int) -> list[range]:
+    return [range(s, min(s + size, n)) for s in range(0, n, size)]
+
+
+def _run(cfg, spec, splits, writer: ShardedWriter, device, precision) -> ExtractResult:
+    model, preprocess = load_backbone(spec.name, cfg.weights)
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    model = model.to(device=device, memory_format=memory_format)
+
+    plan = {name: _shards(len(s), cfg.shard_size) for name, s in splits.items()}
+    pending = {
+        name: [(i, r) for i, r in enumerate(shards) if not writer.has_shard(name, i)]
+        for name, shards in plan.items()
+    }
+    total = sum(len(s) for s in splits.values())
+    todo = sum(len(r) for shards in pending.values() for _, r in shards)
+    if todo < total:
+        log.info("resuming: %d of %d images already extracted", total - todo, total)
+
+    bar = tqdm(total=total, initial=total - todo, unit="img", disable=not cfg.progress)
+    start = time.perf_counter()
+    skipped: dict[str, list[str]] = {}
+    for name, shards in pending.items():
+        if shards:
+            skipped[name] = _extract_split(
+                cfg, splits[name], shards, model, preprocess, writer, device, precision, bar
+            )
+    seconds = time.perf_counter() - start
+    bar.close()
+
+    meta = {
+        "class_names": next(iter(splits.values())).class_names,
+        "config": {**asdict(cfg), "splits": list(cfg.splits)},
+        "extraction": {"device": str(device), "precision": precision, "torch": torch.__version__},
+        "backbone_spec": spec.to_dict(),
+        "featcache": {"version": __version__},
+    }
+    path = writer.assemble({n: len(p) for n, p in plan.items()}, meta)
+    return ExtractResult(path, images=todo, seconds=seconds, resumed_images=total - todo,
+                         skipped=skipped)
+
+
+def _extract_split(cfg, split, shards, model, preprocess, writer, device, precision, bar):
+    """Extract the pending shards of one split; returns the ids skipped as unreadable."""
+    batches = [list(r[i : i + cfg.batch_size]) for _, r in shards
+               for i in range(0, len(r), cfg.batch_size)]
+    loader = torch.utils.data.DataLoader(
+        _Images(split, preprocess),
+        batch_sampler=batches,
+        num_workers=cfg.workers,
+        collate_fn=_collate,
+        pin_memory=device.type == "cuda",
+        prefetch_factor=4 if cfg.workers else None,
+        persistent_workers=False,
+    )
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    widths = dict(model.spec.features)
+    shard_iter = iter(shards)
+    index, rng = next(shard_iter)
+    buf: dict[str, list] = defaultdict(list)
+    got, bad, seen, shard_start, all_bad = [], [], 0, time.perf_counter(), []
+    for order, groups, errors in loader:  # batches never cross shards and come in order
+        for i, (path, reason) in errors:
+            if not cfg.skip_bad:
+                raise BadImageError(path, reason)
+            log.warning("skipping unreadable image %s: %s", path, reason)
+            bad.append(split.ids[i])
+        if groups:
+            feats = _forward(model, preprocess, groups, device, precision, memory_format)
+            ok = np.asarray([order[p] for pos, _ in groups for p in pos])
+            perm = np.argsort(ok)  # back to index order
+            got.extend(ok[perm].tolist())
+            for k, v in feats.items():
+                buf[k].append(v[perm])
+        seen += len(order)
+        bar.update(len(order))
+        if seen < len(rng):
+            continue
+        writer.write_shard(
+            split.name,
+            index,
+            ids=[split.ids[i] for i in got],
+            labels=split.labels[got],
+            features={
+                k: np.concatenate(buf[k]) if buf[k] else np.zeros((0, w), np.float32)
+                for k, w in widths.items()
+            },
+            skipped=sorted(bad),
+            seconds=time.perf_counter() - shard_start,
+        )
+        all_bad += bad
+        buf, got, bad, seen, shard_start = defaultdict(list), [], [], 0, time.perf_counter()
+        index, rng = next(shard_iter, (None, None))
+    return all_bad
+
+
+@torch.inference_mode()
+def _forward(model, preprocess, groups, device, precision, memory_format):
+    parts = []
+    for _, images in groups:
+        x = images.to(device, non_blocking=True)
+        parts.append(preprocess(x).contiguous(memory_format=memory_format))
+    x = torch.cat(parts) if len(parts) > 1 else parts[0]
+    with autocast(device, precision):
+        out = model(x)
+    return {k: v.float().cpu().numpy() for k, v in out.items()}

@@ -1,0 +1,261 @@
+"""Linear probe on cached features: a weight-decay sweep trained together, then a retrain.
+
+Protocol:
+1. standardise features with the training split's mean and std;
+2. carve a stratified validation split from train;
+3. train one linear head per weight decay, all at once on the same mini-batches (SGD with
+   momentum, cosine schedule), each stopped early at its lowest validation loss;
+4. pick the weight decay with the lowest validation loss; retrain it on the whole training split
+   for its best epoch count; report test top-1, top-3 and loss.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from featcache import __version__
+from featcache.device import resolve_device
+from featcache.metrics import topk_accuracy
+from featcache.store import Store
+
+DEFAULT_WEIGHT_DECAYS = (0.0, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    store: str
+    features: str | None = None  # default: the backbone's first feature set
+    weight_decays: tuple[float, ...] = DEFAULT_WEIGHT_DECAYS
+    # Fraction of each training class held out to choose the weight decay and epoch count.
+    val_fraction: float = 0.1
+    max_epochs: int = 100
+    # Epochs without a better validation loss before a head stops (all heads: training stops).
+    patience: int = 10
+    batch_size: int = 256
+    # Peak learning rate of the cosine schedule; inputs are z-scored so one value fits most.
+    lr: float = 0.1
+    momentum: float = 0.9
+    seed: int = 0
+    device: str = "cpu"
+    train_split: str = "train"
+    test_split: str = "test"
+
+    def __post_init__(self):
+        if not 0 < self.val_fraction < 1:
+            raise ValueError(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
+        if not self.weight_decays or min(self.weight_decays) < 0:
+            raise ValueError(f"weight decays must be non-negative, got {self.weight_decays}")
+        if self.max_epochs < 1 or self.batch_size < 1 or self.lr <= 0:
+            raise ValueError("--epochs, --batch-size and --lr must be positive")
+
+
+def stratified_split(labels: np.ndarray, fraction: float, seed: int):
+    """(fit_idx, val_idx): ``fraction`` of every class (at least one sample) held out."""
+    rng = np.random.default_rng(seed)
+    fit, val = [], []
+    for c in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == c))
+        n_val = max(1, round(fraction * len(members)))
+        if n_val >= len(members):
+            raise ValueError(
+                f"class {c} has {len(members)} training samples: too few to hold out validation"
+            )
+        val.append(members[:n_val])
+        fit.append(members[n_val:])
+    return np.sort(np.concatenate(fit)), np.sort(np.concatenate(val))
+
+
+def _metrics(logits: torch.Tensor, y: torch.Tensor) -> list[dict]:
+    """Per-head loss/top-1/top-3. logits: (S, N, C), y: (N,)."""
+    out = []
+    yn = y.cpu().numpy()
+    for head in logits:
+        out.append(
+            {
+                "loss": float(F.cross_entropy(head, y)),
+                "top1": topk_accuracy(head.cpu().numpy(), yn, 1),
+                "top3": topk_accuracy(head.cpu().numpy(), yn, min(3, head.shape[1])),
+            }
+        )
+    return out
+
+
+class _Heads:
+    """S linear heads trained together: W (S, D, C), b (S, C), one weight decay each."""
+
+    def __init__(self, dim, classes, weight_decays, cfg: ProbeConfig, device, generator):
+        s = len(weight_decays)
+        self.W = torch.zeros(s, dim, classes, device=device, requires_grad=True)
+        self.b = torch.zeros(s, classes, device=device, requires_grad=True)
+        self.wd = torch.tensor(weight_decays, device=device, dtype=torch.float32)
+        self.opt = torch.optim.SGD([self.W, self.b], lr=cfg.lr, momentum=cfg.momentum)
+        self.cfg, self.gen = cfg, generator
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("nd,sdc->snc", x, self.W) + self.b[:, None, :]  # (S, N, C)
+
+    def epoch(self, x, y, epoch: int, epochs: int, active: torch.Tensor) -> None:
+        n = len(y)
+        steps = math.ceil(n / self.cfg.batch_size)
+        order = torch.randperm(n, generator=self.gen).to(x.device)
+        for step in range(steps):
+            t = (epoch * steps + step) / (epochs * steps)
+            for g in self.opt.param_groups:
+                g["lr"] = self.cfg.lr * 0.5 * (1 + math.cos(math.pi * t))
+            idx = order[step * self.cfg.batch_size : (step + 1) * self.cfg.batch_size]
+            logits = self.logits(x[idx])  # (S, B, C)
+            ce = F.cross_entropy(logits.flatten(0, 1), y[idx].repeat(len(self.wd)), reduction="none")
+            ce = ce.view(len(self.wd), -1).mean(1)  # (S,)
+            l2 = 0.5 * self.wd * self.W.pow(2).sum(dim=(1, 2))
+            loss = ((ce + l2) * active).sum()  # heads are independent: sum their losses
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
+
+    @torch.no_grad()
+    def evaluate(self, x, y) -> list[dict]:
+        return _metrics(self.logits(x), y)
+
+
+def _standardise(train: np.ndarray, *others: np.ndarray):
+    mean = train.mean(0, keepdims=True)
+    std = train.std(0, keepdims=True) + 1e-6
+    return [(a - mean) / std for a in (train, *others)]
+
+
+def fit_probe(
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_test: np.ndarray,
+    y_test: np.ndarray,
+    num_classes: int,
+    cfg: ProbeConfig,
+) -> dict:
+    """The whole protocol on in-memory features; returns the result dict (no I/O)."""
+    device = resolve_device(cfg.device)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    xtr, xte = _standardise(x_train.astype(np.float32), x_test.astype(np.float32))
+    fit_idx, val_idx = stratified_split(y_train, cfg.val_fraction, cfg.seed)
+
+    def t(a, dtype=torch.float32):
+        return torch.as_tensor(a, dtype=dtype, device=device)
+
+    xf, yf = t(xtr[fit_idx]), t(y_train[fit_idx], torch.long)
+    xv, yv = t(xtr[val_idx]), t(y_train[val_idx], torch.long)
+
+    # 1. The sweep: all heads on the same batches, each with its own early stopping.
+    s = len(cfg.weight_decays)
+    heads = _Heads(xf.shape[1], num_classes, cfg.weight_decays, cfg, device, gen)
+    best_loss = [math.inf] * s
+    best_epoch = [0] * s
+    active = torch.ones(s, device=device)
+    curves: list[list[dict]] = [[] for _ in range(s)]
+    for epoch in range(cfg.max_epochs):
+        heads.epoch(xf, yf, epoch, cfg.max_epochs, active)
+        train_m, val_m = heads.evaluate(xf, yf), heads.evaluate(xv, yv)
+        for h in range(s):
+            if not active[h]:
+                continue
+            curves[h].append({"epoch": epoch + 1, "train": train_m[h], "val": val_m[h]})
+            if val_m[h]["loss"] < best_loss[h]:
+                best_loss[h], best_epoch[h] = val_m[h]["loss"], epoch + 1
+            elif epoch + 1 - best_epoch[h] >= cfg.patience:
+                active[h] = 0.0
+        if not active.any():
+            break
+    sweep = [
+        {
+            "weight_decay": wd,
+            "best_epoch": best_epoch[h],
+            "val": curves[h][best_epoch[h] - 1]["val"],
+        }
+        for h, wd in enumerate(cfg.weight_decays)
+    ]
+    chosen = min(range(s), key=lambda h: (best_loss[h], -cfg.weight_decays[h]))
+
+    # 2. Retrain the chosen setting on the whole training split for its best epoch count.
+    wd, epochs = cfg.weight_decays[chosen], best_epoch[chosen]
+    xa, ya = t(xtr), t(y_train, torch.long)
+    final = _Heads(xa.shape[1], num_classes, (wd,), cfg, device, gen)
+    ones = torch.ones(1, device=device)
+    final_curve = []
+    for epoch in range(epochs):
+        final.epoch(xa, ya, epoch, epochs, ones)
+        final_curve.append({"epoch": epoch + 1, "train": final.evaluate(xa, ya)[0]})
+    with torch.no_grad():
+        test_logits = final.logits(t(xte))[0]
+    test = _metrics(test_logits[None], t(y_test, torch.long))[0]
+    pred = test_logits.argmax(1).cpu().numpy()
+    per_class = [
+        float(100.0 * (pred[y_test == c] == c).mean()) if (y_test == c).any() else float("nan")
+        for c in range(num_classes)
+    ]
+    return {
+        "test": test,
+        "per_class_top1": per_class,
+        "selected": {"weight_decay": wd, "epochs": epochs, "val": sweep[chosen]["val"]},
+        "sweep": sweep,
+        "epochs": curves[chosen],
+        "final_epochs": final_curve,
+        "num_fit": len(fit_idx),
+        "num_val": len(val_idx),
+        "num_test": len(y_test),
+    }
+
+
+def run_probe(cfg: ProbeConfig) -> dict:
+    store = Store(cfg.store)
+    feature = cfg.features or store.default_feature()
+    store.check(cfg.train_split, feature)
+    store.check(cfg.test_split, feature)
+    train, test = store.load(cfg.train_split, feature), store.load(cfg.test_split, feature)
+    start = time.perf_counter()
+    result = fit_probe(
+        train.features, train.labels, test.features, test.labels, len(store.class_names), cfg
+    )
+    return {
+        "kind": "probe",
+        "store": str(store.path),
+        "fingerprint": store.fingerprint,
+        "backbone": store.fields["backbone"]["name"],
+        "features": feature,
+        "class_names": store.class_names,
+        "config": {**asdict(cfg), "weight_decays": list(cfg.weight_decays)},
+        "featcache_version": __version__,
+        "seconds": time.perf_counter() - start,
+        **result,
+    }
+
+
+def plot_probe(result: dict, path: str) -> None:
+    """Per-epoch train/val curves of the chosen head, plus the validation loss of the sweep."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
+    epochs = [e["epoch"] for e in result["epochs"]]
+    for ax, metric in zip(axes, ("loss", "top1", "top3")):
+        for part in ("train", "val"):
+            ax.plot(epochs, [e[part][metric] for e in result["epochs"]], label=part)
+        ax.axhline(result["test"][metric], color="k", ls=":", label="test (retrained)")
+        ax.set_xlabel("epoch")
+        ax.set_title(metric + (" (%)" if metric != "loss" else ""))
+        ax.legend()
+    wds = [max(s["weight_decay"], 1e-7) for s in result["sweep"]]
+    axes[3].semilogx(wds, [s["val"]["loss"] for s in result["sweep"]], "o-")
+    axes[3].axvline(max(result["selected"]["weight_decay"], 1e-7), color="r", ls=":")
+    axes[3].set_xlabel("weight decay (0 drawn at 1e-7)")
+    axes[3].set_title("best val loss per weight decay")
+    fig.suptitle(f"linear probe: {result['backbone']} / {result['features']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,314 @@
+"""The HDF5 feature store: fingerprinted, written as shards, assembled atomically.
+
+Layout of a finished store (plain h5py/h5ls can read it)::
+
+    /                     attrs: format, featcache_version, fingerprint, fields (JSON),
+                                 class_names (JSON), config (JSON), extraction (JSON)
+    /<split>/ids          (N,) str     stable sample ids
+    /<split>/labels       (N,) int64
+    /<split>/features/<name>  (N, D) float32
+    /<split>/skipped      (M,) str     unreadable images skipped with --skip-bad (if any)
+
+While extracting, finished work lives in ``<store>.parts/`` as shard files, each written to a
+temporary name, fsynced and renamed, so a shard that exists is complete. The store itself is
+assembled into a temporary file and renamed into place: a reader never sees half a store.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from featcache import __version__
+from featcache.errors import SpecMismatchError, StoreError
+
+FORMAT = "featcache-store/1"
+# Bumped whenever the features produced for the same inputs change (part of the fingerprint).
+FEATURE_VERSION = 1
+
+_STR = h5py.string_dtype()
+
+
+def fingerprint(fields: dict) -> str:
+    """sha256 of the canonical JSON of everything that shaped the features."""
+    blob = json.dumps({**fields, "feature_version": FEATURE_VERSION}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def first_difference(stored: dict, wanted: dict) -> str | None:
+    """The first field whose value differs, described for an error message."""
+    for key in sorted(set(stored) | set(wanted)):
+        a, b = stored.get(key), wanted.get(key)
+        if a != b:
+            return f"field '{key}' differs: existing {json.dumps(a)} vs requested {json.dumps(b)}"
+    return None
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _commit(tmp: Path, final: Path) -> None:
+    """fsync a finished temporary file and rename it into place atomically."""
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, final)
+    _fsync_dir(final.parent)
+
+
+def _write_split(group: h5py.Group, ids, labels, features: dict, skipped) -> None:
+    group.create_dataset("ids", data=np.asarray(ids, dtype=object), dtype=_STR)
+    group.create_dataset("labels", data=np.asarray(labels, dtype=np.int64))
+    fg = group.create_group("features")
+    for name, arr in features.items():
+        fg.create_dataset(name, data=np.asarray(arr, dtype=np.float32))
+    if len(skipped):
+        group.create_dataset("skipped", data=np.asarray(skipped, dtype=object), dtype=_STR)
+
+
+class ShardedWriter:
+    """Writes shards of one extraction and assembles them into the final store.
+
+    Opening it checks the target: a finished store or partial work with another fingerprint is
+    refused (naming the differing field) unless ``overwrite``; a finished store with the same
+    fingerprint is reported by ``complete``. It holds an exclusive lock on the work folder so
+    that two extractions into one store cannot interleave.
+    """
+
+    def __init__(self, out: Path, fields: dict, overwrite: bool = False):
+        self.out = Path(out)
+        self.fields = fields
+        self.fp = fingerprint(fields)
+        self.parts = self.out.with_name(self.out.name + ".parts")
+        if not self.out.parent.is_dir():
+            raise StoreError(
+                f"--out {self.out}: directory {self.out.parent} does not exist; create it first"
+            )
+        self.complete = False
+        if self.out.exists():
+            stored = _stored_fields(self.out)
+            if stored is not None and fingerprint(stored) == self.fp:
+                self.complete = True
+                return
+            if not overwrite:
+                why = first_difference(stored, fields) if stored else "it is not a featcache store"
+                raise SpecMismatchError(
+                    f"{self.out} already exists with another spec ({why}); choose another --out "
+                    "or pass --overwrite to replace it"
+                )
+        self.parts.mkdir(exist_ok=True)
+        self._lock = open(self.parts / "lock", "w")  # noqa: SIM115 - held for the run
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock.close()
+            raise StoreError(
+                f"another featcache extraction is writing {self.out} right now; wait for it "
+                "or choose another --out"
+            ) from None
+        spec_path = self.parts / "spec.json"
+        if spec_path.exists():
+            stored = json.loads(spec_path.read_text())
+            if fingerprint(stored) != self.fp:
+                if not overwrite:
+                    raise SpecMismatchError(
+                        f"{self.parts} holds a partial extraction with another spec "
+                        f"({first_difference(stored, fields)}); rerun the original command to "
+                        "finish it, or pass --overwrite to discard it"
+                    )
+                self._clear_shards()
+        if not spec_path.exists() or fingerprint(json.loads(spec_path.read_text())) != self.fp:
+            tmp = self.parts / "spec.json.tmp"
+            tmp.write_text(json.dumps(fields, sort_keys=True, indent=1))
+            _commit(tmp, spec_path)
+
+    def _clear_shards(self) -> None:
+        for p in self.parts.iterdir():
+            if p.name != "lock":
+                p.unlink()
+
+    def shard_path(self, split: str, index: int) -> Path:
+        return self.parts / f"{split}-{index:06d}.h5"
+
+    def has_shard(self, split: str, index: int) -> bool:
+        return self.shard_path(split, index).exists()
+
+    def write_shard(
+        self, split: str, index: int, ids, labels, features: dict, skipped, seconds: float
+    ) -> None:
+        final = self.shard_path(split, index)
+        tmp = final.with_suffix(".tmp")
+        with h5py.File(tmp, "w") as f:
+            _write_split(f, ids, labels, features, skipped)
+            f.attrs["seconds"] = seconds
+        _commit(tmp, final)
+
+    def assemble(self, splits: dict[str, int], meta: dict) -> Path:
+        """Concatenate the shards of each split (``splits``: name -> shard count) into the store."""
+        tmp = self.out.with_name(f".{self.out.name}.tmp-{os.getpid()}")
+        seconds = 0.0
+        try:
+            with h5py.File(tmp, "w") as f:
+                for split, n_shards in splits.items():
+                    parts = [self.shard_path(split, i) for i in range(n_shards)]
+                    seconds += self._concat(f.create_group(split), parts)
+                f.attrs["format"] = FORMAT
+                f.attrs["featcache_version"] = __version__
+                f.attrs["fingerprint"] = self.fp
+                f.attrs["fields"] = json.dumps(self.fields, sort_keys=True)
+                meta = {**meta, "extraction": {**meta.get("extraction", {}), "seconds": seconds}}
+                for key, value in meta.items():
+                    f.attrs[key] = json.dumps(value, sort_keys=True)
+            _commit(tmp, self.out)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        self.close()
+        shutil.rmtree(self.parts, ignore_errors=True)
+        return self.out
+
+    @staticmethod
+    def _concat(group: h5py.Group, parts: list[Path]) -> float:
+        sizes, seconds, skipped, widths = [], 0.0, [], {}
+        for p in parts:
+            with h5py.File(p, "r") as s:
+                sizes.append(len(s["ids"]))
+                seconds += float(s.attrs["seconds"])
+                if "skipped" in s:
+                    skipped += [x.decode() for x in s["skipped"][:]]
+                widths = {k: v.shape[1] for k, v in s["features"].items()}
+        n = sum(sizes)
+        ids = group.create_dataset("ids", shape=(n,), dtype=_STR)
+        labels = group.create_dataset("labels", shape=(n,), dtype=np.int64)
+        feats = {
+            k: group.create_dataset(f"features/{k}", shape=(n, w), dtype=np.float32)
+            for k, w in widths.items()
+        }
+        start = 0
+        for p, size in zip(parts, sizes):
+            with h5py.File(p, "r") as s:  # one shard in memory at a time: memory stays flat
+                ids[start : start + size] = s["ids"][:]
+                labels[start : start + size] = s["labels"][:]
+                for k, d in feats.items():
+                    d[start : start + size] = s["features"][k][:]
+            start += size
+        if skipped:
+            group.create_dataset("skipped", data=np.asarray(skipped, dtype=object), dtype=_STR)
+        return seconds
+
+    def close(self) -> None:
+        lock = getattr(self, "_lock", None)
+        if lock is not None and not lock.closed:
+            lock.close()
+
+
+def _stored_fields(path: Path) -> dict | None:
+    try:
+        with h5py.File(path, "r") as f:
+            return json.loads(f.attrs["fields"])
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+@dataclass
+class Split:
+    """Features of one split, loaded into memory."""
+
+    features: np.ndarray  # (N, D) float32
+    labels: np.ndarray  # (N,) int64
+    ids: list[str]
+
+
+class Store:
+    """Read access to a finished store."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_file():
+            parts = self.path.with_name(self.path.name + ".parts")
+            hint = (
+                " (an extraction into it is unfinished: rerun the extract command to finish it)"
+                if parts.exists()
+                else ""
+            )
+            raise StoreError(f"store {self.path} does not exist{hint}")
+        try:
+            with h5py.File(self.path, "r") as f:
+                if f.attrs.get("format") != FORMAT:
+                    raise StoreError(f"{self.path} is not a featcache store (no format {FORMAT})")
+                self.attrs = {k: f.attrs[k] for k in f.attrs}
+                self.splits = {
+                    s: sorted(f[s]["features"].keys())
+                    for s in f.keys()
+                    if isinstance(f[s], h5py.Group) and "features" in f[s]
+                }
+                self.sizes = {s: len(f[s]["ids"]) for s in self.splits}
+        except OSError as exc:
+            raise StoreError(f"cannot read store {self.path}: {exc}") from exc
+        self.fingerprint: str = self.attrs["fingerprint"]
+        self.fields: dict = json.loads(self.attrs["fields"])
+        self.class_names: list[str] = json.loads(self.attrs["class_names"])
+        self.config: dict = json.loads(self.attrs["config"])
+        self.extraction: dict = json.loads(self.attrs.get("extraction", "{}"))
+
+    def default_feature(self) -> str:
+        return self.fields["backbone"]["default_feature"]
+
+    def check(self, split: str, feature: str | None = None) -> None:
+        if split not in self.splits:
+            raise StoreError(
+                f"store {self.path} has no '{split}' split (it has: {sorted(self.splits)}); "
+                f"extract it with --splits {split}"
+            )
+        if feature is not None and feature not in self.splits[split]:
+            raise StoreError(
+                f"store {self.path} has no feature set '{feature}' in '{split}' "
+                f"(it has: {self.splits[split]}); pass --features with one of them"
+            )
+
+    def load(self, split: str, feature: str) -> Split:
+        self.check(split, feature)
+        with h5py.File(self.path, "r") as f:
+            g = f[split]
+            return Split(
+                features=g["features"][feature][:],
+                labels=g["labels"][:],
+                ids=[x.decode() for x in g["ids"][:]],
+            )
+
+    def skipped(self, split: str) -> list[str]:
+        with h5py.File(self.path, "r") as f:
+            g = f[split]
+            return [x.decode() for x in g["skipped"][:]] if "skipped" in g else []
+
+    def describe(self) -> str:
+        b = self.fields["backbone"]
+        lines = [
+            f"store        {self.path}",
+            f"format       {self.attrs['format']} (featcache {self.attrs['featcache_version']})",
+            f"fingerprint  {self.fingerprint}",
+            f"backbone     {b['name']} (weights {self.fields['weights']})",
+            f"dataset      {self.config['dataset']}  subset {self.fields['subset']}",
+            f"precision    {self.fields['precision']}  device {self.extraction.get('device')}",
+            f"classes      {len(self.class_names)}: {', '.join(self.class_names)}",
+        ]
+        for s, feats in self.splits.items():
+            lines.append(f"split {s:6s} {self.sizes[s]} samples; features: {', '.join(feats)}")
+        if self.extraction.get("seconds"):
+            lines.append(f"extraction   {self.extraction['seconds']:.1f} s of compute")
+        return "\n".join(lines)
