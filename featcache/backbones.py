@@ -138,8 +138,8 @@ def load_backbone(name: str, weights: str | Path | None = None) -> tuple[Backbon
     if path is not None and not path.exists():
         raise WeightsError(f"--weights {path}: no such file or directory")
     model, extract = _BUILDERS[spec.family](spec, path)
-    model.eval().requires_grad_(False)
-    return Backbone(spec, model, extract), spec.preprocess()
+    backbone = Backbone(spec, model, extract).eval().requires_grad_(False)
+    return backbone, spec.preprocess()
 
 
 def weights_identity(spec: BackboneSpec, weights: str | Path | None) -> str:

@@ -158,8 +158,10 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
     if writer.complete:
         log.info("%s is already complete with the same fingerprint; nothing to do", cfg.out)
         return ExtractResult(Path(cfg.out), images=0, seconds=0.0)
+    model, preprocess = load_backbone(spec.name, cfg.weights)  # fails before any file is made
+    writer.begin()
     try:
-        return _run(cfg, spec, splits, writer, device, precision)
+        return _run(cfg, model, preprocess, splits, writer, device, precision)
     finally:
         writer.close()
 
@@ -168,8 +170,8 @@ def _shards(n: int, size: int) -> list[range]:
     return [range(s, min(s + size, n)) for s in range(0, n, size)]
 
 
-def _run(cfg, spec, splits, writer: ShardedWriter, device, precision) -> ExtractResult:
-    model, preprocess = load_backbone(spec.name, cfg.weights)
+def _run(cfg, model, preprocess, splits, writer: ShardedWriter, device, precision):
+    spec = model.spec
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = model.to(device=device, memory_format=memory_format)
 

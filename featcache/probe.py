@@ -24,7 +24,7 @@ from featcache.device import resolve_device
 from featcache.metrics import topk_accuracy
 from featcache.store import Store
 
-DEFAULT_WEIGHT_DECAYS = (0.0, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
+DEFAULT_WEIGHT_DECAYS = (0.0, 1e-4, 1e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0)
 
 
 @dataclass(frozen=True)
@@ -38,8 +38,9 @@ class ProbeConfig:
     # Epochs without a better validation loss before a head stops (all heads: training stops).
     patience: int = 10
     batch_size: int = 256
-    # Peak learning rate of the cosine schedule; inputs are z-scored so one value fits most.
-    lr: float = 0.1
+    # Peak step size of the cosine schedule, in units of 1 / (curvature + weight decay), so
+    # one value suits every store.
+    lr: float = 0.2
     momentum: float = 0.9
     seed: int = 0
     device: str = "cpu"
@@ -87,40 +88,56 @@ def _metrics(logits: torch.Tensor, y: torch.Tensor) -> list[dict]:
 
 
 class _Heads:
-    """S linear heads trained together: W (S, D, C), b (S, C), one weight decay each."""
+    """S linear heads trained together: W (S, D, C), b (S, C), one weight decay each.
 
-    def __init__(self, dim, classes, weight_decays, cfg: ProbeConfig, device, generator):
+    SGD with heavy-ball momentum, written out so that each head gets its own step size:
+    ``lr / (L + wd)``, where L bounds the curvature of the softmax loss (half the largest
+    eigenvalue of the feature covariance). That makes ``lr`` a dimensionless number that suits
+    any store, and every head converges towards its own regularised optimum.
+    """
+
+    def __init__(self, dim, classes, weight_decays, curvature, cfg: ProbeConfig, device, gen):
         s = len(weight_decays)
-        self.W = torch.zeros(s, dim, classes, device=device, requires_grad=True)
-        self.b = torch.zeros(s, classes, device=device, requires_grad=True)
+        self.W = torch.zeros(s, dim, classes, device=device)
+        self.b = torch.zeros(s, classes, device=device)
+        self.vW, self.vb = torch.zeros_like(self.W), torch.zeros_like(self.b)
         self.wd = torch.tensor(weight_decays, device=device, dtype=torch.float32)
-        self.opt = torch.optim.SGD([self.W, self.b], lr=cfg.lr, momentum=cfg.momentum)
-        self.cfg, self.gen = cfg, generator
+        self.step_size = cfg.lr / (curvature + self.wd)  # (S,)
+        self.cfg, self.gen = cfg, gen
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         return torch.einsum("nd,sdc->snc", x, self.W) + self.b[:, None, :]  # (S, N, C)
 
     def epoch(self, x, y, epoch: int, epochs: int, active: torch.Tensor) -> None:
-        n = len(y)
-        steps = math.ceil(n / self.cfg.batch_size)
+        n, bs, m = len(y), self.cfg.batch_size, self.cfg.momentum
+        steps = math.ceil(n / bs)
         order = torch.randperm(n, generator=self.gen).to(x.device)
+        onehot = F.one_hot(y, self.W.shape[2]).float()  # (N, C)
         for step in range(steps):
             t = (epoch * steps + step) / (epochs * steps)
-            for g in self.opt.param_groups:
-                g["lr"] = self.cfg.lr * 0.5 * (1 + math.cos(math.pi * t))
-            idx = order[step * self.cfg.batch_size : (step + 1) * self.cfg.batch_size]
-            logits = self.logits(x[idx])  # (S, B, C)
-            ce = F.cross_entropy(logits.flatten(0, 1), y[idx].repeat(len(self.wd)), reduction="none")
-            ce = ce.view(len(self.wd), -1).mean(1)  # (S,)
-            l2 = 0.5 * self.wd * self.W.pow(2).sum(dim=(1, 2))
-            loss = ((ce + l2) * active).sum()  # heads are independent: sum their losses
-            self.opt.zero_grad(set_to_none=True)
-            loss.backward()
-            self.opt.step()
+            lr = self.step_size * active * 0.5 * (1 + math.cos(math.pi * t))  # (S,)
+            idx = order[step * bs : (step + 1) * bs]
+            xb = x[idx]  # (B, D)
+            # Gradient of the mean cross-entropy: x^T (softmax - onehot) / B, per head.
+            err = (self.logits(xb).softmax(-1) - onehot[idx]) / len(idx)  # (S, B, C)
+            gW = torch.einsum("nd,snc->sdc", xb, err) + self.wd[:, None, None] * self.W
+            gb = err.sum(1)
+            self.vW.mul_(m).add_(gW)
+            self.vb.mul_(m).add_(gb)
+            self.W.sub_(lr[:, None, None] * self.vW)
+            self.b.sub_(lr[:, None] * self.vb)
 
-    @torch.no_grad()
     def evaluate(self, x, y) -> list[dict]:
         return _metrics(self.logits(x), y)
+
+
+def _curvature(x: torch.Tensor, iters: int = 30) -> float:
+    """Half the largest eigenvalue of x^T x / n (power iteration): bounds the softmax Hessian."""
+    v = torch.ones(x.shape[1], device=x.device) / math.sqrt(x.shape[1])
+    for _ in range(iters):
+        v = x.T @ (x @ v) / len(x)
+        v = v / v.norm().clamp_min(1e-12)
+    return 0.5 * float(v @ (x.T @ (x @ v)) / len(x))
 
 
 def _standardise(train: np.ndarray, *others: np.ndarray):
@@ -129,6 +146,7 @@ def _standardise(train: np.ndarray, *others: np.ndarray):
     return [(a - mean) / std for a in (train, *others)]
 
 
+@torch.no_grad()
 def fit_probe(
     x_train: np.ndarray,
     y_train: np.ndarray,
@@ -152,7 +170,8 @@ def fit_probe(
 
     # 1. The sweep: all heads on the same batches, each with its own early stopping.
     s = len(cfg.weight_decays)
-    heads = _Heads(xf.shape[1], num_classes, cfg.weight_decays, cfg, device, gen)
+    curvature = _curvature(t(xtr))
+    heads = _Heads(xf.shape[1], num_classes, cfg.weight_decays, curvature, cfg, device, gen)
     best_loss = [math.inf] * s
     best_epoch = [0] * s
     active = torch.ones(s, device=device)
@@ -180,17 +199,17 @@ def fit_probe(
     ]
     chosen = min(range(s), key=lambda h: (best_loss[h], -cfg.weight_decays[h]))
 
-    # 2. Retrain the chosen setting on the whole training split for its best epoch count.
+    # 2. Retrain the chosen setting on the whole training split: the same schedule, stopped
+    #    at the epoch where its validation loss was lowest.
     wd, epochs = cfg.weight_decays[chosen], best_epoch[chosen]
     xa, ya = t(xtr), t(y_train, torch.long)
-    final = _Heads(xa.shape[1], num_classes, (wd,), cfg, device, gen)
+    final = _Heads(xa.shape[1], num_classes, (wd,), curvature, cfg, device, gen)
     ones = torch.ones(1, device=device)
     final_curve = []
     for epoch in range(epochs):
-        final.epoch(xa, ya, epoch, epochs, ones)
+        final.epoch(xa, ya, epoch, cfg.max_epochs, ones)
         final_curve.append({"epoch": epoch + 1, "train": final.evaluate(xa, ya)[0]})
-    with torch.no_grad():
-        test_logits = final.logits(t(xte))[0]
+    test_logits = final.logits(t(xte))[0]
     test = _metrics(test_logits[None], t(y_test, torch.long))[0]
     pred = test_logits.argmax(1).cpu().numpy()
     per_class = [

@@ -84,16 +84,17 @@ def _write_split(group: h5py.Group, ids, labels, features: dict, skipped) -> Non
 class ShardedWriter:
     """Writes shards of one extraction and assembles them into the final store.
 
-    Opening it checks the target: a finished store or partial work with another fingerprint is
-    refused (naming the differing field) unless ``overwrite``; a finished store with the same
-    fingerprint is reported by ``complete``. It holds an exclusive lock on the work folder so
-    that two extractions into one store cannot interleave.
+    Creating it only checks the target, touching nothing: a finished store, or partial work
+    with another fingerprint, is refused (naming the differing field) unless ``overwrite``; a
+    finished store with the same fingerprint sets ``complete``. ``begin()`` then takes an
+    exclusive lock on the work folder, so two extractions into one store cannot interleave.
     """
 
     def __init__(self, out: Path, fields: dict, overwrite: bool = False):
         self.out = Path(out)
         self.fields = fields
         self.fp = fingerprint(fields)
+        self.overwrite = overwrite
         self.parts = self.out.with_name(self.out.name + ".parts")
         if not self.out.parent.is_dir():
             raise StoreError(
@@ -111,6 +112,26 @@ class ShardedWriter:
                     f"{self.out} already exists with another spec ({why}); choose another --out "
                     "or pass --overwrite to replace it"
                 )
+        self._check_partial()
+
+    def _check_partial(self) -> bool:
+        """Whether partial work of another spec is there (refused unless overwrite)."""
+        spec_path = self.parts / "spec.json"
+        if not spec_path.exists() or not any(self.parts.glob("*.h5")):
+            return False
+        stored = json.loads(spec_path.read_text())
+        if fingerprint(stored) == self.fp:
+            return False
+        if not self.overwrite:
+            raise SpecMismatchError(
+                f"{self.parts} holds a partial extraction with another spec "
+                f"({first_difference(stored, self.fields)}); rerun the original command to "
+                "finish it, or pass --overwrite to discard it"
+            )
+        return True
+
+    def begin(self) -> None:
+        """Lock the work folder and record the spec; shards already there are kept."""
         self.parts.mkdir(exist_ok=True)
         self._lock = open(self.parts / "lock", "w")  # noqa: SIM115 - held for the run
         try:
@@ -121,20 +142,13 @@ class ShardedWriter:
                 f"another featcache extraction is writing {self.out} right now; wait for it "
                 "or choose another --out"
             ) from None
+        if self._check_partial():  # checked again under the lock
+            self._clear_shards()
         spec_path = self.parts / "spec.json"
-        if spec_path.exists():
-            stored = json.loads(spec_path.read_text())
-            if fingerprint(stored) != self.fp:
-                if not overwrite:
-                    raise SpecMismatchError(
-                        f"{self.parts} holds a partial extraction with another spec "
-                        f"({first_difference(stored, fields)}); rerun the original command to "
-                        "finish it, or pass --overwrite to discard it"
-                    )
-                self._clear_shards()
         if not spec_path.exists() or fingerprint(json.loads(spec_path.read_text())) != self.fp:
+            self._clear_shards()  # shards of an unrecorded spec cannot be trusted
             tmp = self.parts / "spec.json.tmp"
-            tmp.write_text(json.dumps(fields, sort_keys=True, indent=1))
+            tmp.write_text(json.dumps(self.fields, sort_keys=True, indent=1))
             _commit(tmp, spec_path)
 
     def _clear_shards(self) -> None:

@@ -1,0 +1,59 @@
+import os
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).parent))
+import tiny_backbone  # noqa: E402,F401  (registers test-tiny for every test)
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_CIFAR = Path(os.environ.get("FEATCACHE_SHARED", REPO.parent / "shared")) / "data/cifar10-jpeg"
+
+
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", help="run tests marked slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--runslow"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --runslow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+def make_image_folder(root: Path, classes=("cat", "dog", "frog"), train=12, test=4, size=32):
+    """A tiny dataset whose classes differ in colour, so features can separate them."""
+    rng = np.random.default_rng(0)
+    colours = {c: rng.integers(0, 256, 3) for c in classes}
+    for split, n in (("train", train), ("test", test)):
+        for c in classes:
+            d = root / split / c
+            d.mkdir(parents=True)
+            for i in range(n):
+                noise = rng.integers(-40, 40, (size, size, 3))
+                arr = np.clip(colours[c] + noise, 0, 255).astype(np.uint8)
+                Image.fromarray(arr).save(d / f"{i:04d}.png")
+    return root
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    return make_image_folder(tmp_path / "images")
+
+
+@pytest.fixture(scope="session")
+def cifar_dir(tmp_path_factory):
+    """../shared/data/cifar10-jpeg unpacked once per session; tests skip where it is absent."""
+    if not (SHARED_CIFAR / "test.tar.gz").is_file():
+        pytest.skip(f"real CIFAR-10 not found at {SHARED_CIFAR}")
+    root = tmp_path_factory.mktemp("cifar10-jpeg")
+    for name in ("train", "test"):
+        with tarfile.open(SHARED_CIFAR / f"{name}.tar.gz") as tar:
+            tar.extractall(root, filter="data")
+    return root

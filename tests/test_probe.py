@@ -1,0 +1,68 @@
+import numpy as np
+import pytest
+
+from featcache.metrics import topk_accuracy
+from featcache.probe import ProbeConfig, fit_probe, stratified_split
+
+
+def _blobs(n_per_class, classes, dim, scale, seed):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(classes, dim)) * 3
+    y = np.repeat(np.arange(classes), n_per_class)
+    x = centres[y] + rng.normal(scale=scale, size=(len(y), dim))
+    return (x * 50 + 7).astype(np.float32), y  # badly scaled on purpose: standardised inside
+
+
+def test_separable_data_is_learned_perfectly():
+    x, y = _blobs(40, 4, 8, 0.1, 0)
+    xt, yt = _blobs(10, 4, 8, 0.1, 0)
+    cfg = ProbeConfig(store="-", max_epochs=30, weight_decays=(0.0, 1e-3))
+    r = fit_probe(x, y, xt, yt, 4, cfg)
+    assert r["test"]["top1"] == 100.0
+    assert r["test"]["top3"] == 100.0
+    assert r["test"]["loss"] < 0.1
+    assert r["selected"]["weight_decay"] in (0.0, 1e-3)
+    assert len(r["epochs"]) >= r["selected"]["epochs"]
+    e = r["epochs"][0]
+    assert set(e) == {"epoch", "train", "val"} and set(e["val"]) == {"loss", "top1", "top3"}
+    assert len(r["per_class_top1"]) == 4
+
+
+def test_strong_weight_decay_loses_on_noisy_data_and_is_not_chosen():
+    x, y = _blobs(60, 5, 20, 2.0, 1)
+    xt, yt = _blobs(30, 5, 20, 2.0, 2)
+    cfg = ProbeConfig(store="-", max_epochs=40, weight_decays=(1e-4, 10.0))
+    r = fit_probe(x, y, xt, yt, 5, cfg)
+    by_wd = {s["weight_decay"]: s["val"]["loss"] for s in r["sweep"]}
+    assert by_wd[10.0] > by_wd[1e-4]
+    assert r["selected"]["weight_decay"] == 1e-4
+
+
+def test_heads_trained_together_equal_heads_trained_alone():
+    x, y = _blobs(30, 3, 6, 1.0, 3)
+    together = fit_probe(x, y, x, y, 3, ProbeConfig(store="-", max_epochs=5, patience=99,
+                                                     weight_decays=(0.0, 1e-2)))
+    alone = fit_probe(x, y, x, y, 3, ProbeConfig(store="-", max_epochs=5, patience=99,
+                                                  weight_decays=(1e-2,)))
+    np.testing.assert_allclose(together["sweep"][1]["val"]["loss"], alone["sweep"][0]["val"]["loss"],
+                               rtol=1e-4)
+
+
+def test_stratified_split_holds_out_every_class():
+    y = np.repeat(np.arange(4), [10, 20, 30, 40])
+    fit, val = stratified_split(y, 0.1, seed=0)
+    assert len(np.intersect1d(fit, val)) == 0 and len(fit) + len(val) == 100
+    assert np.bincount(y[val]).tolist() == [1, 2, 3, 4]
+    assert stratified_split(y, 0.1, 0)[1].tolist() == val.tolist()
+
+
+def test_topk_accuracy_by_hand():
+    scores = np.array([[0.1, 0.5, 0.4], [0.9, 0.05, 0.05], [0.2, 0.3, 0.5]])
+    labels = np.array([2, 0, 0])
+    assert topk_accuracy(scores, labels, 1) == pytest.approx(100 / 3)
+    assert topk_accuracy(scores, labels, 2) == pytest.approx(200 / 3)
+
+
+def test_config_validates():
+    with pytest.raises(ValueError, match="--val-fraction"):
+        ProbeConfig(store="s", val_fraction=1.5)

@@ -1,0 +1,55 @@
+"""A tiny registered backbone for end-to-end tests: a seeded two-layer CNN at 32x32.
+
+``FEATCACHE_TEST_DELAY`` (seconds per batch) slows it down so that kill tests can strike
+mid-extraction; it exists only in this test module.
+"""
+
+import os
+import time
+
+import torch
+from torch import nn
+
+from featcache.backbones import BackboneSpec, builder, register
+
+
+class TinyNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.conv2 = nn.Conv2d(8, 16, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        h = torch.relu(self.conv1(x))
+        h = torch.relu(self.conv2(h))  # (B, 16, 8, 8)
+        return {"pooled": h.mean(dim=(2, 3)), "maxpool": h.amax(dim=(2, 3))}
+
+
+def _extract(model, x):
+    delay = float(os.environ.get("FEATCACHE_TEST_DELAY", "0"))
+    if delay:
+        time.sleep(delay)
+    return model(x)
+
+
+@builder("test-tiny")
+def _build(spec, weights):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = TinyNet()
+    return model, _extract
+
+
+TINY = register(
+    BackboneSpec(
+        name="test-tiny",
+        family="test-tiny",
+        weights_id="random-init:seed=0",
+        input_size=32,
+        interpolation="bilinear",
+        mean=(0.5, 0.5, 0.5),
+        std=(0.25, 0.25, 0.25),
+        features=(("pooled", 16), ("maxpool", 16)),
+        description="tests only",
+    )
+)
