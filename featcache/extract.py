@@ -119,17 +119,17 @@ def fingerprint_fields(
         },
         "weights": weights_identity(spec, cfg.weights),
         "preprocess": spec.preprocess().to_dict(),
-        "dataset": {
-            "kind": "cifar10" if cfg.dataset == "cifar10" else "imagefolder",
-            "splits": {name: s.identity() for name, s in splits.items()},
-        },
+        "precision": precision,
         "subset": {
             "train_per_class": cfg.train_per_class,
             "test_per_class": cfg.test_per_class,
             "seed": cfg.seed,
         },
-        "skip_bad": cfg.skip_bad,
-        "precision": precision,
+        # Last: these digests change with the subset too, which is the field to report first.
+        "dataset": {
+            "kind": "cifar10" if cfg.dataset == "cifar10" else "imagefolder",
+            "splits": {name: s.identity() for name, s in splits.items()},
+        },
     }
 
 

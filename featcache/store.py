@@ -44,10 +44,10 @@ def fingerprint(fields: dict) -> str:
 
 
 def first_difference(stored: dict, wanted: dict) -> str | None:
-    """The first field whose value differs, described for an error message."""
-    for key in sorted(set(stored) | set(wanted)):
+    """The first field (in the requested order) whose value differs, for an error message."""
+    for key in [*wanted, *(k for k in stored if k not in wanted)]:
         a, b = stored.get(key), wanted.get(key)
-        if a != b:
+        if json.dumps(a, sort_keys=True) != json.dumps(b, sort_keys=True):
             return f"field '{key}' differs: existing {json.dumps(a)} vs requested {json.dumps(b)}"
     return None
 

@@ -25,7 +25,17 @@ class TinyNet(nn.Module):
         return {"pooled": h.mean(dim=(2, 3)), "maxpool": h.amax(dim=(2, 3))}
 
 
+FAIL_AFTER = None  # tests set it to make the next extraction crash after that many batches
+_calls = 0
+
+
 def _extract(model, x):
+    global _calls
+    if FAIL_AFTER is not None:
+        _calls += 1
+        if _calls > FAIL_AFTER:
+            _calls = 0
+            raise RuntimeError("injected failure")
     delay = float(os.environ.get("FEATCACHE_TEST_DELAY", "0"))
     if delay:
         time.sleep(delay)
@@ -34,6 +44,8 @@ def _extract(model, x):
 
 @builder("test-tiny")
 def _build(spec, weights):
+    global _calls
+    _calls = 0
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = TinyNet()

@@ -1,0 +1,167 @@
+"""Extraction into stores: layout, fingerprint refusal, resume after kill -9, bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from featcache.errors import BadImageError, SpecMismatchError, StoreError
+from featcache.extract import ExtractConfig, extract
+from featcache.store import FEATURE_VERSION, Store
+
+TINYCLI = Path(__file__).parent / "tinycli.py"
+
+
+def _cfg(folder, out, **kw):
+    base = dict(backbone="test-tiny", dataset=f"imagefolder:{folder}", out=str(out), workers=0,
+                batch_size=4, shard_size=8, progress=False)
+    return ExtractConfig(**{**base, **kw})
+
+
+def test_store_is_plain_hdf5_with_metadata(image_folder, tmp_path):
+    res = extract(_cfg(image_folder, tmp_path / "s.h5"))
+    assert res.images == 48 and res.path.exists()
+    assert not (tmp_path / "s.h5.parts").exists()
+    with h5py.File(res.path, "r") as f:  # plain h5py, no featcache needed
+        assert f["train/features/pooled"].shape == (36, 16)
+        assert f["train/features/maxpool"].shape == (36, 16)
+        assert f["test/labels"][:].tolist() == [0] * 4 + [1] * 4 + [2] * 4
+        assert f["test/ids"][0].decode() == "cat/0000.png"
+        assert json.loads(f.attrs["class_names"]) == ["cat", "dog", "frog"]
+        fields = json.loads(f.attrs["fields"])
+        assert fields["backbone"]["name"] == "test-tiny"
+        assert set(fields) >= {"weights", "preprocess", "dataset", "subset", "precision"}
+        assert len(f.attrs["fingerprint"]) == 64
+        assert json.loads(f.attrs["config"])["dataset"].startswith("imagefolder:")
+    s = Store(res.path)
+    assert s.sizes == {"train": 36, "test": 12} and s.default_feature() == "pooled"
+    assert FEATURE_VERSION >= 1
+
+
+def test_features_do_not_depend_on_batch_size_or_workers(image_folder, tmp_path):
+    a = extract(_cfg(image_folder, tmp_path / "a.h5", batch_size=5))
+    b = extract(_cfg(image_folder, tmp_path / "b.h5", batch_size=16, workers=1))
+    fa = Store(a.path).load("train", "pooled").features
+    fb = Store(b.path).load("train", "pooled").features
+    np.testing.assert_allclose(fa, fb, rtol=1e-5, atol=1e-6)
+
+
+def test_subset_and_rerun_is_a_no_op(image_folder, tmp_path):
+    cfg = _cfg(image_folder, tmp_path / "s.h5", train_per_class=5, test_per_class=2)
+    first = extract(cfg)
+    assert Store(first.path).sizes == {"train": 15, "test": 6}
+    again = extract(cfg)
+    assert again.images == 0 and again.resumed_images == 0
+
+
+def test_other_spec_is_refused_naming_the_field_unless_overwrite(image_folder, tmp_path):
+    out = tmp_path / "s.h5"
+    extract(_cfg(image_folder, out, train_per_class=5, test_per_class=2))
+    before = out.read_bytes()
+    with pytest.raises(SpecMismatchError, match="field 'subset' differs"):
+        extract(_cfg(image_folder, out, train_per_class=6, test_per_class=2))
+    assert out.read_bytes() == before  # nothing lost
+    res = extract(_cfg(image_folder, out, train_per_class=6, test_per_class=2, overwrite=True))
+    assert Store(res.path).sizes["train"] == 18
+
+
+def test_missing_out_directory_is_a_clear_error(image_folder, tmp_path):
+    with pytest.raises(StoreError, match="does not exist; create it first"):
+        extract(_cfg(image_folder, tmp_path / "no" / "s.h5"))
+
+
+def test_corrupt_image_names_the_file_or_is_skipped(image_folder, tmp_path):
+    bad = image_folder / "train" / "dog" / "0002.png"
+    bad.write_bytes(b"this is not a png")
+    with pytest.raises(BadImageError, match="dog/0002.png"):
+        extract(_cfg(image_folder, tmp_path / "s.h5"))
+    res = extract(_cfg(image_folder, tmp_path / "s.h5", skip_bad=True))
+    s = Store(res.path)
+    assert s.sizes["train"] == 35 and s.skipped("train") == ["dog/0002.png"]
+    assert "dog/0002.png" not in s.load("train", "pooled").ids
+
+
+def test_crash_then_rerun_resumes_from_shards_with_equal_features(image_folder, tmp_path):
+    import tiny_backbone
+
+    full = extract(_cfg(image_folder, tmp_path / "full.h5"))
+    out = tmp_path / "s.h5"
+    tiny_backbone.FAIL_AFTER = 5  # the 6th batch raises: shards 0 and 1 (8 images each) are done
+    try:
+        with pytest.raises(RuntimeError, match="injected"):
+            extract(_cfg(image_folder, out))
+    finally:
+        tiny_backbone.FAIL_AFTER = None
+    assert not out.exists()
+    assert sorted(p.name for p in (tmp_path / "s.h5.parts").glob("*.h5")) == [
+        "train-000000.h5", "train-000001.h5"]
+    res = extract(_cfg(image_folder, out))
+    assert res.resumed_images == 16 and res.images == 32
+    for split in ("train", "test"):
+        a, b = Store(out).load(split, "pooled"), Store(full.path).load(split, "pooled")
+        assert a.ids == b.ids
+        np.testing.assert_array_equal(a.features, b.features)
+
+
+def _run_cli(args, env=None, **kw):
+    return subprocess.Popen(
+        [sys.executable, str(TINYCLI), *args],
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **kw,
+    )
+
+
+def test_kill_9_midway_then_rerun_resumes_with_equal_features(image_folder, tmp_path):
+    args = ["extract", "--backbone", "test-tiny", "--dataset", f"imagefolder:{image_folder}",
+            "--batch-size", "4", "--shard-size", "8", "--workers", "0", "--no-progress"]
+    ref = _run_cli([*args, "--out", str(tmp_path / "ref.h5")])
+    assert ref.wait(120) == 0, ref.stdout.read()
+
+    out = tmp_path / "s.h5"
+    parts = tmp_path / "s.h5.parts"
+    p = _run_cli([*args, "--out", str(out)], env={"FEATCACHE_TEST_DELAY": "0.15"})
+    deadline = time.time() + 120
+    while len(list(parts.glob("train-*.h5"))) < 2 and time.time() < deadline:
+        time.sleep(0.05)
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    done = sorted(x.name for x in parts.glob("*-*.h5"))
+    assert 2 <= len(done) < 6 and not out.exists()  # killed midway, store not there yet
+
+    rerun = _run_cli([*args, "--out", str(out)])
+    log = rerun.communicate(timeout=120)[0]
+    assert rerun.returncode == 0, log
+    assert f"{len(done) * 8} resumed from shards" in log
+    a, b = Store(out), Store(tmp_path / "ref.h5")
+    assert a.fingerprint == b.fingerprint
+    for split in ("train", "test"):
+        for feat in ("pooled", "maxpool"):
+            x, y = a.load(split, feat), b.load(split, feat)
+            assert x.ids == y.ids
+            np.testing.assert_array_equal(x.labels, y.labels)
+            np.testing.assert_array_equal(x.features, y.features)
+
+
+def test_second_extraction_into_the_same_store_is_refused(image_folder, tmp_path):
+    args = ["extract", "--backbone", "test-tiny", "--dataset", f"imagefolder:{image_folder}",
+            "--batch-size", "2", "--workers", "0", "--no-progress", "--out", str(tmp_path / "s.h5")]
+    first = _run_cli(args, env={"FEATCACHE_TEST_DELAY": "0.2"})
+    parts = tmp_path / "s.h5.parts"
+    deadline = time.time() + 60
+    while not (parts / "spec.json").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    second = _run_cli(args)
+    log = second.communicate(timeout=120)[0]
+    assert second.returncode == 1 and "another featcache extraction is writing" in log
+    assert first.wait(120) == 0
+    assert Store(tmp_path / "s.h5").sizes == {"train": 36, "test": 12}
