@@ -26,7 +26,9 @@ def _friendly(fn):
         except (FeatcacheError, ValueError) as exc:
             raise click.ClickException(str(exc)) from exc
         except KeyboardInterrupt:
-            click.echo("interrupted: finished shards are kept; rerun the command to resume", err=True)
+            click.echo(
+                "interrupted: finished shards are kept; rerun the command to resume", err=True
+            )
             sys.exit(130)
 
     return wrapper
@@ -38,7 +40,9 @@ def _ints(value: str | None, name: str) -> tuple[int, ...] | None:
     try:
         return tuple(int(v) for v in value.split(",") if v.strip())
     except ValueError:
-        raise click.BadParameter(f"expected comma-separated integers, got {value!r}", param_hint=name)
+        raise click.BadParameter(
+            f"expected comma-separated integers, got {value!r}", param_hint=name
+        ) from None
 
 
 def _write_json(result: dict, path: str | None) -> None:
@@ -153,7 +157,7 @@ def probe(**kw) -> None:
         try:
             wds = tuple(float(v) for v in kw["weight_decays"].split(","))
         except ValueError:
-            raise click.BadParameter(kw["weight_decays"], param_hint="--weight-decays")
+            raise click.BadParameter(kw["weight_decays"], param_hint="--weight-decays") from None
     cfg = ProbeConfig(
         store=kw["store"],
         features=kw["features"],
@@ -212,8 +216,10 @@ def info(store: str, as_json: bool) -> None:
 
     s = Store(store)
     if as_json:
-        meta = {k: (json.loads(v) if k not in ("format", "fingerprint", "featcache_version") else v)
-                for k, v in s.attrs.items()}
+        meta = {
+            k: (json.loads(v) if k not in ("format", "fingerprint", "featcache_version") else v)
+            for k, v in s.attrs.items()
+        }
         click.echo(json.dumps({**meta, "splits": s.splits, "sizes": s.sizes}, indent=1))
     else:
         click.echo(s.describe())

@@ -137,8 +137,9 @@ def _imagefolder(root: Path) -> dict[str, Split]:
     if not present:
         found = sorted(p.name for p in root.iterdir() if p.is_dir())
         raise DatasetError(
-            f"dataset folder {root} has no train/ or test/ split folder (found: {found or 'none'}); "
-            "expected DIR/train/<class>/*.jpg and DIR/test/<class>/*.jpg"
+            f"dataset folder {root} has no train/ or test/ split folder "
+            f"(found: {found or 'none'}); expected DIR/train/<class>/*.jpg and "
+            "DIR/test/<class>/*.jpg"
         )
     classes = _class_names(root / present[0])
     splits = {}

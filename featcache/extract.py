@@ -204,14 +204,16 @@ def _run(cfg, model, preprocess, splits, writer: ShardedWriter, device, precisio
         "featcache": {"version": __version__},
     }
     path = writer.assemble({n: len(p) for n, p in plan.items()}, meta)
-    return ExtractResult(path, images=todo, seconds=seconds, resumed_images=total - todo,
-                         skipped=skipped)
+    return ExtractResult(
+        path, images=todo, seconds=seconds, resumed_images=total - todo, skipped=skipped
+    )
 
 
 def _extract_split(cfg, split, shards, model, preprocess, writer, device, precision, bar):
     """Extract the pending shards of one split; returns the ids skipped as unreadable."""
-    batches = [list(r[i : i + cfg.batch_size]) for _, r in shards
-               for i in range(0, len(r), cfg.batch_size)]
+    batches = [
+        list(r[i : i + cfg.batch_size]) for _, r in shards for i in range(0, len(r), cfg.batch_size)
+    ]
     loader = torch.utils.data.DataLoader(
         _Images(split, preprocess),
         batch_sampler=batches,

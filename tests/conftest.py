@@ -11,7 +11,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 import tiny_backbone  # noqa: E402,F401  (registers test-tiny for every test)
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_CIFAR = Path(os.environ.get("FEATCACHE_SHARED", REPO.parent / "shared")) / "data/cifar10-jpeg"
+SHARED_CIFAR = (
+    Path(os.environ.get("FEATCACHE_SHARED", REPO.parent / "shared")) / "data/cifar10-jpeg"
+)
 
 
 def pytest_addoption(parser):

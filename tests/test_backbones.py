@@ -82,9 +82,7 @@ def test_vit_weights_from_a_classifier_safetensors_file(tmp_path):
     clf = ViTForImageClassification(ViTConfig(**spec.arch, num_labels=3))
     save_file(clf.state_dict(), tmp_path / "vit.safetensors")
     model, _ = load_backbone("dino-vits16", tmp_path / "vit.safetensors")
-    torch.testing.assert_close(
-        model.model.embeddings.cls_token, clf.vit.embeddings.cls_token
-    )
+    torch.testing.assert_close(model.model.embeddings.cls_token, clf.vit.embeddings.cls_token)
 
 
 def test_weights_of_another_architecture_are_refused(tmp_path):

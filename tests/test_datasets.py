@@ -14,7 +14,9 @@ def test_imagefolder_lists_splits_classes_and_stable_ids(image_folder):
     assert set(splits) == {"train", "test"}
     tr = splits["train"]
     assert tr.class_names == ["cat", "dog", "frog"]
-    assert len(tr) == 36 and tr.ids[0] == "cat/0000.png" and tr.labels.tolist()[:13] == [0] * 12 + [1]
+    assert (
+        len(tr) == 36 and tr.ids[0] == "cat/0000.png" and tr.labels.tolist()[:13] == [0] * 12 + [1]
+    )
     img = tr.load(0)
     assert img.size == (32, 32)
 
@@ -74,8 +76,10 @@ def _fake_cifar(root, n=20):
     d.mkdir(parents=True)
     rng = np.random.default_rng(0)
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        batch = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
-                 b"labels": rng.integers(0, 10, n).tolist()}
+        batch = {
+            b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+            b"labels": rng.integers(0, 10, n).tolist(),
+        }
         with open(d / name, "wb") as f:
             pickle.dump(batch, f, protocol=2)
     return d

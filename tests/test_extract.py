@@ -20,8 +20,15 @@ TINYCLI = Path(__file__).parent / "tinycli.py"
 
 
 def _cfg(folder, out, **kw):
-    base = dict(backbone="test-tiny", dataset=f"imagefolder:{folder}", out=str(out), workers=0,
-                batch_size=4, shard_size=8, progress=False)
+    base = dict(
+        backbone="test-tiny",
+        dataset=f"imagefolder:{folder}",
+        out=str(out),
+        workers=0,
+        batch_size=4,
+        shard_size=8,
+        progress=False,
+    )
     return ExtractConfig(**{**base, **kw})
 
 
@@ -101,7 +108,9 @@ def test_crash_then_rerun_resumes_from_shards_with_equal_features(image_folder, 
         tiny_backbone.FAIL_AFTER = None
     assert not out.exists()
     assert sorted(p.name for p in (tmp_path / "s.h5.parts").glob("*.h5")) == [
-        "train-000000.h5", "train-000001.h5"]
+        "train-000000.h5",
+        "train-000001.h5",
+    ]
     res = extract(_cfg(image_folder, out))
     assert res.resumed_images == 16 and res.images == 32
     for split in ("train", "test"):
@@ -122,8 +131,20 @@ def _run_cli(args, env=None, **kw):
 
 
 def test_kill_9_midway_then_rerun_resumes_with_equal_features(image_folder, tmp_path):
-    args = ["extract", "--backbone", "test-tiny", "--dataset", f"imagefolder:{image_folder}",
-            "--batch-size", "4", "--shard-size", "8", "--workers", "0", "--no-progress"]
+    args = [
+        "extract",
+        "--backbone",
+        "test-tiny",
+        "--dataset",
+        f"imagefolder:{image_folder}",
+        "--batch-size",
+        "4",
+        "--shard-size",
+        "8",
+        "--workers",
+        "0",
+        "--no-progress",
+    ]
     ref = _run_cli([*args, "--out", str(tmp_path / "ref.h5")])
     assert ref.wait(120) == 0, ref.stdout.read()
 
@@ -153,8 +174,20 @@ def test_kill_9_midway_then_rerun_resumes_with_equal_features(image_folder, tmp_
 
 
 def test_second_extraction_into_the_same_store_is_refused(image_folder, tmp_path):
-    args = ["extract", "--backbone", "test-tiny", "--dataset", f"imagefolder:{image_folder}",
-            "--batch-size", "2", "--workers", "0", "--no-progress", "--out", str(tmp_path / "s.h5")]
+    args = [
+        "extract",
+        "--backbone",
+        "test-tiny",
+        "--dataset",
+        f"imagefolder:{image_folder}",
+        "--batch-size",
+        "2",
+        "--workers",
+        "0",
+        "--no-progress",
+        "--out",
+        str(tmp_path / "s.h5"),
+    ]
     first = _run_cli(args, env={"FEATCACHE_TEST_DELAY": "0.2"})
     parts = tmp_path / "s.h5.parts"
     deadline = time.time() + 60

@@ -5,8 +5,13 @@ from PIL import Image
 
 from featcache.preprocess import Preprocess, to_rgb
 
-P = Preprocess(input_size=224, interpolation="bicubic", mean=(0.5, 0.5, 0.5),
-               std=(0.25, 0.25, 0.25), crop_pct=0.875)
+P = Preprocess(
+    input_size=224,
+    interpolation="bicubic",
+    mean=(0.5, 0.5, 0.5),
+    std=(0.25, 0.25, 0.25),
+    crop_pct=0.875,
+)
 
 
 @pytest.mark.parametrize("mode", ["L", "LA", "P", "RGBA", "CMYK", "I;16", "I", "F", "1"])
@@ -53,8 +58,13 @@ def test_device_upscale_interpolates_never_pads():
 
 
 def test_normalisation_uses_the_entry_mean_and_std():
-    q = Preprocess(input_size=2, interpolation="bilinear", mean=(0.1, 0.2, 0.3),
-                   std=(0.5, 0.5, 0.5), crop_pct=1.0)
+    q = Preprocess(
+        input_size=2,
+        interpolation="bilinear",
+        mean=(0.1, 0.2, 0.3),
+        std=(0.5, 0.5, 0.5),
+        crop_pct=1.0,
+    )
     x = torch.tensor([0, 255, 51], dtype=torch.uint8).view(1, 3, 1, 1).expand(1, 3, 2, 2)
     y = q(x)[0, :, 0, 0]
     torch.testing.assert_close(y, torch.tensor([-0.2, 1.6, -0.2]), atol=1e-5, rtol=0)

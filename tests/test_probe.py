@@ -40,12 +40,15 @@ def test_strong_weight_decay_loses_on_noisy_data_and_is_not_chosen():
 
 def test_heads_trained_together_equal_heads_trained_alone():
     x, y = _blobs(30, 3, 6, 1.0, 3)
-    together = fit_probe(x, y, x, y, 3, ProbeConfig(store="-", max_epochs=5, patience=99,
-                                                     weight_decays=(0.0, 1e-2)))
-    alone = fit_probe(x, y, x, y, 3, ProbeConfig(store="-", max_epochs=5, patience=99,
-                                                  weight_decays=(1e-2,)))
-    np.testing.assert_allclose(together["sweep"][1]["val"]["loss"], alone["sweep"][0]["val"]["loss"],
-                               rtol=1e-4)
+    together = fit_probe(
+        x, y, x, y, 3, ProbeConfig(store="-", max_epochs=5, patience=99, weight_decays=(0.0, 1e-2))
+    )
+    alone = fit_probe(
+        x, y, x, y, 3, ProbeConfig(store="-", max_epochs=5, patience=99, weight_decays=(1e-2,))
+    )
+    np.testing.assert_allclose(
+        together["sweep"][1]["val"]["loss"], alone["sweep"][0]["val"]["loss"], rtol=1e-4
+    )
 
 
 def test_stratified_split_holds_out_every_class():

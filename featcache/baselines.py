@@ -4,7 +4,7 @@ Uses the probe's own validation split and standardisation, so the comparison is 
 LogisticRegression (lbfgs) with C chosen on that validation split, refit on the whole training
 split; a plain-numpy weighted k-NN (exp(sim/T) votes) on L2-normalised features.
 
-    python scripts/baselines.py STORE.h5 [--features NAME] [--k 20] [--temperature 0.07]
+    python -m featcache.baselines STORE.h5 [--features NAME] [--k 20] [--temperature 0.07]
 """
 
 from __future__ import annotations
@@ -72,8 +72,15 @@ def main() -> None:
         ),
         "numpy_knn": {
             "k": a.k,
-            "top1": numpy_knn(tr.features, tr.labels, te.features, te.labels, a.k,
-                              a.temperature, len(store.class_names)),
+            "top1": numpy_knn(
+                tr.features,
+                tr.labels,
+                te.features,
+                te.labels,
+                a.k,
+                a.temperature,
+                len(store.class_names),
+            ),
         },
     }
     print(json.dumps(out, indent=1))

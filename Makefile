@@ -1,0 +1,28 @@
+# Set-up is part of every target: the project's virtual environment is made when missing.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
+
+.PHONY: test test-all demo lint clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch/torchvision are pinned in pyproject.toml (2.14.1 / 0.29.1: on local disk here)
+	$(PY) -m pip install -q -e '.[test]'
+	rm -f $(VENV)/.installed-* && touch $@
+
+test: $(STAMP)           ## the default suite (slow tests skipped)
+	$(PY) -m pytest -q
+
+test-all: $(STAMP)       ## everything, slow tests included
+	$(PY) -m pytest -q --runslow
+
+demo: $(STAMP)           ## extract, probe and k-NN with efficientnet-lite0 on CIFAR-10
+	$(PY) scripts/demo.py
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check featcache tests scripts
+
+clean:
+	rm -rf runs .pytest_cache

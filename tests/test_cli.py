@@ -1,0 +1,178 @@
+"""The whole CLI through real commands (click's CliRunner), errors included."""
+
+import json
+
+import h5py
+import pytest
+from click.testing import CliRunner
+
+from featcache.cli import main
+
+
+@pytest.fixture
+def run():
+    runner = CliRunner()
+
+    def invoke(*args):
+        return runner.invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+    return invoke
+
+
+@pytest.fixture
+def store(run, image_folder, tmp_path):
+    out = tmp_path / "tiny.h5"
+    r = run(
+        "extract",
+        "--backbone",
+        "test-tiny",
+        "--dataset",
+        f"imagefolder:{image_folder}",
+        "--out",
+        out,
+        "--workers",
+        "0",
+        "--batch-size",
+        "8",
+    )
+    assert r.exit_code == 0, r.output
+    assert "extracted 48 images" in r.output and "images/s" in r.output
+    return out
+
+
+def test_backbones_lists_the_registry(run):
+    r = run("backbones")
+    assert r.exit_code == 0
+    for name in (
+        "dino-vits16",
+        "vit-b16",
+        "efficientnet-b0",
+        "efficientnet-lite0",
+        "random-vits16",
+    ):
+        assert name in r.output
+    assert "cls_last4:1536" in r.output
+
+
+def test_extract_probe_knn_info(run, store, tmp_path):
+    r = run(
+        "probe",
+        "--store",
+        store,
+        "--json",
+        tmp_path / "p.json",
+        "--plot",
+        tmp_path / "p.png",
+        "--epochs",
+        "20",
+    )
+    assert r.exit_code == 0, r.output
+    p = json.loads((tmp_path / "p.json").read_text())
+    assert p["test"]["top1"] == 100.0  # the tiny dataset's classes differ in colour
+    assert set(p["test"]) == {"top1", "top3", "loss"}
+    assert "weight_decay" in p["selected"] and p["epochs"][0]["train"]["top3"] >= 0
+    assert p["fingerprint"] == h5py.File(store, "r").attrs["fingerprint"]
+    assert p["config"]["store"] == str(store)
+    assert (tmp_path / "p.png").stat().st_size > 1000
+
+    r = run(
+        "knn",
+        "--store",
+        store,
+        "--k",
+        "1,5",
+        "--json",
+        tmp_path / "k.json",
+        "--features",
+        "maxpool",
+    )
+    assert r.exit_code == 0, r.output
+    k = json.loads((tmp_path / "k.json").read_text())
+    assert [x["k"] for x in k["results"]] == [1, 5]
+    assert k["results"][0]["top1"] == 100.0 and k["features"] == "maxpool"
+    assert k["config"]["temperature"] == 0.07
+
+    r = run("info", store)
+    assert r.exit_code == 0 and "test-tiny" in r.output and "split train  36 samples" in r.output
+    r = run("info", store, "--json")
+    assert json.loads(r.output)["sizes"] == {"train": 36, "test": 12}
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            ["extract", "--backbone", "dino-vitz16", "--dataset", "cifar10", "--out", "x.h5"],
+            "valid names: dino-vits16",
+        ),
+        (
+            [
+                "extract",
+                "--backbone",
+                "test-tiny",
+                "--dataset",
+                "imagefolder:/no/such/dir",
+                "--out",
+                "x.h5",
+            ],
+            "does not exist",
+        ),
+        (
+            [
+                "extract",
+                "--backbone",
+                "test-tiny",
+                "--dataset",
+                "imagefolder:{images}",
+                "--out",
+                "{tmp}/missing/x.h5",
+            ],
+            "create it first",
+        ),
+        (
+            [
+                "extract",
+                "--backbone",
+                "test-tiny",
+                "--dataset",
+                "imagefolder:{images}",
+                "--out",
+                "{tmp}/x.h5",
+                "--per-class",
+                "100",
+            ],
+            "fewer than the 100 per class",
+        ),
+        (["probe", "--store", "{tmp}/none.h5"], "does not exist"),
+        (["knn", "--store", "{store}", "--features", "cls"], "no feature set 'cls'"),
+        (["knn", "--store", "{store}", "--k", "1000"], "exceeds the 36 training samples"),
+        (["probe", "--store", "{store}", "--features", "nope"], "pass --features"),
+    ],
+)
+def test_bad_input_is_one_clear_line(run, store, image_folder, tmp_path, args, message):
+    args = [a.format(images=image_folder, tmp=tmp_path, store=store) for a in args]
+    r = run(*args)
+    assert r.exit_code == 1, r.output
+    assert message in r.output and "Traceback" not in r.output
+
+
+def test_store_without_the_asked_split(run, image_folder, tmp_path):
+    out = tmp_path / "train_only.h5"
+    assert (
+        run(
+            "extract",
+            "--backbone",
+            "test-tiny",
+            "--dataset",
+            f"imagefolder:{image_folder}",
+            "--out",
+            out,
+            "--splits",
+            "train",
+            "--workers",
+            "0",
+        ).exit_code
+        == 0
+    )
+    r = run("knn", "--store", out, "--k", "1")
+    assert r.exit_code == 1 and "has no 'test' split" in r.output
