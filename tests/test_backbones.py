@@ -28,6 +28,13 @@ def _save_random_checkpoint(spec, root):
         model = timm.create_model(spec.arch["timm_name"], pretrained=False)
         save_file(model.state_dict(), root / f"{spec.name}.safetensors")
         return root / f"{spec.name}.safetensors"
+    if spec.family == "simclr-cifar":
+        from featcache.simclr import ResNetCifar, SimCLRConfig, export_encoder
+
+        run = root / spec.name
+        run.mkdir(exist_ok=True)
+        export_encoder(run, ResNetCifar(width=8), SimCLRConfig(dataset="-", out=str(run), width=8))
+        return run
     return None  # weights that need no network
 
 
@@ -39,8 +46,10 @@ def checkpoints(tmp_path_factory):
 @pytest.mark.parametrize("name", available_backbones())
 def test_every_entry_builds_and_yields_its_feature_sets(name, checkpoints):
     spec = get_spec(name)
-    weights = _save_random_checkpoint(spec, checkpoints) if spec.needs_download else None
+    needs = spec.needs_download or spec.needs_weights
+    weights = _save_random_checkpoint(spec, checkpoints) if needs else None
     model, preprocess = load_backbone(name, weights)
+    spec = model.spec  # weights may refine it (a SimCLR encoder's width)
     assert not model.training and not any(p.requires_grad for p in model.parameters())
     assert preprocess.input_size == spec.input_size
     images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)

@@ -1,0 +1,159 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from featcache.extract import ExtractConfig, extract
+from featcache.simclr import (
+    Augment,
+    ResNetCifar,
+    SimCLRConfig,
+    _load_checkpoint,
+    embed,
+    load_encoder,
+    nt_xent,
+    pretrain,
+)
+from featcache.store import Store
+
+
+def _nt_xent_written_out(z1, z2, t):
+    """Chen et al. 2020, eq. (1), averaged over all 2B anchors, with explicit loops."""
+    z = torch.cat([z1, z2])
+    n, b = len(z), len(z1)
+    total = 0.0
+    for i in range(n):
+        j = (i + b) % n
+        sim = lambda a, c: float(F.cosine_similarity(z[a], z[c], dim=0)) / t  # noqa: E731
+        denom = sum(np.exp(sim(i, k)) for k in range(n) if k != i)
+        total += -np.log(np.exp(sim(i, j)) / denom)
+    return total / n
+
+
+def test_nt_xent_equals_the_written_out_formula():
+    gen = torch.Generator().manual_seed(0)
+    z1, z2 = torch.randn(4, 5, generator=gen), torch.randn(4, 5, generator=gen)
+    for t in (0.1, 0.5):
+        assert float(nt_xent(z1, z2, t)) == pytest.approx(_nt_xent_written_out(z1, z2, t), rel=1e-5)
+    # identical views with a low temperature: the positive dominates, the loss nears zero
+    z = torch.eye(4)
+    assert float(nt_xent(z, z, 0.01)) < 1e-6
+
+
+def test_augment_is_per_image_in_range_and_seeded():
+    x = torch.rand(6, 3, 32, 32)
+    a = Augment()(x, torch.Generator().manual_seed(1))
+    b = Augment()(x, torch.Generator().manual_seed(1))
+    assert a.shape == x.shape and torch.equal(a, b)
+    assert a.min() >= 0 and a.max() <= 1
+    same = Augment(crop_scale=(1, 1), crop_ratio=(1, 1), flip_p=0, jitter_p=0, gray_p=0)
+    torch.testing.assert_close(same(x, torch.Generator()), x, atol=1e-5, rtol=0)
+    flip = Augment(crop_scale=(1, 1), crop_ratio=(1, 1), flip_p=1, jitter_p=0, gray_p=0)
+    torch.testing.assert_close(flip(x, torch.Generator()), x.flip(-1), atol=1e-5, rtol=0)
+    gray = Augment(crop_scale=(1, 1), crop_ratio=(1, 1), flip_p=0, jitter_p=0, gray_p=1)
+    g = gray(x, torch.Generator())
+    assert torch.allclose(g[:, 0], g[:, 1]) and torch.allclose(g[:, 1], g[:, 2])
+
+
+def test_zero_hue_shift_keeps_colours():
+    from featcache.simclr import _hue_shift
+
+    x = torch.rand(2, 3, 4, 4)
+    torch.testing.assert_close(_hue_shift(x, torch.zeros(2)), x, atol=1e-5, rtol=0)
+    red = torch.tensor([1.0, 0, 0]).view(1, 3, 1, 1)
+    green = _hue_shift(red, torch.tensor([1 / 3]))
+    torch.testing.assert_close(green.flatten(), torch.tensor([0.0, 1.0, 0.0]), atol=1e-5, rtol=0)
+
+
+def _cfg(folder, out, **kw):
+    base = dict(dataset=f"imagefolder:{folder}", out=str(out), width=8, epochs=2, batch_size=16,
+                knn_every=1, warmup_epochs=0, device="cpu")
+    return SimCLRConfig(**{**base, **kw})
+
+
+def test_resume_continues_from_the_checkpoint(image_folder, tmp_path):
+    out = tmp_path / "run"
+    first = pretrain(_cfg(image_folder, out, epochs=2))
+    assert [h["epoch"] for h in first["history"]] == [1, 2]
+    tensors, meta = _load_checkpoint(out / "checkpoint.safetensors")
+    assert meta["epoch"] == 2 and any(k.startswith("opt.") for k in tensors)
+    longer = pretrain(_cfg(image_folder, out, epochs=3))
+    assert [h["epoch"] for h in longer["history"]] == [1, 2, 3]
+    assert longer["history"][:2] == first["history"]  # not retrained
+    with pytest.raises(Exception, match="another config"):
+        pretrain(_cfg(image_folder, out, epochs=3, width=16))
+
+
+def test_killed_run_resumes_at_its_checkpoint_epoch(image_folder, tmp_path):
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "featcache", "pretrain", "simclr", "--dataset",
+            f"imagefolder:{image_folder}", "--out", str(out), "--width", "8", "--epochs", "400",
+            "--batch-size", "16", "--knn-every", "0", "--device", "cpu"]
+    p = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = out / "checkpoint.safetensors"
+    deadline = time.time() + 120
+    epoch = 0
+    while time.time() < deadline:
+        if ckpt.exists():
+            try:
+                epoch = _load_checkpoint(ckpt)[1]["epoch"]
+            except Exception:  # noqa: BLE001 - caught mid-rename: try again
+                epoch = 0
+        if epoch >= 2:
+            break
+        time.sleep(0.1)
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    tensors, meta = _load_checkpoint(ckpt)  # the checkpoint is whole despite the kill
+    done = meta["epoch"]
+    assert 2 <= done < 400
+    args[args.index("400")] = str(done + 1)
+    log = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    assert log.returncode == 0, log.stderr
+    history = json.loads((out / "history.json").read_text())
+    assert [h["epoch"] for h in history] == list(range(1, done + 2))
+    assert history[:done] == meta["history"]
+
+
+def test_encoder_round_trips_through_the_registry_into_a_store(image_folder, tmp_path):
+    out = tmp_path / "run"
+    pretrain(_cfg(image_folder, out, epochs=1, knn_every=0))
+    res = extract(ExtractConfig(backbone="simclr-resnet18", weights=str(out),
+                                dataset=f"imagefolder:{image_folder}", out=str(tmp_path / "s.h5"),
+                                workers=0, progress=False))
+    store = Store(res.path)
+    assert store.fields["backbone"]["features"] == {"pooled": 64}  # width 8 -> 8 * 8
+    assert store.fields["preprocess"]["input_size"] == 32  # native resolution, no upscaling
+    feats = store.load("test", "pooled")
+    encoder, _ = load_encoder(out)
+    from featcache.simclr import load_images
+
+    images, labels = load_images(f"imagefolder:{image_folder}", None, "test", None, 0, 32)
+    direct = embed(encoder, images, torch.device("cpu"), "fp32")
+    np.testing.assert_allclose(feats.features, direct, rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(feats.labels, labels.numpy())
+
+
+def test_loss_falls_on_real_cifar_images(cifar_dir, tmp_path):
+    cfg = SimCLRConfig(dataset=f"imagefolder:{cifar_dir}", out=str(tmp_path / "run"), width=16,
+                       epochs=8, batch_size=128, train_per_class=52, knn_every=0,
+                       warmup_epochs=1, lr=0.3, device="cpu")
+    history = pretrain(cfg)["history"]
+    losses = [h["loss"] for h in history]
+    assert losses[-1] < losses[0] - 0.1, losses
+
+
+def test_encoder_architecture_is_resnet18_for_cifar():
+    m = ResNetCifar(64)
+    assert m.dim == 512
+    assert m.stem[0].kernel_size == (3, 3) and m.stem[0].stride == (1, 1)
+    assert not any(isinstance(x, torch.nn.MaxPool2d) for x in m.modules())
+    n_params = sum(p.numel() for p in m.parameters())
+    assert 11.0e6 < n_params < 11.3e6  # ResNet-18 without its fc layer: 11.17M
