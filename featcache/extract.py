@@ -17,7 +17,6 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from featcache import __version__
 from featcache.backbones import BackboneSpec, get_spec, load_backbone, weights_identity
 from featcache.datasets import Split, balanced_subset, load_dataset
 from featcache.device import autocast, resolve_device, resolve_precision
@@ -168,14 +167,17 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
         writer.close()
 
 
+def _memory_format(cfg: ExtractConfig) -> torch.memory_format:
+    return torch.channels_last if cfg.channels_last else torch.contiguous_format
+
+
 def _shards(n: int, size: int) -> list[range]:
     return [range(s, min(s + size, n)) for s in range(0, n, size)]
 
 
 def _run(cfg, model, preprocess, splits, writer: ShardedWriter, device, precision):
     spec = model.spec
-    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    model = model.to(device=device, memory_format=memory_format)
+    model = model.to(device=device, memory_format=_memory_format(cfg))
 
     plan = {name: _shards(len(s), cfg.shard_size) for name, s in splits.items()}
     pending = {
@@ -203,7 +205,6 @@ def _run(cfg, model, preprocess, splits, writer: ShardedWriter, device, precisio
         "config": {**asdict(cfg), "splits": list(cfg.splits)},
         "extraction": {"device": str(device), "precision": precision, "torch": torch.__version__},
         "backbone_spec": spec.to_dict(),
-        "featcache": {"version": __version__},
     }
     path = writer.assemble({n: len(p) for n, p in plan.items()}, meta)
     return ExtractResult(
@@ -225,7 +226,7 @@ def _extract_split(cfg, split, shards, model, preprocess, writer, device, precis
         prefetch_factor=4 if cfg.workers else None,
         persistent_workers=False,
     )
-    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    memory_format = _memory_format(cfg)
     widths = dict(model.spec.features)
     shard_iter = iter(shards)
     index, rng = next(shard_iter)

@@ -157,3 +157,17 @@ def test_encoder_architecture_is_resnet18_for_cifar():
     assert not any(isinstance(x, torch.nn.MaxPool2d) for x in m.modules())
     n_params = sum(p.numel() for p in m.parameters())
     assert 11.0e6 < n_params < 11.3e6  # ResNet-18 without its fc layer: 11.17M
+
+
+@pytest.mark.slow
+def test_gpu_recipe_starts_and_runs_on_the_cpu(cifar_dir, tmp_path):
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PY": sys.executable, "DATA": str(cifar_dir), "OUT": str(tmp_path / "r"),
+           "EPOCHS": "1", "WIDTH": "8", "BATCH": "64", "PER_CLASS": "20", "DEVICE": "cpu"}
+    r = subprocess.run(["bash", str(repo / "bench/simclr_gpu.sh")], env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    knn = json.loads((tmp_path / "r" / "knn.json").read_text())
+    assert [x["k"] for x in knn["results"]] == [20, 200]
