@@ -12,7 +12,6 @@ from dataclasses import asdict, dataclass
 import faiss
 import numpy as np
 
-from featcache import __version__
 from featcache.metrics import topk_accuracy
 from featcache.store import Store
 
@@ -97,9 +96,7 @@ def knn_evaluate(
 
 def run_knn(cfg: KnnConfig) -> dict:
     store = Store(cfg.store)
-    feature = cfg.features or store.default_feature()
-    store.check(cfg.test_split, feature)
-    train, test = store.load(cfg.train_split, feature), store.load(cfg.test_split, feature)
+    feature, train, test = store.load_pair(cfg.features, cfg.train_split, cfg.test_split)
     start = time.perf_counter()
     results = knn_evaluate(
         train.features,
@@ -112,13 +109,7 @@ def run_knn(cfg: KnnConfig) -> dict:
         cfg.query_batch,
     )
     return {
-        "kind": "knn",
-        "store": str(store.path),
-        "fingerprint": store.fingerprint,
-        "backbone": store.fields["backbone"]["name"],
-        "features": feature,
-        "config": {**asdict(cfg), "ks": list(cfg.ks)},
-        "featcache_version": __version__,
+        **store.provenance("knn", feature, {**asdict(cfg), "ks": list(cfg.ks)}),
         "num_train": len(train.labels),
         "num_test": len(test.labels),
         "seconds": time.perf_counter() - start,

@@ -19,7 +19,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from featcache import __version__
 from featcache.device import resolve_device
 from featcache.metrics import topk_accuracy
 from featcache.store import Store
@@ -231,23 +230,15 @@ def fit_probe(
 
 def run_probe(cfg: ProbeConfig) -> dict:
     store = Store(cfg.store)
-    feature = cfg.features or store.default_feature()
-    store.check(cfg.train_split, feature)
-    store.check(cfg.test_split, feature)
-    train, test = store.load(cfg.train_split, feature), store.load(cfg.test_split, feature)
+    feature, train, test = store.load_pair(cfg.features, cfg.train_split, cfg.test_split)
     start = time.perf_counter()
     result = fit_probe(
         train.features, train.labels, test.features, test.labels, len(store.class_names), cfg
     )
     return {
-        "kind": "probe",
-        "store": str(store.path),
-        "fingerprint": store.fingerprint,
-        "backbone": store.fields["backbone"]["name"],
-        "features": feature,
-        "class_names": store.class_names,
-        "config": {**asdict(cfg), "weight_decays": list(cfg.weight_decays)},
-        "featcache_version": __version__,
+        **store.provenance(
+            "probe", feature, {**asdict(cfg), "weight_decays": list(cfg.weight_decays)}
+        ),
         "seconds": time.perf_counter() - start,
         **result,
     }

@@ -255,8 +255,11 @@ def load_images(spec: str, data_root, split: str, per_class, seed: int, size: in
     for i in range(len(s)):
         img = to_rgb(s.load(i))
         if img.size != (size, size):  # small squares are upscaled, the rest resized and cropped
-            img = img.resize((size, size), Image.Resampling.BILINEAR) if not \
-                prep.needs_cpu_resize(*img.size) else Image.fromarray(prep.prepare(img))
+            img = (
+                img.resize((size, size), Image.Resampling.BILINEAR)
+                if not prep.needs_cpu_resize(*img.size)
+                else Image.fromarray(prep.prepare(img))
+            )
         arrays.append(np.asarray(img, np.uint8))
     x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
     return x, torch.from_numpy(s.labels)
@@ -339,12 +342,14 @@ def pretrain(cfg: SimCLRConfig) -> dict:
         gen.set_state(tensors["rng"])
         log.info("resuming %s at epoch %d", out, start_epoch)
 
-    train_x, train_y = load_images(cfg.dataset, cfg.data_root, "train", cfg.train_per_class,
-                                   cfg.seed, cfg.image_size)
+    train_x, train_y = load_images(
+        cfg.dataset, cfg.data_root, "train", cfg.train_per_class, cfg.seed, cfg.image_size
+    )
     test_data = None
     if cfg.knn_every:
-        test_data = load_images(cfg.dataset, cfg.data_root, "test", cfg.test_per_class,
-                                cfg.seed, cfg.image_size)
+        test_data = load_images(
+            cfg.dataset, cfg.data_root, "test", cfg.test_per_class, cfg.seed, cfg.image_size
+        )
     n = len(train_x)
     steps = n // cfg.batch_size
     if steps == 0:
@@ -360,8 +365,13 @@ def pretrain(cfg: SimCLRConfig) -> dict:
             buf = opt.state.get(p, {}).get("momentum_buffer")
             tensors[f"opt.{i}"] = buf if buf is not None else torch.zeros_like(p)
         tensors["rng"] = gen.get_state()
-        meta = {"identity": cfg.identity(), "config": asdict(cfg), "epoch": epoch,
-                "history": history, "featcache_version": __version__}
+        meta = {
+            "identity": cfg.identity(),
+            "config": asdict(cfg),
+            "epoch": epoch,
+            "history": history,
+            "featcache_version": __version__,
+        }
         _save_checkpoint(ckpt, tensors, meta)
 
     if start_epoch == 0 and not ckpt.exists():
@@ -373,8 +383,11 @@ def pretrain(cfg: SimCLRConfig) -> dict:
         losses = []
         for step in range(steps):
             it = epoch * steps + step
-            cur = lr * (it / warm if it < warm else
-                        0.5 * (1 + math.cos(math.pi * (it - warm) / max(1, total - warm))))
+            cur = lr * (
+                it / warm
+                if it < warm
+                else 0.5 * (1 + math.cos(math.pi * (it - warm) / max(1, total - warm)))
+            )
             for g in opt.param_groups:
                 g["lr"] = cur
             idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
@@ -388,13 +401,18 @@ def pretrain(cfg: SimCLRConfig) -> dict:
             loss.backward()
             opt.step()
             losses.append(loss.detach())  # no host sync per step
-        record = {"epoch": epoch + 1, "loss": float(torch.stack(losses).mean()), "lr": cur,
-                  "seconds": time.perf_counter() - t0}
+        record = {
+            "epoch": epoch + 1,
+            "loss": float(torch.stack(losses).mean()),
+            "lr": cur,
+            "seconds": time.perf_counter() - t0,
+        }
         if test_data is not None and ((epoch + 1) % cfg.knn_every == 0 or epoch + 1 == cfg.epochs):
             ftr = embed(encoder, train_x, device, precision)
             fte = embed(encoder, test_data[0], device, precision)
-            r = knn_evaluate(ftr, train_y.numpy(), fte, test_data[1].numpy(),
-                             int(train_y.max()) + 1, (20,), 0.07)
+            r = knn_evaluate(
+                ftr, train_y.numpy(), fte, test_data[1].numpy(), int(train_y.max()) + 1, (20,), 0.07
+            )
             record["knn_top1"] = r[0]["top1"]
         history.append(record)
         log.info("epoch %d: %s", epoch + 1, record)
@@ -412,8 +430,14 @@ def pretrain(cfg: SimCLRConfig) -> dict:
 
 def export_encoder(out: Path, encoder: nn.Module, cfg: SimCLRConfig) -> None:
     """The encoder as a backbone: safetensors weights with its spec in the metadata."""
-    spec = {"arch": cfg.arch, "width": cfg.width, "dim": encoder.dim,
-            "image_size": cfg.image_size, "mean": CIFAR_MEAN, "std": CIFAR_STD}
+    spec = {
+        "arch": cfg.arch,
+        "width": cfg.width,
+        "dim": encoder.dim,
+        "image_size": cfg.image_size,
+        "mean": CIFAR_MEAN,
+        "std": CIFAR_STD,
+    }
     _save_checkpoint(out / ENCODER, encoder.state_dict(), {"spec": spec, "config": asdict(cfg)})
 
 

@@ -305,6 +305,26 @@ class Store:
                 ids=[x.decode() for x in g["ids"][:]],
             )
 
+    def load_pair(self, feature: str | None, train: str = "train", test: str = "test"):
+        """(feature name, train Split, test Split), checking both exist first."""
+        feature = feature or self.default_feature()
+        self.check(train, feature)
+        self.check(test, feature)
+        return feature, self.load(train, feature), self.load(test, feature)
+
+    def provenance(self, kind: str, feature: str, config: dict) -> dict:
+        """The header of every result computed from this store (probe, k-NN, ...)."""
+        return {
+            "kind": kind,
+            "store": str(self.path),
+            "fingerprint": self.fingerprint,
+            "backbone": self.fields["backbone"]["name"],
+            "features": feature,
+            "class_names": self.class_names,
+            "config": config,
+            "featcache_version": __version__,
+        }
+
     def skipped(self, split: str) -> list[str]:
         with h5py.File(self.path, "r") as f:
             g = f[split]
