@@ -19,11 +19,22 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto``: bf16 (fp16 on GPUs without it) on CUDA; fp32 on the CPU.
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX), where autocast pays off."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
-    The CPU default is fp32 because stores are meant to be reference features; bf16 on CPUs
-    with native support (AVX512-BF16/AMX) is faster and available with --precision bf16.
+
+def resolve_precision(precision: str, device: torch.device, train: bool = False) -> str:
+    """``auto``: bf16 (fp16 on GPUs without it) on CUDA; on the CPU fp32 for extraction and
+    bf16 for training where the CPU has native bf16.
+
+    Extraction defaults to fp32 on the CPU because stores are reference features; bf16 is
+    faster there on CPUs with native support and available with --precision bf16.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
@@ -33,7 +44,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
         return precision
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "fp32"
+    return "bf16" if train and cpu_has_native_bf16() else "fp32"
 
 
 def autocast(device: torch.device, precision: str):

@@ -25,6 +25,7 @@ from PIL import Image
 from torch import nn
 
 from featcache import __version__
+from featcache.augment import N_PARAMS, Augment
 from featcache.datasets import balanced_subset, load_dataset
 from featcache.device import autocast, resolve_device, resolve_precision
 from featcache.errors import FeatcacheError
@@ -102,98 +103,6 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Ten
     b = len(z1)
     positives = torch.cat([torch.arange(b, 2 * b), torch.arange(0, b)]).to(z.device)
     return F.cross_entropy(sim, positives)
-
-
-# ---------------------------------------------------------------------------------------------
-# Augmentations on whole batches, on the device
-
-
-@dataclass(frozen=True)
-class Augment:
-    """SimCLR's CIFAR augmentations, sampled independently per image."""
-
-    crop_scale: tuple[float, float] = (0.08, 1.0)
-    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    flip_p: float = 0.5
-    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1)
-    jitter_p: float = 0.8
-    gray_p: float = 0.2
-
-    def __call__(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        """float (B, 3, H, W) in [0, 1] -> augmented float (B, 3, H, W) in [0, 1]."""
-        b, dev = len(x), x.device
-
-        def u(*shape):
-            return torch.rand(*shape, generator=gen, device="cpu").to(dev)
-
-        # Random resized crop + horizontal flip as one affine resampling per image.
-        area = self.crop_scale[0] + (self.crop_scale[1] - self.crop_scale[0]) * u(b)
-        logr = math.log(self.crop_ratio[0]) + (
-            math.log(self.crop_ratio[1]) - math.log(self.crop_ratio[0])
-        ) * u(b)
-        ratio = torch.exp(logr)
-        w = torch.sqrt(area * ratio).clamp(max=1.0)  # crop size as a fraction of the side
-        h = torch.sqrt(area / ratio).clamp(max=1.0)
-        cx = (u(b) * 2 - 1) * (1 - w)  # centre, in [-1, 1] coordinates, crop inside image
-        cy = (u(b) * 2 - 1) * (1 - h)
-        flip = torch.where(u(b) < self.flip_p, -1.0, 1.0)
-        theta = torch.zeros(b, 2, 3, device=dev)
-        theta[:, 0, 0], theta[:, 0, 2] = w * flip, cx
-        theta[:, 1, 1], theta[:, 1, 2] = h, cy
-        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
-
-        # Colour jitter (brightness, contrast, saturation, hue) with probability jitter_p.
-        bri, con, sat, hue = self.jitter
-        on = (u(b) < self.jitter_p).view(b, 1, 1, 1)
-
-        def factor(s):
-            return (1 - s + 2 * s * u(b)).view(b, 1, 1, 1)
-
-        y = x * factor(bri)
-        gray = _gray(y).mean(dim=(2, 3), keepdim=True)
-        y = (gray + factor(con) * (y - gray)).clamp(0, 1)
-        g = _gray(y)
-        y = (g + factor(sat) * (y - g)).clamp(0, 1)
-        y = _hue_shift(y, (u(b) * 2 - 1) * hue)
-        x = torch.where(on, y, x)
-
-        # Random grayscale.
-        to_gray = (u(b) < self.gray_p).view(b, 1, 1, 1)
-        return torch.where(to_gray, _gray(x).expand_as(x), x)
-
-
-def _gray(x: torch.Tensor) -> torch.Tensor:
-    r, g, b = x[:, 0:1], x[:, 1:2], x[:, 2:3]
-    return 0.299 * r + 0.587 * g + 0.114 * b  # (B, 1, H, W), ITU-R 601 as torchvision
-
-
-def _hue_shift(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """Rotate hue by ``shift`` turns (per image, in [-0.5, 0.5]) through HSV."""
-    r, g, b = x.unbind(1)
-    maxc, _ = x.max(1)
-    minc, _ = x.min(1)
-    v, delta = maxc, maxc - minc
-    s = torch.where(maxc > 0, delta / maxc.clamp_min(1e-8), torch.zeros_like(maxc))
-    dc = delta.clamp_min(1e-8)
-    h = torch.where(
-        maxc == r, ((g - b) / dc) % 6, torch.where(maxc == g, (b - r) / dc + 2, (r - g) / dc + 4)
-    )
-    h = torch.where(delta > 0, h / 6, torch.zeros_like(h))
-    h = (h + shift.view(-1, 1, 1)) % 1.0
-    i = torch.floor(h * 6)
-    f = h * 6 - i
-    p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
-    i = i.long() % 6
-    rgb = torch.stack(
-        [
-            torch.stack([v, q, p, p, t, v], 1).gather(1, i[:, None]).squeeze(1),
-            torch.stack([t, v, v, q, p, p], 1).gather(1, i[:, None]).squeeze(1),
-            torch.stack([p, p, t, v, v, q], 1).gather(1, i[:, None]).squeeze(1),
-        ],
-        1,
-    )
-    return rgb
 
 
 # ---------------------------------------------------------------------------------------------
@@ -315,7 +224,7 @@ def pretrain(cfg: SimCLRConfig) -> dict:
         raise FeatcacheError(f"--out {out}: directory {out.parent} does not exist")
     out.mkdir(exist_ok=True)
     device = resolve_device(cfg.device)
-    precision = resolve_precision(cfg.precision, device)
+    precision = resolve_precision(cfg.precision, device, train=True)
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
 
@@ -392,11 +301,13 @@ def pretrain(cfg: SimCLRConfig) -> dict:
                 g["lr"] = cur
             idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
             x = train_x[idx].to(device, non_blocking=True).float() / 255
-            v1, v2 = augment(x, gen), augment(x, gen)
+            b = len(idx)
+            v1 = augment(x, torch.rand(b, N_PARAMS, generator=gen))
+            v2 = augment(x, torch.rand(b, N_PARAMS, generator=gen))
             views = normalise(torch.cat([v1, v2])).contiguous(memory_format=torch.channels_last)
             with autocast(device, precision):
                 z = head(encoder(views))
-            loss = nt_xent(z[: len(idx)], z[len(idx) :], cfg.temperature)
+            loss = nt_xent(z[:b], z[b:], cfg.temperature)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -12,7 +12,6 @@ import torch.nn.functional as F
 
 from featcache.extract import ExtractConfig, extract
 from featcache.simclr import (
-    Augment,
     ResNetCifar,
     SimCLRConfig,
     _load_checkpoint,
@@ -47,34 +46,17 @@ def test_nt_xent_equals_the_written_out_formula():
     assert float(nt_xent(z, z, 0.01)) < 1e-6
 
 
-def test_augment_is_per_image_in_range_and_seeded():
-    x = torch.rand(6, 3, 32, 32)
-    a = Augment()(x, torch.Generator().manual_seed(1))
-    b = Augment()(x, torch.Generator().manual_seed(1))
-    assert a.shape == x.shape and torch.equal(a, b)
-    assert a.min() >= 0 and a.max() <= 1
-    same = Augment(crop_scale=(1, 1), crop_ratio=(1, 1), flip_p=0, jitter_p=0, gray_p=0)
-    torch.testing.assert_close(same(x, torch.Generator()), x, atol=1e-5, rtol=0)
-    flip = Augment(crop_scale=(1, 1), crop_ratio=(1, 1), flip_p=1, jitter_p=0, gray_p=0)
-    torch.testing.assert_close(flip(x, torch.Generator()), x.flip(-1), atol=1e-5, rtol=0)
-    gray = Augment(crop_scale=(1, 1), crop_ratio=(1, 1), flip_p=0, jitter_p=0, gray_p=1)
-    g = gray(x, torch.Generator())
-    assert torch.allclose(g[:, 0], g[:, 1]) and torch.allclose(g[:, 1], g[:, 2])
-
-
-def test_zero_hue_shift_keeps_colours():
-    from featcache.simclr import _hue_shift
-
-    x = torch.rand(2, 3, 4, 4)
-    torch.testing.assert_close(_hue_shift(x, torch.zeros(2)), x, atol=1e-5, rtol=0)
-    red = torch.tensor([1.0, 0, 0]).view(1, 3, 1, 1)
-    green = _hue_shift(red, torch.tensor([1 / 3]))
-    torch.testing.assert_close(green.flatten(), torch.tensor([0.0, 1.0, 0.0]), atol=1e-5, rtol=0)
-
-
 def _cfg(folder, out, **kw):
-    base = dict(dataset=f"imagefolder:{folder}", out=str(out), width=8, epochs=2, batch_size=16,
-                knn_every=1, warmup_epochs=0, device="cpu")
+    base = dict(
+        dataset=f"imagefolder:{folder}",
+        out=str(out),
+        width=8,
+        epochs=2,
+        batch_size=16,
+        knn_every=1,
+        warmup_epochs=0,
+        device="cpu",
+    )
     return SimCLRConfig(**{**base, **kw})
 
 
@@ -93,9 +75,27 @@ def test_resume_continues_from_the_checkpoint(image_folder, tmp_path):
 
 def test_killed_run_resumes_at_its_checkpoint_epoch(image_folder, tmp_path):
     out = tmp_path / "run"
-    args = [sys.executable, "-m", "featcache", "pretrain", "simclr", "--dataset",
-            f"imagefolder:{image_folder}", "--out", str(out), "--width", "8", "--epochs", "400",
-            "--batch-size", "16", "--knn-every", "0", "--device", "cpu"]
+    args = [
+        sys.executable,
+        "-m",
+        "featcache",
+        "pretrain",
+        "simclr",
+        "--dataset",
+        f"imagefolder:{image_folder}",
+        "--out",
+        str(out),
+        "--width",
+        "8",
+        "--epochs",
+        "400",
+        "--batch-size",
+        "16",
+        "--knn-every",
+        "0",
+        "--device",
+        "cpu",
+    ]
     p = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpt = out / "checkpoint.safetensors"
     deadline = time.time() + 120
@@ -125,9 +125,16 @@ def test_killed_run_resumes_at_its_checkpoint_epoch(image_folder, tmp_path):
 def test_encoder_round_trips_through_the_registry_into_a_store(image_folder, tmp_path):
     out = tmp_path / "run"
     pretrain(_cfg(image_folder, out, epochs=1, knn_every=0))
-    res = extract(ExtractConfig(backbone="simclr-resnet18", weights=str(out),
-                                dataset=f"imagefolder:{image_folder}", out=str(tmp_path / "s.h5"),
-                                workers=0, progress=False))
+    res = extract(
+        ExtractConfig(
+            backbone="simclr-resnet18",
+            weights=str(out),
+            dataset=f"imagefolder:{image_folder}",
+            out=str(tmp_path / "s.h5"),
+            workers=0,
+            progress=False,
+        )
+    )
     store = Store(res.path)
     assert store.fields["backbone"]["features"] == {"pooled": 64}  # width 8 -> 8 * 8
     assert store.fields["preprocess"]["input_size"] == 32  # native resolution, no upscaling
@@ -142,9 +149,18 @@ def test_encoder_round_trips_through_the_registry_into_a_store(image_folder, tmp
 
 
 def test_loss_falls_on_real_cifar_images(cifar_dir, tmp_path):
-    cfg = SimCLRConfig(dataset=f"imagefolder:{cifar_dir}", out=str(tmp_path / "run"), width=16,
-                       epochs=8, batch_size=128, train_per_class=52, knn_every=0,
-                       warmup_epochs=1, lr=0.3, device="cpu")
+    cfg = SimCLRConfig(
+        dataset=f"imagefolder:{cifar_dir}",
+        out=str(tmp_path / "run"),
+        width=16,
+        epochs=8,
+        batch_size=128,
+        train_per_class=52,
+        knn_every=0,
+        warmup_epochs=1,
+        lr=0.3,
+        device="cpu",
+    )
     history = pretrain(cfg)["history"]
     losses = [h["loss"] for h in history]
     assert losses[-1] < losses[0] - 0.1, losses
@@ -164,10 +180,24 @@ def test_gpu_recipe_starts_and_runs_on_the_cpu(cifar_dir, tmp_path):
     from pathlib import Path
 
     repo = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PY": sys.executable, "DATA": str(cifar_dir), "OUT": str(tmp_path / "r"),
-           "EPOCHS": "1", "WIDTH": "8", "BATCH": "64", "PER_CLASS": "20", "DEVICE": "cpu"}
-    r = subprocess.run(["bash", str(repo / "bench/simclr_gpu.sh")], env=env, capture_output=True,
-                       text=True, timeout=600)
+    env = {
+        **os.environ,
+        "PY": sys.executable,
+        "DATA": str(cifar_dir),
+        "OUT": str(tmp_path / "r"),
+        "EPOCHS": "1",
+        "WIDTH": "8",
+        "BATCH": "64",
+        "PER_CLASS": "20",
+        "DEVICE": "cpu",
+    }
+    r = subprocess.run(
+        ["bash", str(repo / "bench/simclr_gpu.sh")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     knn = json.loads((tmp_path / "r" / "knn.json").read_text())
     assert [x["k"] for x in knn["results"]] == [20, 200]
