@@ -45,6 +45,13 @@ def _ints(value: str | None, name: str) -> tuple[int, ...] | None:
         ) from None
 
 
+def _probe_default(name: str):
+    """The probe's defaults live in ProbeConfig only."""
+    from featcache.probe import ProbeConfig
+
+    return ProbeConfig.__dataclass_fields__[name].default
+
+
 def _write_json(result: dict, path: str | None) -> None:
     if path is None:
         return
@@ -91,6 +98,19 @@ def backbones() -> None:
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @click.option("--workers", type=int, default=1, show_default=True, help="Image decoding processes.")
 @click.option("--shard-size", type=int, default=1024, show_default=True)
+@click.option(
+    "--views",
+    type=int,
+    default=1,
+    show_default=True,
+    help="Views per training image, the clean one included.",
+)
+@click.option(
+    "--augment",
+    default="crop,flip,jitter,rotate",
+    show_default=True,
+    help="Augmentations of views 1.. (crop, flip, jitter, rotate, gray).",
+)
 @click.option("--skip-bad", is_flag=True, help="Record unreadable images as skipped and go on.")
 @click.option("--overwrite", is_flag=True, help="Replace a store made with another spec.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
@@ -116,6 +136,8 @@ def extract(**kw) -> None:
         batch_size=kw["batch_size"],
         workers=kw["workers"],
         shard_size=kw["shard_size"],
+        views=kw["views"],
+        augment=kw["augment"],
         skip_bad=kw["skip_bad"],
         overwrite=kw["overwrite"],
         progress=not kw["no_progress"],
@@ -138,13 +160,42 @@ def extract(**kw) -> None:
 @click.option("--store", required=True, type=click.Path(dir_okay=False))
 @click.option("--features", default=None, help="Feature set (default: the backbone's first).")
 @click.option("--weight-decays", default=None, help="Comma-separated sweep grid.")
-@click.option("--val-fraction", type=float, default=0.2, show_default=True)
-@click.option("--epochs", type=int, default=100, show_default=True, help="Most epochs per head.")
-@click.option("--patience", type=int, default=10, show_default=True)
-@click.option("--batch-size", type=int, default=256, show_default=True)
-@click.option("--lr", type=float, default=0.2, show_default=True)
+@click.option(
+    "--val-fraction", type=float, default=_probe_default("val_fraction"), show_default=True
+)
+@click.option(
+    "--epochs",
+    type=int,
+    default=_probe_default("max_epochs"),
+    show_default=True,
+    help="Most epochs per head.",
+)
+@click.option("--patience", type=int, default=_probe_default("patience"), show_default=True)
+@click.option("--batch-size", type=int, default=_probe_default("batch_size"), show_default=True)
+@click.option("--lr", type=float, default=_probe_default("lr"), show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", type=click.Choice(DEVICES), default="cpu", show_default=True)
+@click.option(
+    "--views/--no-views",
+    default=True,
+    show_default=True,
+    help="Also train on the store's augmented views (extract --views K).",
+)
+@click.option(
+    "--shots", default=None, help="Label efficiency: labelled images per class, e.g. 1,5,10,100."
+)
+@click.option(
+    "--label-fraction",
+    default=None,
+    help="Label efficiency: fractions of the labels, e.g. 0.01,0.1,1.0.",
+)
+@click.option(
+    "--repeats",
+    type=int,
+    default=5,
+    show_default=True,
+    help="Label efficiency: random labelled subsets per budget.",
+)
 @click.option("--json", "json_out", default=None, help="Write the full result as JSON.")
 @click.option("--plot", default=None, help="Write per-epoch curves as PNG.")
 @_friendly
@@ -169,7 +220,10 @@ def probe(**kw) -> None:
         lr=kw["lr"],
         seed=kw["seed"],
         device=kw["device"],
+        use_views=kw["views"],
     )
+    if kw["shots"] or kw["label_fraction"]:
+        return _label_efficiency(cfg, kw)
     result = run_probe(cfg)
     _write_json(result, kw["json_out"])
     if kw["plot"]:
@@ -178,7 +232,60 @@ def probe(**kw) -> None:
     click.echo(
         f"probe {result['backbone']}/{result['features']}: test top-1 {t['top1']:.2f}%  "
         f"top-3 {t['top3']:.2f}%  loss {t['loss']:.4f}  (weight decay {sel['weight_decay']:g}, "
-        f"{sel['epochs']} epochs, {result['seconds']:.1f} s)"
+        f"{sel['epochs']} epochs, {result['views']} views/image, {result['seconds']:.1f} s)"
+    )
+
+
+def _label_efficiency(probe_cfg, kw) -> None:
+    from featcache.shots import ShotsConfig, run_shots
+
+    try:
+        fractions = tuple(float(v) for v in (kw["label_fraction"] or "").split(",") if v)
+    except ValueError:
+        raise click.BadParameter(kw["label_fraction"], param_hint="--label-fraction") from None
+    cfg = ShotsConfig(
+        store=kw["store"],
+        features=kw["features"],
+        shots=_ints(kw["shots"], "--shots") or (),
+        fractions=fractions,
+        repeats=kw["repeats"],
+        seed=kw["seed"],
+        probe=probe_cfg,
+    )
+    result = run_shots(cfg)
+    _write_json(result, kw["json_out"])
+    click.echo(
+        f"label efficiency {result['backbone']}/{result['features']} "
+        f"(weight decay {result['weight_decay']:g}, {cfg.repeats} repeats):"
+    )
+    for r in result["results"]:
+        click.echo(
+            f"  {r['kind']} {r['value']:<6g} ({r['labels_per_class']}/class)  "
+            f"probe {r['probe_top1_mean']:.2f} +- {r['probe_top1_std']:.2f}%  "
+            f"k-NN {r['knn_top1_mean']:.2f} +- {r['knn_top1_std']:.2f}%"
+        )
+
+
+@main.command()
+@click.option("--store", required=True, type=click.Path(dir_okay=False))
+@click.option("--features", default=None, help="Feature set (default: the backbone's first).")
+@click.option("--split", default="test", show_default=True)
+@click.option("--clusters", type=int, default=None, help="Default: the number of classes.")
+@click.option("--restarts", type=int, default=5, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--json", "json_out", default=None, help="Write the result as JSON.")
+@_friendly
+def cluster(**kw) -> None:
+    """Label-free check: k-means on the features, scored by NMI, ARI and cluster accuracy."""
+    from featcache.cluster import ClusterConfig, run_cluster
+
+    json_out = kw.pop("json_out")
+    result = run_cluster(ClusterConfig(**kw))
+    _write_json(result, json_out)
+    click.echo(
+        f"k-means {result['backbone']}/{result['features']} ({result['clusters']} clusters, "
+        f"{result['split']}): NMI {result['nmi']:.2f}  ARI {result['ari']:.2f}  "
+        f"accuracy {result['accuracy']:.2f}%"
     )
 
 

@@ -7,6 +7,7 @@ autocast; finished shards are committed as they complete, so a rerun resumes.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections import defaultdict
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from featcache.augment import Augment, view_uniforms
 from featcache.backbones import BackboneSpec, get_spec, load_backbone, weights_identity
 from featcache.datasets import Split, balanced_subset, load_dataset
 from featcache.device import autocast, resolve_device, resolve_precision
@@ -46,6 +48,10 @@ class ExtractConfig:
     workers: int = 1
     # Images per committed shard: the most work a crash can lose.
     shard_size: int = 1024
+    # Views per training image (1: the clean image only); views 1.. are augmented with
+    # `augment` (crop, flip, jitter, rotate, gray), seeded by (seed, sample id, view).
+    views: int = 1
+    augment: str = "crop,flip,jitter,rotate"
     skip_bad: bool = False
     overwrite: bool = False
     progress: bool = True
@@ -58,6 +64,9 @@ class ExtractConfig:
             raise ValueError(f"shard size must be at least 1, got {self.shard_size}")
         if self.workers < 0:
             raise ValueError(f"--workers must be 0 or more, got {self.workers}")
+        if self.views < 1:
+            raise ValueError(f"--views counts the clean image too: at least 1, got {self.views}")
+        Augment.from_ops(self.augment)  # validates the names
 
 
 @dataclass
@@ -119,6 +128,11 @@ def fingerprint_fields(
         "weights": weights_identity(spec, cfg.weights),
         "preprocess": spec.preprocess().to_dict(),  # derived from the entry
         "precision": precision,
+        "views": {
+            "count": cfg.views,
+            "augment": Augment.from_ops(cfg.augment).to_dict() if cfg.views > 1 else None,
+            "seed": cfg.seed,
+        },
         "subset": {
             "train_per_class": cfg.train_per_class,
             "test_per_class": cfg.test_per_class,
@@ -227,7 +241,11 @@ def _extract_split(cfg, split, shards, model, preprocess, writer, device, precis
         persistent_workers=False,
     )
     memory_format = _memory_format(cfg)
-    widths = dict(model.spec.features)
+    n_views = cfg.views if split.name == "train" else 1  # test splits stay clean
+    augment = Augment.from_ops(cfg.augment) if n_views > 1 else None
+    empty = {f"features/{k}": (0, w) for k, w in model.spec.features}
+    if n_views > 1:
+        empty |= {f"views/{k}": (0, n_views - 1, w) for k, w in model.spec.features}
     shard_iter = iter(shards)
     index, rng = next(shard_iter)
     buf: dict[str, list] = defaultdict(list)
@@ -239,12 +257,25 @@ def _extract_split(cfg, split, shards, model, preprocess, writer, device, precis
             log.warning("skipping unreadable image %s: %s", path, reason)
             bad.append(split.ids[i])
         if groups:
-            feats = _forward(model, preprocess, groups, device, precision, memory_format)
-            ok = np.asarray([order[p] for pos, _ in groups for p in pos])
+            ok = np.asarray([order[p] for pos, _ in groups for p in pos])  # group order
             perm = np.argsort(ok)  # back to index order
             got.extend(ok[perm].tolist())
-            for k, v in feats.items():
-                buf[k].append(v[perm])
+            images = [g for _, g in groups]
+            run = functools.partial(
+                _forward, model, preprocess, images, device, precision, memory_format
+            )
+            clean = run()
+            for k, v in clean.items():
+                buf[f"features/{k}"].append(v[perm])
+            if augment is not None:
+                ids = [split.ids[i] for i in ok]
+                sizes = [len(pos) for pos, _ in groups]
+                views = [
+                    run(augment, torch.split(view_uniforms(cfg.seed, ids, v), sizes))
+                    for v in range(1, n_views)
+                ]
+                for k in clean:
+                    buf[f"views/{k}"].append(np.stack([view[k] for view in views], 1)[perm])
         seen += len(order)
         bar.update(len(order))
         if seen < len(rng):
@@ -254,9 +285,9 @@ def _extract_split(cfg, split, shards, model, preprocess, writer, device, precis
             index,
             ids=[split.ids[i] for i in got],
             labels=split.labels[got],
-            features={
-                k: np.concatenate(buf[k]) if buf[k] else np.zeros((0, w), np.float32)
-                for k, w in widths.items()
+            arrays={
+                k: np.concatenate(buf[k]) if buf[k] else np.zeros(shape, np.float32)
+                for k, shape in empty.items()
             },
             skipped=sorted(bad),
             seconds=time.perf_counter() - shard_start,
@@ -268,10 +299,15 @@ def _extract_split(cfg, split, shards, model, preprocess, writer, device, precis
 
 
 @torch.inference_mode()
-def _forward(model, preprocess, groups, device, precision, memory_format):
+def _forward(
+    model, preprocess, images, device, precision, memory_format, augment=None, uniforms=None
+):
+    """Named features (float32 numpy) of uint8 image groups, optionally augmented first."""
     parts = []
-    for _, images in groups:
-        x = images.to(device, non_blocking=True)
+    for j, group in enumerate(images):
+        x = group.to(device, non_blocking=True).float()  # (b, 3, h, w) in [0, 255]
+        if augment is not None:
+            x = augment(x / 255, uniforms[j]) * 255
         parts.append(preprocess(x).contiguous(memory_format=memory_format))
     x = torch.cat(parts) if len(parts) > 1 else parts[0]
     with autocast(device, precision):

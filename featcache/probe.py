@@ -45,6 +45,8 @@ class ProbeConfig:
     device: str = "cpu"
     train_split: str = "train"
     test_split: str = "test"
+    # Train on the augmented views cached in the store too (extract --views K), if any.
+    use_views: bool = True
 
     def __post_init__(self):
         if not 0 < self.val_fraction < 1:
@@ -130,7 +132,24 @@ class _Heads:
         return _metrics(self.logits(x), y)
 
 
-def _curvature(x: torch.Tensor, iters: int = 30) -> float:
+def train_head(
+    x, y, num_classes, weight_decay, epochs, curvature, cfg: ProbeConfig, gen, monitor=None
+):
+    """One head trained for ``epochs`` of the cosine schedule sized by ``cfg.max_epochs``.
+
+    Returns the head and its per-epoch metrics on ``monitor`` (x, y) when given.
+    """
+    head = _Heads(x.shape[1], num_classes, (weight_decay,), curvature, cfg, x.device, gen)
+    ones = torch.ones(1, device=x.device)
+    curve = []
+    for epoch in range(epochs):
+        head.epoch(x, y, epoch, cfg.max_epochs, ones)
+        if monitor is not None:
+            curve.append({"epoch": epoch + 1, "train": head.evaluate(*monitor)[0]})
+    return head, curve
+
+
+def curvature(x: torch.Tensor, iters: int = 30) -> float:
     """Half the largest eigenvalue of x^T x / n (power iteration): bounds the softmax Hessian."""
     v = torch.ones(x.shape[1], device=x.device) / math.sqrt(x.shape[1])
     for _ in range(iters):
@@ -139,7 +158,7 @@ def _curvature(x: torch.Tensor, iters: int = 30) -> float:
     return 0.5 * float(v @ (x.T @ (x @ v)) / len(x))
 
 
-def _standardise(train: np.ndarray, *others: np.ndarray):
+def standardise(train: np.ndarray, *others: np.ndarray):
     mean = train.mean(0, keepdims=True)
     std = train.std(0, keepdims=True) + 1e-6
     return [(a - mean) / std for a in (train, *others)]
@@ -153,30 +172,48 @@ def fit_probe(
     y_test: np.ndarray,
     num_classes: int,
     cfg: ProbeConfig,
+    train_views: np.ndarray | None = None,
 ) -> dict:
-    """The whole protocol on in-memory features; returns the result dict (no I/O)."""
+    """The whole protocol on in-memory features; returns the result dict (no I/O).
+
+    ``train_views`` (N, V, D): augmented views of the training images. Heads then train on
+    the clean images and all their views; validation and test use clean images only.
+    """
     device = resolve_device(cfg.device)
     gen = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    xtr, xte = _standardise(x_train.astype(np.float32), x_test.astype(np.float32))
+    xtr, xte, *xviews = standardise(
+        x_train.astype(np.float32),
+        x_test.astype(np.float32),
+        *([train_views.astype(np.float32)] if train_views is not None else []),
+    )
     fit_idx, val_idx = stratified_split(y_train, cfg.val_fraction, cfg.seed)
 
     def t(a, dtype=torch.float32):
         return torch.as_tensor(a, dtype=dtype, device=device)
 
+    def with_views(idx):  # training rows: the clean images, then every view of them
+        if not xviews:
+            return t(xtr[idx]), t(y_train[idx], torch.long)
+        v = xviews[0][idx]  # (n, V, D)
+        x = np.concatenate([xtr[idx], v.reshape(-1, v.shape[-1])])
+        y = np.concatenate([y_train[idx], np.repeat(y_train[idx], v.shape[1])])
+        return t(x), t(y, torch.long)
+
     xf, yf = t(xtr[fit_idx]), t(y_train[fit_idx], torch.long)
     xv, yv = t(xtr[val_idx]), t(y_train[val_idx], torch.long)
+    xf_all, yf_all = with_views(fit_idx)
 
     # 1. The sweep: all heads on the same batches, each with its own early stopping.
     s = len(cfg.weight_decays)
-    curvature = _curvature(t(xtr))
-    heads = _Heads(xf.shape[1], num_classes, cfg.weight_decays, curvature, cfg, device, gen)
+    curv = curvature(t(xtr))
+    heads = _Heads(xf.shape[1], num_classes, cfg.weight_decays, curv, cfg, device, gen)
     best_loss = [math.inf] * s
     best_epoch = [0] * s
     active = torch.ones(s, device=device)
     curves: list[list[dict]] = [[] for _ in range(s)]
     for epoch in range(cfg.max_epochs):
-        heads.epoch(xf, yf, epoch, cfg.max_epochs, active)
+        heads.epoch(xf_all, yf_all, epoch, cfg.max_epochs, active)
         train_m, val_m = heads.evaluate(xf, yf), heads.evaluate(xv, yv)
         for h in range(s):
             if not active[h]:
@@ -202,12 +239,10 @@ def fit_probe(
     #    at the epoch where its validation loss was lowest.
     wd, epochs = cfg.weight_decays[chosen], best_epoch[chosen]
     xa, ya = t(xtr), t(y_train, torch.long)
-    final = _Heads(xa.shape[1], num_classes, (wd,), curvature, cfg, device, gen)
-    ones = torch.ones(1, device=device)
-    final_curve = []
-    for epoch in range(epochs):
-        final.epoch(xa, ya, epoch, cfg.max_epochs, ones)
-        final_curve.append({"epoch": epoch + 1, "train": final.evaluate(xa, ya)[0]})
+    xa_all, ya_all = with_views(np.arange(len(y_train)))
+    final, final_curve = train_head(
+        xa_all, ya_all, num_classes, wd, epochs, curv, cfg, gen, monitor=(xa, ya)
+    )
     test_logits = final.logits(t(xte))[0]
     test = _metrics(test_logits[None], t(y_test, torch.long))[0]
     pred = test_logits.argmax(1).cpu().numpy()
@@ -222,6 +257,7 @@ def fit_probe(
         "sweep": sweep,
         "epochs": curves[chosen],
         "final_epochs": final_curve,
+        "views": 1 + (xviews[0].shape[1] if xviews else 0),
         "num_fit": len(fit_idx),
         "num_val": len(val_idx),
         "num_test": len(y_test),
@@ -231,9 +267,16 @@ def fit_probe(
 def run_probe(cfg: ProbeConfig) -> dict:
     store = Store(cfg.store)
     feature, train, test = store.load_pair(cfg.features, cfg.train_split, cfg.test_split)
+    views = store.load_views(cfg.train_split, feature) if cfg.use_views else None
     start = time.perf_counter()
     result = fit_probe(
-        train.features, train.labels, test.features, test.labels, len(store.class_names), cfg
+        train.features,
+        train.labels,
+        test.features,
+        test.labels,
+        len(store.class_names),
+        cfg,
+        train_views=views,
     )
     return {
         **store.provenance(

@@ -71,12 +71,12 @@ def _commit(tmp: Path, final: Path) -> None:
     _fsync_dir(final.parent)
 
 
-def _write_split(group: h5py.Group, ids, labels, features: dict, skipped) -> None:
+def _write_split(group: h5py.Group, ids, labels, arrays: dict, skipped) -> None:
+    """arrays: per-sample float arrays keyed by path, e.g. ``features/cls`` or ``views/cls``."""
     group.create_dataset("ids", data=np.asarray(ids, dtype=object), dtype=_STR)
     group.create_dataset("labels", data=np.asarray(labels, dtype=np.int64))
-    fg = group.create_group("features")
-    for name, arr in features.items():
-        fg.create_dataset(name, data=np.asarray(arr, dtype=np.float32))
+    for name, arr in arrays.items():
+        group.create_dataset(name, data=np.asarray(arr, dtype=np.float32))
     if len(skipped):
         group.create_dataset("skipped", data=np.asarray(skipped, dtype=object), dtype=_STR)
 
@@ -163,12 +163,12 @@ class ShardedWriter:
         return self.shard_path(split, index).exists()
 
     def write_shard(
-        self, split: str, index: int, ids, labels, features: dict, skipped, seconds: float
+        self, split: str, index: int, ids, labels, arrays: dict, skipped, seconds: float
     ) -> None:
         final = self.shard_path(split, index)
         tmp = final.with_suffix(".tmp")
         with h5py.File(tmp, "w") as f:
-            _write_split(f, ids, labels, features, skipped)
+            _write_split(f, ids, labels, arrays, skipped)
             f.attrs["seconds"] = seconds
         _commit(tmp, final)
 
@@ -198,28 +198,30 @@ class ShardedWriter:
 
     @staticmethod
     def _concat(group: h5py.Group, parts: list[Path]) -> float:
-        sizes, seconds, skipped, widths = [], 0.0, [], {}
+        sizes, seconds, skipped, shapes = [], 0.0, [], {}
         for p in parts:
             with h5py.File(p, "r") as s:
                 sizes.append(len(s["ids"]))
                 seconds += float(s.attrs["seconds"])
                 if "skipped" in s:
                     skipped += [x.decode() for x in s["skipped"][:]]
-                widths = {k: v.shape[1] for k, v in s["features"].items()}
+                for g in ("features", "views"):
+                    if g in s:
+                        shapes |= {f"{g}/{k}": v.shape[1:] for k, v in s[g].items()}
         n = sum(sizes)
         ids = group.create_dataset("ids", shape=(n,), dtype=_STR)
         labels = group.create_dataset("labels", shape=(n,), dtype=np.int64)
-        feats = {
-            k: group.create_dataset(f"features/{k}", shape=(n, w), dtype=np.float32)
-            for k, w in widths.items()
+        arrays = {
+            k: group.create_dataset(k, shape=(n, *shape), dtype=np.float32)
+            for k, shape in shapes.items()
         }
         start = 0
         for p, size in zip(parts, sizes):
             with h5py.File(p, "r") as s:  # one shard in memory at a time: memory stays flat
                 ids[start : start + size] = s["ids"][:]
                 labels[start : start + size] = s["labels"][:]
-                for k, d in feats.items():
-                    d[start : start + size] = s["features"][k][:]
+                for k, d in arrays.items():
+                    d[start : start + size] = s[k][:]
             start += size
         if skipped:
             group.create_dataset("skipped", data=np.asarray(skipped, dtype=object), dtype=_STR)
@@ -304,6 +306,18 @@ class Store:
                 labels=g["labels"][:],
                 ids=[x.decode() for x in g["ids"][:]],
             )
+
+    def load_views(self, split: str, feature: str) -> np.ndarray | None:
+        """Augmented views (N, K-1, D) of a split's images, or None if none were extracted."""
+        self.check(split, feature)
+        with h5py.File(self.path, "r") as f:
+            g = f[split]
+            return g["views"][feature][:] if "views" in g else None
+
+    @property
+    def num_views(self) -> int:
+        """Views per training image, the clean one included (1: no augmented views)."""
+        return int((self.fields.get("views") or {}).get("count", 1))
 
     def load_pair(self, feature: str | None, train: str = "train", test: str = "test"):
         """(feature name, train Split, test Split), checking both exist first."""

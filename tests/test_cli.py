@@ -71,6 +71,7 @@ def test_extract_probe_knn_info(run, store, tmp_path):
     assert p["test"]["top1"] == 100.0  # the tiny dataset's classes differ in colour
     assert set(p["test"]) == {"top1", "top3", "loss"}
     assert "weight_decay" in p["selected"] and p["epochs"][0]["train"]["top3"] >= 0
+    assert p["views"] == 1
     assert p["fingerprint"] == h5py.File(store, "r").attrs["fingerprint"]
     assert p["config"]["store"] == str(store)
     assert (tmp_path / "p.png").stat().st_size > 1000
@@ -176,3 +177,22 @@ def test_store_without_the_asked_split(run, image_folder, tmp_path):
     )
     r = run("knn", "--store", out, "--k", "1")
     assert r.exit_code == 1 and "has no 'test' split" in r.output
+
+
+def test_cluster_and_label_efficiency_commands(run, store, tmp_path):
+    r = run("cluster", "--store", store, "--json", tmp_path / "c.json")
+    assert r.exit_code == 0, r.output
+    c = json.loads((tmp_path / "c.json").read_text())
+    assert c["clusters"] == 3 and c["accuracy"] == 100.0 and c["nmi"] == pytest.approx(100.0)
+
+    r = run("probe", "--store", store, "--shots", "1,4", "--label-fraction", "0.5",
+            "--repeats", "2", "--epochs", "20", "--json", tmp_path / "s.json")
+    assert r.exit_code == 0, r.output
+    s = json.loads((tmp_path / "s.json").read_text())
+    assert [(x["kind"], x["labels_per_class"]) for x in s["results"]] == [
+        ("shots", 1), ("shots", 4), ("fraction", 6)]
+    for x in s["results"]:
+        assert len(x["probe_top1"]) == 2 and len(x["knn_top1"]) == 2
+        assert x["probe_top1_mean"] >= 90  # colour classes: even one shot is enough
+    r = run("probe", "--store", store, "--shots", "13")
+    assert r.exit_code == 1 and "fewer than 13 shots" in r.output

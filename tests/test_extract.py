@@ -198,3 +198,27 @@ def test_second_extraction_into_the_same_store_is_refused(image_folder, tmp_path
     assert second.returncode == 1 and "another featcache extraction is writing" in log
     assert first.wait(120) == 0
     assert Store(tmp_path / "s.h5").sizes == {"train": 36, "test": 12}
+
+
+def test_augmented_views_are_cached_for_train_only_and_resume_exactly(image_folder, tmp_path):
+    import tiny_backbone
+
+    full = extract(_cfg(image_folder, tmp_path / "full.h5", views=3))
+    s = Store(full.path)
+    assert s.num_views == 3
+    views = s.load_views("train", "pooled")
+    clean = s.load("train", "pooled").features
+    assert views.shape == (36, 2, 16) and s.load_views("test", "pooled") is None
+    assert not np.allclose(views[:, 0], clean) and not np.allclose(views[:, 0], views[:, 1])
+    assert Store(extract(_cfg(image_folder, tmp_path / "v1.h5")).path).fingerprint != s.fingerprint
+
+    out = tmp_path / "s.h5"
+    tiny_backbone.FAIL_AFTER = 7  # 3 forwards per train batch: crashes inside shard 1
+    try:
+        with pytest.raises(RuntimeError, match="injected"):
+            extract(_cfg(image_folder, out, views=3))
+    finally:
+        tiny_backbone.FAIL_AFTER = None
+    res = extract(_cfg(image_folder, out, views=3))
+    assert res.resumed_images == 8
+    np.testing.assert_array_equal(Store(out).load_views("train", "pooled"), views)

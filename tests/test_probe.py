@@ -69,3 +69,15 @@ def test_topk_accuracy_by_hand():
 def test_config_validates():
     with pytest.raises(ValueError, match="--val-fraction"):
         ProbeConfig(store="s", val_fraction=1.5)
+
+
+def test_views_add_training_rows_but_not_validation_rows():
+    x, y = _blobs(30, 3, 6, 1.0, 4)
+    rng = np.random.default_rng(0)
+    views = x[:, None, :] + rng.normal(scale=5.0, size=(len(x), 2, 6)).astype(np.float32)
+    cfg = ProbeConfig(store="-", max_epochs=10)
+    with_views = fit_probe(x, y, x, y, 3, cfg, train_views=views)
+    without = fit_probe(x, y, x, y, 3, cfg)
+    assert with_views["views"] == 3 and without["views"] == 1
+    assert with_views["num_val"] == without["num_val"] == 9
+    assert with_views["sweep"][0]["val"] != without["sweep"][0]["val"]
