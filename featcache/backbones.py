@@ -56,6 +56,8 @@ class BackboneSpec:
     needs_download: bool = False
     # Whether the entry has no default weights at all (--weights is required).
     needs_weights: bool = False
+    # Whether the model exposes CLS-to-patch attention (ViTs: `featcache attention`).
+    attention: bool = False
     # Files of a --weights directory that identify the weights (hashed into the fingerprint).
     weights_files: tuple[str, ...] = ("*.safetensors", "*.json")
 
@@ -405,6 +407,7 @@ register(
         arch=_VITS16,
         description="DINO self-supervised ViT-S/16 (Caron et al. 2021), no pooler",
         needs_download=True,
+        attention=True,
     )
 )
 register(
@@ -429,6 +432,7 @@ register(
         ),
         description="supervised ViT-B/16 (ImageNet-21k + 1k), CLS pre-logits",
         needs_download=True,
+        attention=True,
     )
 )
 register(
@@ -443,6 +447,7 @@ register(
         features=_VIT_FEATURES_S,
         arch=_VITS16,
         description="ViT-S/16 with seeded random init (the DINO paper's random baseline)",
+        attention=True,
     )
 )
 register(

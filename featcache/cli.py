@@ -370,3 +370,36 @@ def simclr(**kw) -> None:
         f"{knn_msg} -> {result['out']} (extract with --backbone simclr-resnet18 "
         f"--weights {result['out']})"
     )
+
+
+@main.command()
+@click.option("--backbone", required=True, help="A ViT entry, e.g. dino-vits16.")
+@click.option("--weights", default=None, help="Local weights: directory or .safetensors file.")
+@click.option("--images", required=True, multiple=True, help="Image files or folders.")
+@click.option("--max-images", type=int, default=4, show_default=True)
+@click.option("--out", required=True, help="PNG to write.")
+@_friendly
+def attention(backbone, weights, images, max_images, out) -> None:
+    """The last block's CLS-to-patch attention of every head (DINO's visualisation)."""
+    from featcache.attention import attention_maps, load_images, plot_attention
+
+    shown, maps = attention_maps(backbone, weights, load_images(list(images), max_images))
+    plot_attention(shown, maps, out, f"{backbone}: last-block CLS attention per head")
+    click.echo(f"attention maps of {len(shown)} images x {maps.shape[1]} heads -> {out}")
+
+
+@main.command()
+@click.argument("stores", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--out", required=True, help="HTML file to write.")
+@click.option("--shots", default="1,5,10", show_default=True, help="Label-efficiency budgets.")
+@click.option("--repeats", type=int, default=3, show_default=True)
+@_friendly
+def report(stores, out, shots, repeats) -> None:
+    """One self-contained HTML page comparing stores (computes missing results)."""
+    from featcache.report import ReportConfig, build_report
+
+    cfg = ReportConfig(
+        stores=tuple(stores), out=out, shots=_ints(shots, "--shots") or (), repeats=repeats
+    )
+    path = build_report(cfg)
+    click.echo(f"report of {len(stores)} stores -> {path}")

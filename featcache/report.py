@@ -1,0 +1,393 @@
+"""One self-contained HTML page comparing stores: a table and plots, images embedded.
+
+Results are read from JSON files beside each store (``S.probe.json``, ``S.probe-noviews.json``,
+``S.knn.json``, ``S.cluster.json``, ``S.shots.json``, as written by ``--json``); what is missing
+is computed and saved there, so a second report is instant.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from featcache import __version__
+from featcache.store import Store
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    stores: tuple[str, ...]
+    out: str
+    ks: tuple[int, ...] = (10, 20, 100, 200)
+    shots: tuple[int, ...] = (1, 5, 10)
+    repeats: int = 3
+    tsne_points: int = 2000
+    attention_images: int = 3
+    seed: int = 0
+
+    def __post_init__(self):
+        if not self.stores:
+            raise ValueError("give at least one store")
+
+
+def result_path(store: Path, kind: str) -> Path:
+    return store.with_name(f"{store.stem}.{kind}.json")
+
+
+def _cached(store: Store, kind: str, compute) -> dict:
+    """A result beside the store if it matches the store's fingerprint, else computed, saved."""
+    path = result_path(store.path, kind)
+    if path.is_file():
+        result = json.loads(path.read_text())
+        if result.get("fingerprint") == store.fingerprint:
+            return result
+        log.info("%s belongs to another store version; recomputing", path)
+    result = compute()
+    path.write_text(json.dumps(result, indent=1))
+    return result
+
+
+def gather(store: Store, cfg: ReportConfig) -> dict:
+    """Every result the report shows for one store."""
+    from featcache.cluster import ClusterConfig, run_cluster
+    from featcache.knn import KnnConfig, run_knn
+    from featcache.probe import ProbeConfig, run_probe
+    from featcache.shots import ShotsConfig, run_shots
+
+    s = str(store.path)
+    n_train = store.sizes.get("train", 0)
+    ks = tuple(k for k in cfg.ks if k <= n_train) or (min(n_train, 1),)
+    min_class = int(np.bincount(store.load("train", store.default_feature()).labels).min())
+    shots = tuple(k for k in cfg.shots if k <= min_class)
+    out = {
+        "probe": _cached(store, "probe", lambda: run_probe(ProbeConfig(store=s))),
+        "knn": _cached(store, "knn", lambda: run_knn(KnnConfig(store=s, ks=ks))),
+        "cluster": _cached(store, "cluster", lambda: run_cluster(ClusterConfig(store=s))),
+    }
+    if shots:
+        out["shots"] = _cached(
+            store,
+            "shots",
+            lambda: run_shots(ShotsConfig(store=s, shots=shots, repeats=cfg.repeats)),
+        )
+    if store.num_views > 1:
+        out["probe_noviews"] = _cached(
+            store, "probe-noviews", lambda: run_probe(ProbeConfig(store=s, use_views=False))
+        )
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Figures
+
+
+def _png(fig) -> str:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def fig_curves(names, results) -> str:
+    plt = _plt()
+    fig, axes = plt.subplots(1, 3, figsize=(15, 3.8))
+    for name, r in zip(names, results):
+        ep = [e["epoch"] for e in r["probe"]["epochs"]]
+        for ax, metric in zip(axes, ("top1", "top3", "loss")):
+            for part, style in (("train", "--"), ("val", "-")):
+                ax.plot(
+                    ep,
+                    [e[part][metric] for e in r["probe"]["epochs"]],
+                    style,
+                    label=f"{name} {part}",
+                )
+    for ax, metric in zip(axes, ("top-1 (%)", "top-3 (%)", "loss")):
+        ax.set(xlabel="epoch", title=f"probe {metric} per epoch (chosen weight decay)")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def fig_knn(names, results) -> str:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    for name, r in zip(names, results):
+        rows = r["knn"]["results"]
+        ax.plot([x["k"] for x in rows], [x["top1"] for x in rows], "o-", label=name)
+    ax.set(xscale="log", xlabel="k", ylabel="top-1 (%)", title="weighted k-NN accuracy against k")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def fig_shots(names, results) -> str | None:
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 3.8), sharey=True)
+    drawn = False
+    for name, r in zip(names, results):
+        if "shots" not in r:
+            continue
+        rows = [x for x in r["shots"]["results"] if x["kind"] == "shots"]
+        x = [row["labels_per_class"] for row in rows]
+        for ax, key in zip(axes, ("probe", "knn")):
+            ax.errorbar(
+                x,
+                [row[f"{key}_top1_mean"] for row in rows],
+                yerr=[row[f"{key}_top1_std"] for row in rows],
+                marker="o",
+                capsize=3,
+                label=name,
+            )
+        drawn = True
+    if not drawn:
+        plt.close(fig)
+        return None
+    for ax, title in zip(axes, ("linear probe", "k-NN")):
+        ax.set(
+            xscale="log",
+            xlabel="labelled images per class",
+            ylabel="test top-1 (%)",
+            title=f"label efficiency: {title} (mean +- std over repeats)",
+        )
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def fig_tsne(store: Store, name: str, points: int, seed: int) -> str:
+    from sklearn.manifold import TSNE
+
+    plt = _plt()
+    test = store.load("test", store.default_feature())
+    rng = np.random.default_rng(seed)
+    idx = np.sort(rng.permutation(len(test.labels))[:points])
+    x = test.features[idx]
+    perplexity = float(min(30, max(2, (len(idx) - 1) / 3)))
+    emb = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(
+        (x - x.mean(0)) / (x.std(0) + 1e-6)
+    )
+    fig, ax = plt.subplots(figsize=(5, 4.4))
+    y = test.labels[idx]
+    for c, cname in enumerate(store.class_names):
+        m = y == c
+        ax.scatter(emb[m, 0], emb[m, 1], s=4, label=cname)
+    ax.set(title=f"t-SNE of test features: {name}", xticks=[], yticks=[])
+    ax.legend(fontsize=6, markerscale=3, loc="best")
+    fig.tight_layout()
+    return _png(fig)
+
+
+def fig_per_class(names, results, class_names) -> str:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(max(6, 0.8 * len(class_names) * max(1, len(names))), 3.8))
+    width = 0.8 / len(names)
+    for i, (name, r) in enumerate(zip(names, results)):
+        acc = r["probe"]["per_class_top1"]
+        ax.bar(np.arange(len(acc)) + i * width, acc, width, label=name)
+    ax.set_xticks(
+        np.arange(len(class_names)) + 0.4 - width / 2, class_names, rotation=30, fontsize=8
+    )
+    ax.set(ylabel="test top-1 (%)", title="per-class accuracy of the linear probe")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def fig_attention(store: Store, cfg: ReportConfig) -> str | None:
+    """Attention maps of the store's backbone over a few of its test images, if a ViT."""
+    from featcache.attention import attention_maps, plot_attention
+    from featcache.backbones import get_spec
+    from featcache.datasets import load_dataset
+
+    cfg_store = store.config
+    if not get_spec(cfg_store["backbone"]).attention:
+        return None
+    split = load_dataset(cfg_store["dataset"], cfg_store.get("data_root"))["test"]
+    ids = store.load("test", store.default_feature()).ids[: cfg.attention_images]
+    images = [split.load(split.ids.index(i)) for i in ids]
+    shown, maps = attention_maps(cfg_store["backbone"], cfg_store.get("weights"), images)
+    buf = io.BytesIO()
+    plot_attention(shown, maps, buf, f"{cfg_store['backbone']}: last-block CLS attention")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+# ---------------------------------------------------------------------------------------------
+# Page
+
+
+def _fmt(x, digits=2) -> str:
+    return "&ndash;" if x is None else f"{x:.{digits}f}"
+
+
+def summary_table(names, stores, results, ks) -> str:
+    head = [
+        "store",
+        "backbone / features",
+        "train / test",
+        "probe top-1",
+        "top-3",
+        "loss",
+        "no-views top-1",
+    ]
+    head += [f"k-NN k={k}" for k in ks]
+    head += ["k-means NMI", "ARI", "cluster acc."]
+    shots = sorted(
+        {
+            x["labels_per_class"]
+            for r in results
+            if "shots" in r
+            for x in r["shots"]["results"]
+            if x["kind"] == "shots"
+        }
+    )
+    head += [f"{k}-shot probe" for k in shots] + ["extraction (s)"]
+    rows = []
+    for name, store, r in zip(names, stores, results):
+        p, c = r["probe"], r["cluster"]
+        knn = {x["k"]: x["top1"] for x in r["knn"]["results"]}
+        sh = {
+            x["labels_per_class"]: x
+            for x in r.get("shots", {}).get("results", [])
+            if x["kind"] == "shots"
+        }
+        cells = [
+            html.escape(name),
+            html.escape(f"{p['backbone']} / {p['features']}"),
+            f"{store.sizes.get('train', 0)} / {store.sizes.get('test', 0)}"
+            + (f" ({store.num_views} views)" if store.num_views > 1 else ""),
+            _fmt(p["test"]["top1"]),
+            _fmt(p["test"]["top3"]),
+            _fmt(p["test"]["loss"], 3),
+            _fmt(r["probe_noviews"]["test"]["top1"]) if "probe_noviews" in r else "&ndash;",
+        ]
+        cells += [_fmt(knn.get(k)) for k in ks]
+        cells += [_fmt(c["nmi"]), _fmt(c["ari"]), _fmt(c["accuracy"])]
+        cells += [
+            (
+                f"{sh[k]['probe_top1_mean']:.2f} &plusmn; {sh[k]['probe_top1_std']:.2f}"
+                if k in sh
+                else "&ndash;"
+            )
+            for k in shots
+        ]
+        cells.append(_fmt(store.extraction.get("seconds"), 1))
+        rows.append("<tr>" + "".join(f"<td>{x}</td>" for x in cells) + "</tr>")
+    return (
+        '<table id="summary"><thead><tr>'
+        + "".join(f"<th>{h}</th>" for h in head)
+        + "</tr></thead><tbody>"
+        + "".join(rows)
+        + "</tbody></table>"
+    )
+
+
+_SELF_CHECK = """<script>
+window.addEventListener('load', () => {
+  const imgs = Array.from(document.images);
+  const broken = imgs.filter(i => !(i.complete && i.naturalWidth > 0)).length;
+  const rows = document.querySelectorAll('#summary tbody tr').length;
+  document.getElementById('selfcheck').textContent =
+    JSON.stringify({images: imgs.length, broken: broken, rows: rows});
+});
+</script>"""
+
+_STYLE = """<style>
+body { font-family: sans-serif; margin: 2em; color: #222; }
+table { border-collapse: collapse; font-size: 13px; }
+th, td { border: 1px solid #ccc; padding: 4px 8px; text-align: right; }
+th { background: #f0f0f0; } td:first-child, td:nth-child(2) { text-align: left; }
+img { max-width: 100%; margin: 0.5em 0; } .note { color: #666; font-size: 13px; }
+#selfcheck { display: none; }
+</style>"""
+
+
+def build_report(cfg: ReportConfig) -> Path:
+    out = Path(cfg.out)
+    if not out.parent.is_dir():
+        raise ValueError(f"--out {out}: directory {out.parent} does not exist")
+    stores = [Store(s) for s in cfg.stores]
+    names = [s.path.stem for s in stores]
+    results = [gather(s, cfg) for s in stores]
+    class_names = stores[0].class_names
+    ks = sorted({x["k"] for r in results for x in r["knn"]["results"]})
+
+    sections = [
+        "<h2>Summary</h2>",
+        summary_table(names, stores, results, ks),
+        '<p class="note">Accuracies in percent on the test split. Probe: linear head on '
+        "z-scored features, weight decay chosen on a stratified validation split. k-NN: "
+        "weighted vote exp(sim/T). k-means: as many clusters as classes, labels used only "
+        "to score.</p>",
+        "<h2>Per-epoch curves of the linear probe</h2>",
+        f'<img alt="probe curves" src="data:image/png;base64,{fig_curves(names, results)}">',
+        "<h2>k-NN accuracy against k</h2>",
+        f'<img alt="knn against k" src="data:image/png;base64,{fig_knn(names, results)}">',
+    ]
+    shots_png = fig_shots(names, results)
+    if shots_png:
+        sections += [
+            "<h2>Label efficiency</h2>",
+            f'<img alt="label efficiency" src="data:image/png;base64,{shots_png}">',
+        ]
+    sections.append("<h2>t-SNE of test features</h2>")
+    for name, store in zip(names, stores):
+        png = fig_tsne(store, name, cfg.tsne_points, cfg.seed)
+        sections.append(
+            f'<img alt="t-SNE {html.escape(name)}" style="max-width:32%" '
+            f'src="data:image/png;base64,{png}">'
+        )
+    sections += [
+        "<h2>Per-class accuracy</h2>",
+        f'<img alt="per-class accuracy" '
+        f'src="data:image/png;base64,{fig_per_class(names, results, class_names)}">',
+    ]
+    for name, store in zip(names, stores):
+        try:
+            png = fig_attention(store, cfg)
+        except Exception as exc:  # noqa: BLE001 - a missing map must not sink the report
+            sections.append(
+                f'<p class="note">attention maps of {html.escape(name)} '
+                f"unavailable: {html.escape(str(exc))}</p>"
+            )
+            continue
+        if png:
+            sections += [
+                f"<h2>Attention maps: {html.escape(name)}</h2>",
+                f'<img alt="attention {html.escape(name)}" src="data:image/png;base64,{png}">',
+            ]
+
+    page = (
+        "<!DOCTYPE html><html><head><meta charset='utf-8'><title>featcache report</title>"
+        f"{_STYLE}</head><body><h1>featcache report</h1>"
+        f'<p class="note">featcache {__version__}; stores: '
+        + ", ".join(html.escape(str(s.path)) for s in stores)
+        + "</p>"
+        + "".join(sections)
+        + '<div id="selfcheck">pending</div>'
+        + _SELF_CHECK
+        + "</body></html>"
+    )
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(page)
+    tmp.replace(out)
+    return out
