@@ -12,10 +12,18 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	rm -f $(VENV)/.installed-* && touch $@
 
-test: $(STAMP)           ## the default suite (slow tests skipped)
+# Debian's Chromium for the report's browser test (skipped where it cannot be installed,
+# except in CI, which requires it).
+$(VENV)/.chromium: | $(STAMP)
+	command -v chromium >/dev/null 2>&1 || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } || \
+	  echo "chromium could not be installed: the browser test will be skipped"
+	touch $@
+
+test: $(STAMP) $(VENV)/.chromium   ## the default suite (slow tests skipped)
 	$(PY) -m pytest -q
 
-test-all: $(STAMP)       ## everything, slow tests included
+test-all: $(STAMP) $(VENV)/.chromium   ## everything, slow tests included
 	$(PY) -m pytest -q --runslow
 
 demo: $(STAMP)           ## extract, probe and k-NN with efficientnet-lite0 on CIFAR-10

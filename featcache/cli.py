@@ -150,8 +150,13 @@ def extract(**kw) -> None:
         if ids:
             click.echo(f"skipped {len(ids)} unreadable images in {split} (recorded in the store)")
     resumed = f", {result.resumed_images} resumed from shards" if result.resumed_images else ""
+    views = (
+        f" ({result.forward_images} forward passes with views)"
+        if result.forward_images != result.images
+        else ""
+    )
     click.echo(
-        f"extracted {result.images} images in {result.seconds:.1f} s "
+        f"extracted {result.images} images{views} in {result.seconds:.1f} s "
         f"({result.images_per_second:.1f} images/s){resumed} -> {result.path}"
     )
 

@@ -76,10 +76,12 @@ class ExtractResult:
     seconds: float
     resumed_images: int = 0  # images found in shards from an earlier run
     skipped: dict[str, list[str]] = field(default_factory=dict)
+    forward_images: int = 0  # images through the backbone, augmented views included
 
     @property
     def images_per_second(self) -> float:
-        return self.images / self.seconds if self.seconds > 0 else 0.0
+        """Backbone throughput: forward images (views included) per second."""
+        return self.forward_images / self.seconds if self.seconds > 0 else 0.0
 
 
 class _Images(torch.utils.data.Dataset):
@@ -221,8 +223,18 @@ def _run(cfg, model, preprocess, splits, writer: ShardedWriter, device, precisio
         "backbone_spec": spec.to_dict(),
     }
     path = writer.assemble({n: len(p) for n, p in plan.items()}, meta)
+    forwards = sum(
+        len(r) * (cfg.views if name == "train" else 1)
+        for name, shards in pending.items()
+        for _, r in shards
+    )
     return ExtractResult(
-        path, images=todo, seconds=seconds, resumed_images=total - todo, skipped=skipped
+        path,
+        images=todo,
+        seconds=seconds,
+        resumed_images=total - todo,
+        skipped=skipped,
+        forward_images=forwards,
     )
 
 
