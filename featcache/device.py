@@ -47,6 +47,24 @@ def resolve_precision(precision: str, device: torch.device, train: bool = False)
     return "bf16" if train and cpu_has_native_bf16() else "fp32"
 
 
+def keep_freed_memory() -> bool:
+    """Let glibc keep freed memory for reuse instead of returning it to the OS at once.
+
+    A CPU forward allocates and frees tens of MB of activations per batch; by default glibc
+    serves those with mmap/munmap, so every batch page-faults its memory in again (half the
+    CPU time went to the kernel: 77 vs 130 images/s for efficientnet-lite0 in bf16 on 2 cores).
+    Raising the mmap and trim thresholds (mallopt) removes that. No-op off glibc.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(libc.mallopt(m_mmap_threshold, 1 << 30) and libc.mallopt(m_trim_threshold, 1 << 30))
+
+
 def autocast(device: torch.device, precision: str):
     return torch.autocast(
         device_type=device.type, dtype=DTYPES[precision], enabled=precision != "fp32"

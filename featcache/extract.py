@@ -21,7 +21,7 @@ from tqdm import tqdm
 from featcache.augment import Augment, view_uniforms
 from featcache.backbones import BackboneSpec, get_spec, load_backbone, weights_identity
 from featcache.datasets import Split, balanced_subset, load_dataset
-from featcache.device import autocast, resolve_device, resolve_precision
+from featcache.device import autocast, keep_freed_memory, resolve_device, resolve_precision
 from featcache.errors import BadImageError, DatasetError
 from featcache.preprocess import Preprocess
 from featcache.store import ShardedWriter
@@ -167,6 +167,8 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
     get_spec(cfg.backbone)  # unknown names fail before any data is touched
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
+    if device.type == "cpu":
+        keep_freed_memory()
     splits = prepare_splits(cfg)
     # Loaded before any file is made (a failed load leaves nothing behind); the loaded spec
     # is the one fingerprinted, as weights may refine it (e.g. a SimCLR encoder's width).

@@ -27,7 +27,7 @@ from torch import nn
 from featcache import __version__
 from featcache.augment import N_PARAMS, Augment
 from featcache.datasets import balanced_subset, load_dataset
-from featcache.device import autocast, resolve_device, resolve_precision
+from featcache.device import autocast, keep_freed_memory, resolve_device, resolve_precision
 from featcache.errors import FeatcacheError
 from featcache.knn import knn_evaluate
 from featcache.preprocess import Preprocess, to_rgb
@@ -225,6 +225,8 @@ def pretrain(cfg: SimCLRConfig) -> dict:
     out.mkdir(exist_ok=True)
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device, train=True)
+    if device.type == "cpu":
+        keep_freed_memory()
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
 

@@ -1,0 +1,325 @@
+"""`make bench`: featcache against the bare model and against the usual alternatives, side by side.
+
+Everything in one run on one machine, so ratios are meaningful on a shared, noisy box:
+
+- extraction images/s on CIFAR images at 224: (a) featcache end to end (dataset to finished
+  store), (b) the bare forward on ready-made tensors at the same precision and memory layout,
+  (c) the naive pipeline (per-image PIL resize, transformers' image processor, fp32 forward);
+- probe: featcache's weight-decay sweep against scikit-learn's LogisticRegression (lbfgs) over
+  the same grid and validation split, on one real cached feature matrix;
+- k-NN: featcache (faiss) against torch matmul + topk and scikit-learn's KNeighborsClassifier;
+- scaling: extraction wall time and peak memory at 1x, 4x and 16x the images.
+
+Results go to stdout and to BENCHMARKS.md (with the command and the machine).
+
+    python bench/run.py [--only extract,probe,knn,scaling] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "data" / "cifar10-jpeg"
+DATA = REPO / "data" / "cifar10-jpeg"
+WORK = REPO / "data" / "bench"
+PY = sys.executable
+
+
+def cifar() -> Path:
+    for split in ("train", "test"):
+        if not (DATA / split / "truck").is_dir():
+            DATA.mkdir(parents=True, exist_ok=True)
+            with tarfile.open(SHARED / f"{split}.tar.gz") as tar:
+                tar.extractall(DATA, filter="data")
+    return DATA
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return (f"{cpu}, {os.cpu_count()} cores, {gpu}; Python {platform.python_version()}, "
+            f"torch {torch.__version__}")
+
+
+def _timed(fn, repeat: int = 1):
+    best = float("inf")
+    out = None
+    for _ in range(repeat):
+        t = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t)
+    return best, out
+
+
+# ---------------------------------------------------------------------------------------------
+# Extraction
+
+
+def bare_forward(backbone: str, n: int, batch: int, precision: str, device) -> float:
+    """images/s of the model alone on ready-made normalised tensors on the device."""
+    from featcache.backbones import load_backbone
+    from featcache.device import autocast
+
+    model, pre = load_backbone(backbone)
+    model = model.to(device, memory_format=torch.channels_last)
+    x = torch.randn(batch, 3, pre.input_size, pre.input_size, device=device)
+    x = x.contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode(), autocast(device, precision):
+        model(x)  # warm-up
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(max(1, n // batch)):
+            model(x)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    return max(1, n // batch) * batch / (time.perf_counter() - t)
+
+
+def featcache_end_to_end(backbone: str, per_class: int, batch: int, precision: str, device):
+    """images/s from dataset to finished store (model load and store assembly included)."""
+    from featcache.extract import ExtractConfig, extract
+
+    out = WORK / f"e2e-{backbone}-{precision}.h5"
+    out.unlink(missing_ok=True)
+    cfg = ExtractConfig(backbone=backbone, dataset=f"imagefolder:{cifar()}", out=str(out),
+                        splits=("train",), train_per_class=per_class, batch_size=batch,
+                        precision=precision, device=str(device), progress=False)
+    seconds, res = _timed(lambda: extract(cfg))
+    return res.images / seconds, res.images_per_second
+
+
+def naive(backbone: str, n: int, batch: int) -> float:
+    """The usual script: PIL resize per image, transformers' processor, fp32, list batches."""
+    from PIL import Image
+    from transformers import ViTImageProcessor
+
+    from featcache.backbones import load_backbone
+
+    model, pre = load_backbone(backbone)
+    processor = ViTImageProcessor(size={"height": pre.input_size, "width": pre.input_size},
+                                  image_mean=list(pre.mean), image_std=list(pre.std))
+    files = sorted((cifar() / "train" / "airplane").glob("*.jpg"))[:n]
+    t = time.perf_counter()
+    with torch.no_grad():
+        for i in range(0, len(files), batch):
+            images = [Image.open(f).convert("RGB").resize((pre.input_size,) * 2, Image.BILINEAR)
+                      for f in files[i : i + batch]]
+            inputs = processor(images=images, return_tensors="pt")
+            model(inputs["pixel_values"])
+    return len(files) / (time.perf_counter() - t)
+
+
+def bench_extract(quick: bool) -> str:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    fast = "bf16"  # the fastest precision on CPUs with native bf16 and on GPUs
+    rows = []
+    for backbone, per_class, n_naive in (("efficientnet-lite0", 100, 128),
+                                         ("random-vits16", 50, 64)):
+        if quick:
+            per_class, n_naive = per_class // 4, n_naive // 4
+        b = bare_forward(backbone, per_class * 10, 64, fast, device)
+        a_wall, a_inner = featcache_end_to_end(backbone, per_class, 64, fast, device)
+        a32_wall, _ = featcache_end_to_end(backbone, per_class, 64, "fp32", device)
+        b32 = bare_forward(backbone, per_class * 10, 64, "fp32", device)
+        c = naive(backbone, n_naive, 32)
+        rows.append((backbone, a_wall, a_inner, b, a32_wall, b32, c))
+        print(f"{backbone}: e2e {a_wall:.1f} img/s (extraction loop {a_inner:.1f}), bare {b:.1f}; "
+              f"fp32 e2e {a32_wall:.1f}, bare {b32:.1f}; naive {c:.1f}", flush=True)
+    lines = [
+        f"Device: {device}. (a) featcache end to end at {fast} (wall of `extract()`: dataset "
+        "listing, model load, extraction, store assembly), channels_last; in brackets the "
+        "extraction loop alone as printed by the CLI. (b) bare forward at the same precision on "
+        "ready-made tensors. (c) naive: per-image PIL resize to 224, transformers' "
+        "ViTImageProcessor, fp32 forward, lists of 32 images.",
+        "",
+        "| backbone | (a) featcache bf16 | (b) bare bf16 | a/b | featcache fp32 | bare fp32 "
+        "| (c) naive fp32 | a/c |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, a, ai, b, a32, b32, c in rows:
+        lines.append(f"| {name} | {a:.1f} ({ai:.1f}) | {b:.1f} | {a / b:.2f} | {a32:.1f} | "
+                     f"{b32:.1f} | {c:.1f} | {a / c:.2f} |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# A real 50,000 x 384 feature matrix: CIFAR-10 through a random-init CIFAR ResNet of width 48
+
+
+def big_store() -> Path:
+    store = WORK / "cifar-full-r18w48.h5"
+    if store.exists():
+        return store
+    run = WORK / "r18w48-init"
+    if not (run / "encoder.safetensors").exists():
+        from featcache.simclr import ResNetCifar, SimCLRConfig, export_encoder
+
+        run.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(0)
+        export_encoder(run, ResNetCifar(48), SimCLRConfig(dataset="-", out=str(run), width=48))
+    subprocess.run([PY, "-m", "featcache", "extract", "--backbone", "simclr-resnet18",
+                    "--weights", str(run), "--dataset", f"imagefolder:{cifar()}",
+                    "--out", str(store), "--batch-size", "256", "--no-progress",
+                    "--precision", "bf16"], check=True)
+    return store
+
+
+def bench_probe(quick: bool) -> str:
+    from featcache.baselines import sklearn_probe
+    from featcache.probe import DEFAULT_WEIGHT_DECAYS, ProbeConfig, fit_probe
+    from featcache.store import Store
+
+    store = Store(big_store())
+    tr, te = store.load("train", "pooled"), store.load("test", "pooled")
+    if quick:
+        tr.features, tr.labels = tr.features[:10000], tr.labels[:10000]
+    cfg = ProbeConfig(store=str(store.path))
+    t_fc, r = _timed(lambda: fit_probe(tr.features, tr.labels, te.features, te.labels, 10, cfg))
+    n_fit = r["num_fit"]
+    # The same grid in scikit-learn's terms: C = 1 / (weight_decay * n); 0 -> no penalty.
+    grid = tuple(1.0 / (wd * n_fit) if wd > 0 else 1e6 for wd in DEFAULT_WEIGHT_DECAYS)
+    t_sk, s = _timed(lambda: sklearn_probe(tr.features, tr.labels, te.features, te.labels,
+                                           cfg.val_fraction, cfg.seed, grid))
+    print(f"probe: featcache {t_fc:.1f} s top-1 {r['test']['top1']:.2f}; sklearn {t_sk:.1f} s "
+          f"top-1 {s['test_top1']:.2f}", flush=True)
+    return "\n".join([
+        f"Features: {len(tr.labels)} x {tr.features.shape[1]} train, {len(te.labels)} test "
+        f"({store.path.name}: real CIFAR-10 images through a random-init CIFAR ResNet-18 of "
+        "width 48). Grid: the 9 weight decays of the probe (sklearn: C = 1/(wd n)), same "
+        "stratified validation split, refit on all training data.",
+        "",
+        "| method | wall (s) | test top-1 | chosen |",
+        "| --- | --- | --- | --- |",
+        f"| featcache probe (9 heads together) | {t_fc:.1f} | {r['test']['top1']:.2f} | "
+        f"wd {r['selected']['weight_decay']:g} |",
+        f"| scikit-learn LogisticRegression lbfgs | {t_sk:.1f} | {s['test_top1']:.2f} | "
+        f"C {s['C']:.3g} |",
+        f"| ratio | {t_sk / t_fc:.1f}x faster | {r['test']['top1'] - s['test_top1']:+.2f} | |",
+    ])
+
+
+def bench_knn(quick: bool) -> str:
+    from sklearn.neighbors import KNeighborsClassifier
+
+    from featcache.knn import knn_evaluate, l2_normalize
+    from featcache.store import Store
+
+    store = Store(big_store())
+    tr, te = store.load("train", "pooled"), store.load("test", "pooled")
+    xq, yq = te.features, te.labels
+    if quick:
+        xq, yq = xq[:2000], yq[:2000]
+    k = 20
+    t_fc, r = _timed(lambda: knn_evaluate(tr.features, tr.labels, xq, yq, 10, (k,), 0.07), 2)
+
+    def torch_knn():
+        a = torch.from_numpy(l2_normalize(tr.features))
+        b = torch.from_numpy(l2_normalize(xq))
+        votes = []
+        for i in range(0, len(b), 2048):
+            sim, idx = (b[i : i + 2048] @ a.T).topk(k, dim=1)
+            w = (sim / 0.07).exp()
+            v = torch.zeros(len(idx), 10).scatter_add_(1, torch.from_numpy(tr.labels)[idx], w)
+            votes.append(v.argmax(1))
+        return 100 * float((torch.cat(votes).numpy() == yq).mean())
+
+    t_t, top_t = _timed(torch_knn, 2)
+    clf = KNeighborsClassifier(n_neighbors=k, algorithm="brute", metric="cosine")
+    t_sk, top_sk = _timed(lambda: 100 * clf.fit(tr.features, tr.labels).score(xq, yq))
+    print(f"knn: featcache {t_fc:.2f} s ({r[0]['top1']:.2f}); torch {t_t:.2f} s ({top_t:.2f}); "
+          f"sklearn {t_sk:.2f} s ({top_sk:.2f})", flush=True)
+    return "\n".join([
+        f"{len(yq)} queries x {len(tr.labels)} x {tr.features.shape[1]}, k={k}, best of 2 "
+        "(sklearn: one run, majority vote, as it has no exp(sim/T) weighting).",
+        "",
+        "| method | wall (s) | top-1 |",
+        "| --- | --- | --- |",
+        f"| featcache knn (faiss, weighted) | {t_fc:.2f} | {r[0]['top1']:.2f} |",
+        f"| torch matmul + topk (weighted) | {t_t:.2f} | {top_t:.2f} |",
+        f"| scikit-learn KNeighborsClassifier (brute, cosine) | {t_sk:.2f} | {top_sk:.2f} |",
+    ])
+
+
+# ---------------------------------------------------------------------------------------------
+# Scaling: time and peak memory at 1x, 4x, 16x images, each run in a fresh process
+
+
+def bench_scaling(quick: bool) -> str:
+    big_store()  # makes the encoder
+    run = WORK / "r18w48-init"
+    base = 50 if quick else 200  # images per class at 1x (train split only)
+    rows = []
+    for mult in (1, 4, 16):
+        out = WORK / f"scale-{mult}.h5"
+        out.unlink(missing_ok=True)
+        cmd = [PY, "-m", "featcache", "extract", "--backbone", "simclr-resnet18", "--weights",
+               str(run), "--dataset", f"imagefolder:{cifar()}", "--splits", "train",
+               "--train-per-class", str(base * mult), "--out", str(out), "--no-progress",
+               "--batch-size", "256", "--precision", "bf16"]
+        t = time.perf_counter()
+        p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
+        _, status, usage = os.wait4(p.pid, 0)
+        wall = time.perf_counter() - t
+        assert status == 0, f"{cmd} failed"
+        rows.append((mult, base * mult * 10, wall, usage.ru_maxrss / 1024))
+        print(f"scaling {mult}x: {base * mult * 10} images, {wall:.1f} s, "
+              f"peak {usage.ru_maxrss / 1024:.0f} MiB", flush=True)
+    lines = ["Whole `featcache extract` processes (import, model load, extraction, assembly); "
+             "peak resident memory of the main process (os.wait4).", "",
+             "| scale | images | wall (s) | s per 1k images | peak memory (MiB) |",
+             "| --- | --- | --- | --- | --- |"]
+    for mult, n, wall, mem in rows:
+        lines.append(f"| {mult}x | {n} | {wall:.1f} | {1000 * wall / n:.2f} | {mem:.0f} |")
+    lines.append(f"\nPeak memory 16x / 1x: {rows[-1][3] / rows[0][3]:.3f}")
+    return "\n".join(lines)
+
+
+SECTIONS = {"extract": bench_extract, "probe": bench_probe, "knn": bench_knn,
+            "scaling": bench_scaling}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--only", default=",".join(SECTIONS))
+    p.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
+    p.add_argument("--out", default=str(REPO / "BENCHMARKS.md"))
+    a = p.parse_args()
+    WORK.mkdir(parents=True, exist_ok=True)
+    parts = [
+        "# featcache benchmarks",
+        "",
+        f"Command: `{' '.join(['python', 'bench/run.py', *sys.argv[1:]])}` (`make bench`), "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+        f"Machine: {machine()}",
+    ]
+    for name in a.only.split(","):
+        t = time.perf_counter()
+        parts += ["", f"## {name}", "", SECTIONS[name](a.quick),
+                  f"\n(section took {time.perf_counter() - t:.0f} s)"]
+    text = "\n".join(parts) + "\n"
+    Path(a.out).write_text(text)
+    print(f"\nwritten to {a.out}")
+
+
+if __name__ == "__main__":
+    main()
