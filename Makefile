@@ -3,7 +3,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 
-.PHONY: test test-all demo lint clean
+.PHONY: test test-all demo bench lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -28,6 +28,9 @@ test-all: $(STAMP) $(VENV)/.chromium   ## everything, slow tests included
 
 demo: $(STAMP)           ## extract, probe and k-NN with efficientnet-lite0 on CIFAR-10
 	$(PY) scripts/demo.py
+
+bench: $(STAMP)          ## side-by-side benchmarks, written to BENCHMARKS.md
+	$(PY) bench/run.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check featcache tests scripts

@@ -106,15 +106,17 @@ def balanced_subset(split: Split, per_class: int | None, seed: int) -> Split:
     return split.select(np.sort(np.concatenate(chosen)))
 
 
-def load_dataset(spec: str, data_root: str | Path | None = None) -> dict[str, Split]:
-    """Parse a dataset spec and list its splits (no image is decoded here)."""
+def load_dataset(
+    spec: str, data_root: str | Path | None = None, splits: tuple[str, ...] = SPLITS
+) -> dict[str, Split]:
+    """Parse a dataset spec and list the asked splits that it has (no image is decoded)."""
     if spec == "cifar10":
         return _cifar10(Path(data_root) if data_root else Path("data"))
     if spec.startswith("imagefolder:"):
         root = spec.split(":", 1)[1]
         if not root:
             raise DatasetError("imagefolder: needs a directory, e.g. imagefolder:path/to/images")
-        return _imagefolder(Path(root).expanduser())
+        return _imagefolder(Path(root).expanduser(), splits)
     raise DatasetError(
         f"unknown dataset {spec!r}; use 'cifar10' or 'imagefolder:DIR' "
         "(DIR holds train/ and test/, each with one folder per class)"
@@ -129,7 +131,7 @@ def dataset_identity(spec: str) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def _imagefolder(root: Path) -> dict[str, Split]:
+def _imagefolder(root: Path, wanted: tuple[str, ...]) -> dict[str, Split]:
     if not root.is_dir():
         raise DatasetError(f"dataset folder {root} does not exist")
     root = root.resolve()
@@ -143,7 +145,7 @@ def _imagefolder(root: Path) -> dict[str, Split]:
         )
     classes = _class_names(root / present[0])
     splits = {}
-    for name in present:
+    for name in (s for s in present if s in wanted):
         split_root = root / name
         own = _class_names(split_root)
         extra = sorted(set(own) - set(classes))

@@ -149,7 +149,7 @@ def fingerprint_fields(
 
 
 def prepare_splits(cfg: ExtractConfig) -> dict[str, Split]:
-    available = load_dataset(cfg.dataset, cfg.data_root)
+    available = load_dataset(cfg.dataset, cfg.data_root, cfg.splits)
     per_class = {"train": cfg.train_per_class, "test": cfg.test_per_class}
     splits = {}
     for name in cfg.splits:

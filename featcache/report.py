@@ -222,7 +222,7 @@ def fig_attention(store: Store, cfg: ReportConfig) -> str | None:
     cfg_store = store.config
     if not get_spec(cfg_store["backbone"]).attention:
         return None
-    split = load_dataset(cfg_store["dataset"], cfg_store.get("data_root"))["test"]
+    split = load_dataset(cfg_store["dataset"], cfg_store.get("data_root"), ("test",))["test"]
     ids = store.load("test", store.default_feature()).ids[: cfg.attention_images]
     images = [split.load(split.ids.index(i)) for i in ids]
     shown, maps = attention_maps(cfg_store["backbone"], cfg_store.get("weights"), images)

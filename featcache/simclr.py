@@ -155,7 +155,7 @@ class SimCLRConfig:
 
 def load_images(spec: str, data_root, split: str, per_class, seed: int, size: int):
     """All images of a split as uint8 (N, 3, size, size) and their labels (N,)."""
-    splits = load_dataset(spec, data_root)
+    splits = load_dataset(spec, data_root, (split,))
     if split not in splits:
         raise FeatcacheError(f"dataset {spec} has no '{split}' split (it has: {sorted(splits)})")
     s = balanced_subset(splits[split], per_class, seed)
