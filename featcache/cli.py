@@ -114,6 +114,7 @@ def backbones() -> None:
 @click.option("--skip-bad", is_flag=True, help="Record unreadable images as skipped and go on.")
 @click.option("--overwrite", is_flag=True, help="Replace a store made with another spec.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
+@click.option("--no-freeze", is_flag=True, help="Run the eager model (no TorchScript freezing).")
 @_friendly
 def extract(**kw) -> None:
     """Run a frozen backbone once over a dataset into an HDF5 feature store."""
@@ -141,6 +142,7 @@ def extract(**kw) -> None:
         skip_bad=kw["skip_bad"],
         overwrite=kw["overwrite"],
         progress=not kw["no_progress"],
+        freeze=not kw["no_freeze"],
     )
     result = run(cfg)
     if result.images == 0 and result.resumed_images == 0:

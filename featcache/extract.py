@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
+import warnings
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -56,6 +57,8 @@ class ExtractConfig:
     overwrite: bool = False
     progress: bool = True
     channels_last: bool = True
+    # TorchScript-freeze the model on the CPU where its entry says it pays (CNNs).
+    freeze: bool = True
 
     def __post_init__(self):
         if self.batch_size < 1:
@@ -109,7 +112,10 @@ def _collate(items):
         if arr is not None:
             groups[arr.shape].append(pos)
     stacked = [
-        (pos, torch.from_numpy(np.stack([items[p][1] for p in pos])).permute(0, 3, 1, 2))
+        (
+            pos,
+            torch.from_numpy(np.stack([items[p][1] for p in pos])).permute(0, 3, 1, 2).contiguous(),
+        )
         for pos in groups.values()
     ]  # each (b, 3, h, w) uint8
     return order, stacked, errors
@@ -185,6 +191,30 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
         writer.close()
 
 
+class _Frozen(torch.nn.Module):
+    """A TorchScript-frozen backbone that keeps the spec of the original."""
+
+    def __init__(self, scripted, spec):
+        super().__init__()
+        self.scripted, self.spec = scripted, spec
+
+    def forward(self, x):
+        return self.scripted(x)
+
+
+def _frozen(model, cfg: ExtractConfig, precision: str):
+    """Trace and freeze for inference: BatchNorm folds into the convolutions."""
+    size = model.spec.input_size
+    example = torch.zeros(cfg.batch_size, 3, size, size).contiguous(
+        memory_format=_memory_format(cfg)
+    )
+    with warnings.catch_warnings(), torch.no_grad(), autocast(torch.device("cpu"), precision):
+        warnings.simplefilter("ignore")  # tracer warnings about python values in the graph
+        traced = torch.jit.trace(model, example, strict=False, check_trace=False)
+        frozen = torch.jit.freeze(traced.eval())
+    return _Frozen(frozen, model.spec)
+
+
 def _memory_format(cfg: ExtractConfig) -> torch.memory_format:
     return torch.channels_last if cfg.channels_last else torch.contiguous_format
 
@@ -196,6 +226,8 @@ def _shards(n: int, size: int) -> list[range]:
 def _run(cfg, model, preprocess, splits, writer: ShardedWriter, device, precision):
     spec = model.spec
     model = model.to(device=device, memory_format=_memory_format(cfg))
+    if cfg.freeze and spec.cpu_freeze and device.type == "cpu":
+        model = _frozen(model, cfg, precision)
 
     plan = {name: _shards(len(s), cfg.shard_size) for name, s in splits.items()}
     pending = {

@@ -21,7 +21,8 @@ _PIL_INTERPOLATION = {
 }
 
 # Bumped whenever this module's output for the same input changes (part of the fingerprint).
-PREPROCESS_VERSION = 1
+# 2: uint8 images are resized as uint8 (rounded and saturated, as PIL's resize does).
+PREPROCESS_VERSION = 2
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -77,15 +78,24 @@ class Preprocess:
         return np.asarray(img, dtype=np.uint8)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 (B, 3, h, w) on any device -> normalised float32 (B, 3, S, S) on that device."""
-        x = images.float()
-        if x.shape[-1] != self.input_size or x.shape[-2] != self.input_size:
+        """(B, 3, h, w) images in [0, 255] on any device -> normalised float32 (B, 3, S, S).
+
+        uint8 batches are resized as uint8, like PIL's resize (rounded, saturated) and
+        several times faster than in float; float batches (augmented views) stay float.
+        """
+        size = (self.input_size, self.input_size)
+        x = images
+        if tuple(x.shape[-2:]) != size:
             x = F.interpolate(
                 x,
-                size=(self.input_size, self.input_size),
+                size=size,
                 mode=self.interpolation,
                 align_corners=False if self.interpolation != "nearest" else None,
-            ).clamp_(0, 255)
+            )
+            if x.dtype != torch.uint8:
+                x = x.clamp_(0, 255)
+        # A fresh float tensor (never the caller's), normalised in place.
+        x = x.float() if x.dtype == torch.uint8 or x is not images else x.clone()
         mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1) * 255
-        std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1) * 255
-        return (x - mean) / std
+        scale = 1 / (torch.tensor(self.std, device=x.device).view(1, 3, 1, 1) * 255)
+        return x.sub_(mean).mul_(scale)

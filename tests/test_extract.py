@@ -222,3 +222,13 @@ def test_augmented_views_are_cached_for_train_only_and_resume_exactly(image_fold
     res = extract(_cfg(image_folder, out, views=3))
     assert res.resumed_images == 8
     np.testing.assert_array_equal(Store(out).load_views("train", "pooled"), views)
+
+
+def test_frozen_cnn_gives_the_eager_features(image_folder, tmp_path):
+    base = dict(backbone="efficientnet-lite0", dataset=f"imagefolder:{image_folder}",
+                splits=("test",), test_per_class=2, workers=0, progress=False, precision="fp32")
+    frozen = extract(ExtractConfig(**base, out=str(tmp_path / "f.h5")))
+    eager = extract(ExtractConfig(**base, out=str(tmp_path / "e.h5"), freeze=False))
+    a = Store(frozen.path).load("test", "pooled").features
+    b = Store(eager.path).load("test", "pooled").features
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
