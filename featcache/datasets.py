@@ -15,6 +15,7 @@ import os
 import pickle
 import tarfile
 import urllib.request
+import warnings
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,9 +57,12 @@ class Split:
             return Image.fromarray(self.array[i])
         path = self.root / self.ids[i]
         try:
-            img = Image.open(path)
-            img.load()
-        except Image.DecompressionBombError as exc:
+            with warnings.catch_warnings():
+                # PIL only warns between MAX_IMAGE_PIXELS and twice that; refuse those too.
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                img = Image.open(path)
+                img.load()
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
             raise BadImageError(str(path), f"decompression bomb refused ({exc})") from None
         except (OSError, SyntaxError, ValueError) as exc:
             raise BadImageError(str(path), f"{type(exc).__name__}: {exc}") from None
@@ -154,6 +158,8 @@ def _imagefolder(root: Path, wanted: tuple[str, ...]) -> dict[str, Split]:
         ids, labels, sizes = [], [], []
         for c, cls in enumerate(classes):
             cdir = split_root / cls
+            if cdir.is_symlink() and not cdir.resolve().is_relative_to(root):
+                raise DatasetError(f"{cdir} is a symlink leading outside the dataset root {root}")
             files = _image_files(cdir, root) if cdir.is_dir() else []
             if not files:
                 raise DatasetError(
@@ -179,6 +185,11 @@ def _class_names(split_root: Path) -> list[str]:
     names = sorted(
         e.name for e in os.scandir(split_root) if e.is_dir() and not e.name.startswith(".")
     )
+    for name in names:
+        if name in ("", ".", "..") or any(c in name for c in ("/", "\\", "\0")):
+            raise DatasetError(
+                f"class folder name {name!r} in {split_root} is not a plain name; rename it"
+            )
     if not names:
         raise DatasetError(f"{split_root} is empty: expected one folder per class")
     return names

@@ -7,8 +7,10 @@ autocast; finished shards are committed as they complete, so a rerun resumes.
 
 from __future__ import annotations
 
+import datetime
 import functools
 import logging
+import os
 import time
 import warnings
 from collections import defaultdict
@@ -184,11 +186,49 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
     if writer.complete:
         log.info("%s is already complete with the same fingerprint; nothing to do", cfg.out)
         return ExtractResult(Path(cfg.out), images=0, seconds=0.0)
-    writer.begin()
+    dist = Distributed.from_env(device)
+    if dist.rank == 0:
+        writer.begin()
+    dist.barrier()  # rank 0 has recorded the spec
+    if dist.rank != 0:
+        writer.begin(dist.rank)
     try:
-        return _run(cfg, model, preprocess, splits, writer, device, precision)
+        return _run(cfg, model, preprocess, splits, writer, device, precision, dist)
     finally:
         writer.close()
+
+
+@dataclass(frozen=True)
+class Distributed:
+    """This process's place under torchrun (rank 0 of 1 without it).
+
+    Ranks take every world-th shard of each split, so their work is disjoint and a shard's
+    contents do not depend on who computed it: the store equals a single-process one.
+    """
+
+    rank: int = 0
+    world: int = 1
+
+    @classmethod
+    def from_env(cls, device: torch.device) -> Distributed:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world == 1:
+            return cls()
+        import torch.distributed as td
+
+        if not td.is_initialized():
+            backend = "nccl" if device.type == "cuda" else "gloo"
+            td.init_process_group(backend, timeout=datetime.timedelta(hours=24))
+        return cls(td.get_rank(), td.get_world_size())
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as td
+
+            td.barrier()
+
+    def owns(self, shard: int) -> bool:
+        return shard % self.world == self.rank
 
 
 class _Frozen(torch.nn.Module):
@@ -223,7 +263,7 @@ def _shards(n: int, size: int) -> list[range]:
     return [range(s, min(s + size, n)) for s in range(0, n, size)]
 
 
-def _run(cfg, model, preprocess, splits, writer: ShardedWriter, device, precision):
+def _run(cfg, model, preprocess, splits, writer: ShardedWriter, device, precision, dist):
     spec = model.spec
     model = model.to(device=device, memory_format=_memory_format(cfg))
     if cfg.freeze and spec.cpu_freeze and device.type == "cpu":
@@ -231,10 +271,12 @@ def _run(cfg, model, preprocess, splits, writer: ShardedWriter, device, precisio
 
     plan = {name: _shards(len(s), cfg.shard_size) for name, s in splits.items()}
     pending = {
-        name: [(i, r) for i, r in enumerate(shards) if not writer.has_shard(name, i)]
+        name: [
+            (i, r) for i, r in enumerate(shards) if dist.owns(i) and not writer.has_shard(name, i)
+        ]
         for name, shards in plan.items()
     }
-    total = sum(len(s) for s in splits.values())
+    total = sum(len(r) for shards in plan.values() for i, r in enumerate(shards) if dist.owns(i))
     todo = sum(len(r) for shards in pending.values() for _, r in shards)
     if todo < total:
         log.info("resuming: %d of %d images already extracted", total - todo, total)
@@ -256,7 +298,11 @@ def _run(cfg, model, preprocess, splits, writer: ShardedWriter, device, precisio
         "extraction": {"device": str(device), "precision": precision, "torch": torch.__version__},
         "backbone_spec": spec.to_dict(),
     }
-    path = writer.assemble({n: len(p) for n, p in plan.items()}, meta)
+    dist.barrier()  # every rank's shards are committed
+    path = Path(cfg.out)
+    if dist.rank == 0:
+        writer.assemble({n: len(p) for n, p in plan.items()}, meta)
+    dist.barrier()  # the store is in place for every rank
     forwards = sum(
         len(r) * (cfg.views if name == "train" else 1)
         for name, shards in pending.items()

@@ -16,6 +16,8 @@ assembled into a temporary file and renamed into place: a reader never sees half
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -69,6 +71,21 @@ def _commit(tmp: Path, final: Path) -> None:
         os.close(fd)
     os.replace(tmp, final)
     _fsync_dir(final.parent)
+
+
+@contextlib.contextmanager
+def _cleanup_on_failure(tmp: Path, what: str):
+    """Remove a half-written temporary file; a full disk becomes a clear error."""
+    try:
+        yield
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and (exc.errno == errno.ENOSPC or "No space left" in str(exc)):
+            raise StoreError(
+                f"disk full while writing the {what}: free some space and rerun the same "
+                "command; the shards finished so far are kept and will not be redone"
+            ) from exc
+        raise
 
 
 def _write_split(group: h5py.Group, ids, labels, arrays: dict, skipped) -> None:
@@ -130,10 +147,15 @@ class ShardedWriter:
             )
         return True
 
-    def begin(self) -> None:
-        """Lock the work folder and record the spec; shards already there are kept."""
+    def begin(self, rank: int = 0) -> None:
+        """Lock the work folder and record the spec; shards already there are kept.
+
+        Under torchrun every rank holds a lock of its own; rank 0 records the spec, and the
+        other ranks begin only after it (a barrier in the caller).
+        """
         self.parts.mkdir(exist_ok=True)
-        self._lock = open(self.parts / "lock", "w")  # noqa: SIM115 - held for the run
+        lock = "lock" if rank == 0 else f"lock.{rank}"
+        self._lock = open(self.parts / lock, "w")  # noqa: SIM115 - held for the run
         try:
             fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -142,6 +164,8 @@ class ShardedWriter:
                 f"another featcache extraction is writing {self.out} right now; wait for it "
                 "or choose another --out"
             ) from None
+        if rank != 0:
+            return
         if self._check_partial():  # checked again under the lock
             self._clear_shards()
         spec_path = self.parts / "spec.json"
@@ -153,7 +177,7 @@ class ShardedWriter:
 
     def _clear_shards(self) -> None:
         for p in self.parts.iterdir():
-            if p.name != "lock":
+            if not p.name.startswith("lock"):
                 p.unlink()
 
     def shard_path(self, split: str, index: int) -> Path:
@@ -167,16 +191,30 @@ class ShardedWriter:
     ) -> None:
         final = self.shard_path(split, index)
         tmp = final.with_suffix(".tmp")
-        with h5py.File(tmp, "w") as f:
-            _write_split(f, ids, labels, arrays, skipped)
-            f.attrs["seconds"] = seconds
-        _commit(tmp, final)
+        with _cleanup_on_failure(tmp, "shard " + final.name):
+            with h5py.File(tmp, "w") as f:
+                _write_split(f, ids, labels, arrays, skipped)
+                f.attrs["seconds"] = seconds
+            _commit(tmp, final)
 
     def assemble(self, splits: dict[str, int], meta: dict) -> Path:
         """Concatenate the shards of each split (``splits``: name -> shard count) into the store."""
+        missing = [
+            self.shard_path(split, i).name
+            for split, n in splits.items()
+            for i in range(n)
+            if not self.has_shard(split, i)
+        ]
+        if missing:
+            raise StoreError(
+                f"cannot assemble {self.out}: {len(missing)} shards missing (e.g. {missing[:3]}); "
+                "rerun the same command to extract them"
+            )
+        for stale in self.out.parent.glob(f".{self.out.name}.tmp-*"):
+            stale.unlink(missing_ok=True)  # left by a killed assembly; we hold the lock
         tmp = self.out.with_name(f".{self.out.name}.tmp-{os.getpid()}")
         seconds = 0.0
-        try:
+        with _cleanup_on_failure(tmp, f"store {self.out}"):
             with h5py.File(tmp, "w") as f:
                 for split, n_shards in splits.items():
                     parts = [self.shard_path(split, i) for i in range(n_shards)]
@@ -189,9 +227,6 @@ class ShardedWriter:
                 for key, value in meta.items():
                     f.attrs[key] = json.dumps(value, sort_keys=True)
             _commit(tmp, self.out)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
         self.close()
         shutil.rmtree(self.parts, ignore_errors=True)
         return self.out
@@ -241,6 +276,28 @@ def _stored_fields(path: Path) -> dict | None:
         return None
 
 
+def _refuse_foreign_data(f: h5py.File, path: Path) -> None:
+    """A store holds its own data only: no links to other files, no virtual or external data."""
+    problems = []
+
+    def visit(name: str, link) -> None:
+        if isinstance(link, h5py.ExternalLink):
+            problems.append(f"'{name}' is an external link to {link.filename}")
+        elif isinstance(link, h5py.SoftLink):
+            problems.append(f"'{name}' is a soft link to {link.path}")
+        elif isinstance(link, h5py.HardLink):
+            obj = f[name]
+            if isinstance(obj, h5py.Dataset) and (obj.is_virtual or obj.external):
+                problems.append(f"'{name}' is a virtual or external-storage dataset")
+
+    f.visititems_links(visit)
+    if problems:
+        raise StoreError(
+            f"{path} refers to data outside itself ({'; '.join(problems[:3])}); featcache "
+            "stores never do, so this file is refused"
+        )
+
+
 @dataclass
 class Split:
     """Features of one split, loaded into memory."""
@@ -267,6 +324,7 @@ class Store:
             with h5py.File(self.path, "r") as f:
                 if f.attrs.get("format") != FORMAT:
                     raise StoreError(f"{self.path} is not a featcache store (no format {FORMAT})")
+                _refuse_foreign_data(f, self.path)
                 self.attrs = {k: f.attrs[k] for k in f.attrs}
                 self.splits = {
                     s: sorted(f[s]["features"].keys())

@@ -185,12 +185,28 @@ def test_cluster_and_label_efficiency_commands(run, store, tmp_path):
     c = json.loads((tmp_path / "c.json").read_text())
     assert c["clusters"] == 3 and c["accuracy"] == 100.0 and c["nmi"] == pytest.approx(100.0)
 
-    r = run("probe", "--store", store, "--shots", "1,4", "--label-fraction", "0.5",
-            "--repeats", "2", "--epochs", "20", "--json", tmp_path / "s.json")
+    r = run(
+        "probe",
+        "--store",
+        store,
+        "--shots",
+        "1,4",
+        "--label-fraction",
+        "0.5",
+        "--repeats",
+        "2",
+        "--epochs",
+        "20",
+        "--json",
+        tmp_path / "s.json",
+    )
     assert r.exit_code == 0, r.output
     s = json.loads((tmp_path / "s.json").read_text())
     assert [(x["kind"], x["labels_per_class"]) for x in s["results"]] == [
-        ("shots", 1), ("shots", 4), ("fraction", 6)]
+        ("shots", 1),
+        ("shots", 4),
+        ("fraction", 6),
+    ]
     for x in s["results"]:
         assert len(x["probe_top1"]) == 2 and len(x["knn_top1"]) == 2
         assert x["probe_top1_mean"] >= 90  # colour classes: even one shot is enough

@@ -225,8 +225,15 @@ def test_augmented_views_are_cached_for_train_only_and_resume_exactly(image_fold
 
 
 def test_frozen_cnn_gives_the_eager_features(image_folder, tmp_path):
-    base = dict(backbone="efficientnet-lite0", dataset=f"imagefolder:{image_folder}",
-                splits=("test",), test_per_class=2, workers=0, progress=False, precision="fp32")
+    base = dict(
+        backbone="efficientnet-lite0",
+        dataset=f"imagefolder:{image_folder}",
+        splits=("test",),
+        test_per_class=2,
+        workers=0,
+        progress=False,
+        precision="fp32",
+    )
     frozen = extract(ExtractConfig(**base, out=str(tmp_path / "f.h5")))
     eager = extract(ExtractConfig(**base, out=str(tmp_path / "e.h5"), freeze=False))
     a = Store(frozen.path).load("test", "pooled").features

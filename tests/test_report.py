@@ -16,17 +16,28 @@ from featcache.report import ReportConfig, build_report, result_path
 def stores(image_folder, tmp_path):
     out = []
     for name, views in (("plain", 1), ("views", 3)):
-        cfg = ExtractConfig(backbone="test-tiny", dataset=f"imagefolder:{image_folder}",
-                            out=str(tmp_path / f"{name}.h5"), workers=0, views=views,
-                            progress=False)
+        cfg = ExtractConfig(
+            backbone="test-tiny",
+            dataset=f"imagefolder:{image_folder}",
+            out=str(tmp_path / f"{name}.h5"),
+            workers=0,
+            views=views,
+            progress=False,
+        )
         out.append(extract(cfg).path)
     return out
 
 
 @pytest.fixture
 def report(stores, tmp_path):
-    cfg = ReportConfig(stores=tuple(map(str, stores)), out=str(tmp_path / "report.html"),
-                       ks=(1, 5), shots=(1, 4), repeats=2, tsne_points=30)
+    cfg = ReportConfig(
+        stores=tuple(map(str, stores)),
+        out=str(tmp_path / "report.html"),
+        ks=(1, 5),
+        shots=(1, 4),
+        repeats=2,
+        tsne_points=30,
+    )
     return build_report(cfg), stores
 
 
@@ -47,13 +58,27 @@ def test_report_is_self_contained_and_caches_results(report):
 
 
 def test_attention_maps_appear_for_vit_stores(image_folder, tmp_path):
-    cfg = ExtractConfig(backbone="random-vits16", dataset=f"imagefolder:{image_folder}",
-                        out=str(tmp_path / "vit.h5"), train_per_class=4, test_per_class=2,
-                        workers=0, progress=False)
+    cfg = ExtractConfig(
+        backbone="random-vits16",
+        dataset=f"imagefolder:{image_folder}",
+        out=str(tmp_path / "vit.h5"),
+        train_per_class=4,
+        test_per_class=2,
+        workers=0,
+        progress=False,
+    )
     store = extract(cfg).path
-    out = build_report(ReportConfig(stores=(str(store),), out=str(tmp_path / "r.html"),
-                                    ks=(1,), shots=(1,), repeats=1, tsne_points=6,
-                                    attention_images=2))
+    out = build_report(
+        ReportConfig(
+            stores=(str(store),),
+            out=str(tmp_path / "r.html"),
+            ks=(1,),
+            shots=(1,),
+            repeats=1,
+            tsne_points=6,
+            attention_images=2,
+        )
+    )
     assert 'alt="attention vit"' in out.read_text()
 
 
@@ -65,11 +90,24 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
         pytest.skip("Debian's chromium is not installed (make test installs it)")
     path, _ = report
     dom = subprocess.run(
-        [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-         "--no-first-run", "--disable-background-networking", "--disable-component-update",
-         "--disable-sync", f"--user-data-dir={tmp_path / 'chrome'}",
-         "--virtual-time-budget=10000", "--dump-dom", path.as_uri()],
-        capture_output=True, text=True, timeout=120,
+        [
+            chromium,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={tmp_path / 'chrome'}",
+            "--virtual-time-budget=10000",
+            "--dump-dom",
+            path.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     ).stdout
     check = json.loads(re.search(r'<div id="selfcheck">(.*?)</div>', dom).group(1))
     assert check == {"images": check["images"], "broken": 0, "rows": 2}

@@ -1,13 +1,56 @@
-"""`python tests/tinycli.py ARGS` runs the featcache CLI with the tiny test backbone registered."""
+"""`python tests/tinycli.py ARGS` runs the featcache CLI with the tiny test backbone registered.
 
+Fault injection for the crash tests, by environment variable (test harness only):
+    FEATCACHE_TEST_STALL=commit:K   before the K-th commit (temporary file written, not yet
+                                    renamed): touch $FEATCACHE_TEST_MARK, then sleep
+    FEATCACHE_TEST_STALL=assemble   halfway through assembling the store: the same
+    FEATCACHE_TEST_ENOSPC=K         the K-th commit fails with ENOSPC (disk full)
+"""
+
+import errno
+import os
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
 import tiny_backbone  # noqa: E402,F401  (registers test-tiny)
 
+from featcache import store  # noqa: E402
 from featcache.cli import main  # noqa: E402
 
+
+def _stall():
+    Path(os.environ["FEATCACHE_TEST_MARK"]).touch()
+    time.sleep(600)
+
+
+def _install_faults():
+    stall = os.environ.get("FEATCACHE_TEST_STALL", "")
+    enospc = int(os.environ.get("FEATCACHE_TEST_ENOSPC", "0"))
+    commit, calls = store._commit, [0]
+
+    def faulty_commit(tmp, final):
+        calls[0] += 1
+        if stall == f"commit:{calls[0]}":
+            _stall()
+        if calls[0] == enospc:
+            raise OSError(errno.ENOSPC, "No space left on device (injected)", str(tmp))
+        commit(tmp, final)
+
+    store._commit = faulty_commit
+    if stall == "assemble":
+        concat = store.ShardedWriter._concat
+
+        def slow_concat(group, parts):
+            seconds = concat(group, parts)
+            _stall()
+            return seconds
+
+        store.ShardedWriter._concat = staticmethod(slow_concat)
+
+
 if __name__ == "__main__":
+    _install_faults()
     main()

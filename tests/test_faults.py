@@ -1,0 +1,172 @@
+"""Crash safety proven with real processes and real signals (kill -9), a full disk (ENOSPC
+injected at the k-th commit) and readers racing a writer. Fault hooks live in tinycli.py."""
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from featcache.store import Store
+
+TINYCLI = Path(__file__).parent / "tinycli.py"
+SHARDS = 24  # 36 train + 12 test images in shards of 2
+
+
+def _args(folder, out, *extra):
+    return [
+        sys.executable,
+        str(TINYCLI),
+        "extract",
+        "--backbone",
+        "test-tiny",
+        "--dataset",
+        f"imagefolder:{folder}",
+        "--out",
+        str(out),
+        "--batch-size",
+        "2",
+        "--shard-size",
+        "2",
+        "--workers",
+        "0",
+        "--no-progress",
+        *extra,
+    ]
+
+
+def _start(args, **env):
+    return subprocess.Popen(
+        args, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
+def _wait_for(predicate, timeout=120):
+    deadline = time.time() + timeout
+    while not predicate():
+        if time.time() > deadline:
+            raise TimeoutError("the condition never held")
+        time.sleep(0.02)
+
+
+def _kill(p):
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+
+
+def _cli(*args):
+    return subprocess.run(
+        [sys.executable, str(TINYCLI), *map(str, args)], capture_output=True, text=True, timeout=120
+    )
+
+
+def _assert_equal_stores(a, b):
+    a, b = Store(a), Store(b)
+    assert a.fingerprint == b.fingerprint
+    for split in ("train", "test"):
+        for feat in ("pooled", "maxpool"):
+            x, y = a.load(split, feat), b.load(split, feat)
+            assert x.ids == y.ids and len(set(x.ids)) == len(x.ids)  # none missing or twice
+            np.testing.assert_array_equal(x.labels, y.labels)
+            np.testing.assert_array_equal(x.features, y.features)
+
+
+def _reader_sees_no_store(out):
+    for cmd in (("info", out), ("knn", "--store", out, "--k", "1")):
+        r = _cli(*cmd)
+        assert r.returncode == 1 and "does not exist" in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr
+
+
+def _kill_points(folder, out, parts, rng, n_random):
+    """Kill -9 the same extraction again and again at different points; returns how many."""
+    kills = 0
+    mark = out.with_name("stalled")
+    # During shard writes: the temporary file is written, the rename has not happened.
+    for k in (2, 3, 2):
+        mark.unlink(missing_ok=True)
+        p = _start(
+            _args(folder, out), FEATCACHE_TEST_STALL=f"commit:{k}", FEATCACHE_TEST_MARK=str(mark)
+        )
+        _wait_for(mark.exists)
+        _reader_sees_no_store(out)  # a reader started mid-write never sees a store
+        _kill(p)
+        kills += 1
+    # At random moments between batches and writes (a shard takes about 0.4 s here).
+    for _ in range(n_random):
+        before = len(list(parts.glob("*-*.h5")))
+        if before >= SHARDS - 1:
+            break  # leave work for the assembly kills below
+        p = _start(_args(folder, out), FEATCACHE_TEST_DELAY="0.2")
+        _wait_for(lambda p=p, n=before: len(list(parts.glob("*-*.h5"))) > n or p.poll() is not None)
+        time.sleep(rng.uniform(0, 0.3))
+        _kill(p)
+        kills += 1
+        assert not out.exists()
+    # During assembly, twice: the store must not appear, half-written or otherwise.
+    for _ in range(2):
+        mark.unlink(missing_ok=True)
+        p = _start(
+            _args(folder, out), FEATCACHE_TEST_STALL="assemble", FEATCACHE_TEST_MARK=str(mark)
+        )
+        _wait_for(mark.exists)
+        assert list(out.parent.glob(f".{out.name}.tmp-*"))  # the half-written file is hidden
+        _reader_sees_no_store(out)
+        _kill(p)
+        kills += 1
+    return kills
+
+
+def _run_kill_test(image_folder, tmp_path, n_random):
+    ref = tmp_path / "ref.h5"
+    assert subprocess.run(_args(image_folder, ref), capture_output=True).returncode == 0
+    out = tmp_path / "s.h5"
+    parts = tmp_path / "s.h5.parts"
+    kills = _kill_points(image_folder, out, parts, random.Random(0), n_random)
+    assert kills >= min(10, n_random + 5) and not out.exists()
+    final = _start(_args(image_folder, out))
+    log = final.communicate(timeout=120)[0]
+    assert final.returncode == 0, log
+    assert "resumed from shards" in log
+    assert not list(tmp_path.glob(".s.h5.tmp-*")) and not parts.exists()  # nothing left over
+    _assert_equal_stores(out, ref)
+
+
+def test_kill_9_at_eleven_points_then_resume_equals_uninterrupted(image_folder, tmp_path):
+    _run_kill_test(image_folder, tmp_path, n_random=6)
+
+
+@pytest.mark.slow
+def test_kill_9_at_many_more_points(image_folder, tmp_path):
+    _run_kill_test(image_folder, tmp_path, n_random=25)
+
+
+@pytest.mark.parametrize("k", [2, 5, SHARDS + 2])  # a shard early, a shard later, the store
+def test_full_disk_is_a_clear_error_and_the_rerun_completes(image_folder, tmp_path, k):
+    ref = tmp_path / "ref.h5"
+    assert subprocess.run(_args(image_folder, ref), capture_output=True).returncode == 0
+    out = tmp_path / "s.h5"
+    r = subprocess.run(
+        _args(image_folder, out),
+        env={**os.environ, "FEATCACHE_TEST_ENOSPC": str(k)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 1 and "disk full" in r.stderr and "Traceback" not in r.stderr
+    shards = sorted((tmp_path / "s.h5.parts").glob("*-*.h5"))
+    assert len(shards) == k - 2  # the spec, then k - 2 shards committed before the failure
+    for s in shards:  # committed shards are intact
+        with h5py.File(s, "r") as f:
+            assert len(f["ids"]) == 2
+    assert not list((tmp_path / "s.h5.parts").glob("*.tmp")) and not out.exists()
+    r = subprocess.run(_args(image_folder, out), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert f"{(k - 2) * 2} resumed from shards" in r.stdout or k == 2
+    _assert_equal_stores(out, ref)
