@@ -175,21 +175,25 @@ def child(kind: str, backbone: str, precision: str, n: str, tuned: str) -> None:
 def bench_extract(quick: bool) -> str:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     rows = []
-    for backbone, n, n_naive in (("efficientnet-lite0", 1000, 128), ("random-vits16", 500, 64)):
+    # (images end to end, images for the bare forward, images for the naive pipeline)
+    sizes = {"efficientnet-lite0": (4000, 1024, 128), "random-vits16": (1000, 512, 64)}
+    for backbone, (n, n_bare, n_naive) in sizes.items():
         if quick:
-            n, n_naive = n // 4, n_naive // 4
+            n, n_bare, n_naive = n // 8, n_bare // 4, n_naive // 4
         r = {}
         for precision in ("bf16", "fp32"):
             r[f"e2e-{precision}"] = _child("e2e", backbone, precision, str(n), "default")
-            r[f"bare-{precision}"] = _child("bare", backbone, precision, str(n), "tuned")
-            r[f"bare-{precision}-default"] = _child("bare", backbone, precision, str(n), "default")
+            for tuned in ("tuned", "default"):
+                key = f"bare-{precision}" + ("" if tuned == "tuned" else "-default")
+                r[key] = _child("bare", backbone, precision, str(n_bare), tuned)
         r["naive"] = _child("naive", backbone, "fp32", str(n_naive), "default")
         rows.append((backbone, r))
         print(backbone, json.dumps({k: round(v, 1) for k, v in r.items()}), flush=True)
     lines = [
         f"Device: {device}; each figure from a fresh process. (a) featcache end to end: wall "
-        "of `extract()` (dataset listing, model load, extraction, store assembly) over CIFAR "
-        "JPEGs upscaled to 224, channels_last. (b) bare forward on ready-made tensors at the "
+        "of `extract()` (dataset listing, model load, TorchScript freezing for CNNs, "
+        "extraction, store assembly) over 4000 (lite0) or 1000 (ViT) CIFAR training JPEGs "
+        "upscaled to 224, channels_last. (b) bare forward on ready-made tensors at the "
         "same precision and layout, with the allocator setting featcache uses (mallopt); in "
         "brackets with glibc's default, as a plain script runs. (c) naive: per-image PIL "
         "resize to 224, transformers' ViTImageProcessor, fp32 forward, lists of 32 images.",
