@@ -124,7 +124,7 @@ def featcache_end_to_end(backbone: str, per_class: int, batch: int, precision: s
     return res.images / seconds, res.images_per_second
 
 
-def naive(backbone: str, n: int, batch: int) -> float:
+def naive(backbone: str, n: int, batch: int, device) -> float:
     """The usual script: PIL resize per image, transformers' processor, fp32, list batches."""
     from PIL import Image
     from transformers import ViTImageProcessor
@@ -132,6 +132,7 @@ def naive(backbone: str, n: int, batch: int) -> float:
     from featcache.backbones import load_backbone
 
     model, pre = load_backbone(backbone)
+    model = model.to(device)
     processor = ViTImageProcessor(
         size={"height": pre.input_size, "width": pre.input_size},
         image_mean=list(pre.mean),
@@ -146,7 +147,9 @@ def naive(backbone: str, n: int, batch: int) -> float:
                 for f in files[i : i + batch]
             ]
             inputs = processor(images=images, return_tensors="pt")
-            model(inputs["pixel_values"])
+            model(inputs["pixel_values"].to(device))
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     return len(files) / (time.perf_counter() - t)
 
 
@@ -169,14 +172,14 @@ def child(kind: str, backbone: str, precision: str, n: str, tuned: str) -> None:
     elif kind == "e2e":
         print(featcache_end_to_end(backbone, int(n) // 10, 64, precision, device)[0])
     else:
-        print(naive(backbone, int(n), 32))
+        print(naive(backbone, int(n), 32, device))
 
 
 def bench_extract(quick: bool) -> str:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     rows = []
     # (images end to end, images for the bare forward, images for the naive pipeline)
-    sizes = {"efficientnet-lite0": (4000, 1024, 128), "random-vits16": (1000, 512, 64)}
+    sizes = {"efficientnet-lite0": (4000, 1024, 128), "random-vits16": (2000, 512, 64)}
     for backbone, (n, n_bare, n_naive) in sizes.items():
         if quick:
             n, n_bare, n_naive = n // 8, n_bare // 4, n_naive // 4
@@ -192,7 +195,7 @@ def bench_extract(quick: bool) -> str:
     lines = [
         f"Device: {device}; each figure from a fresh process. (a) featcache end to end: wall "
         "of `extract()` (dataset listing, model load, TorchScript freezing for CNNs, "
-        "extraction, store assembly) over 4000 (lite0) or 1000 (ViT) CIFAR training JPEGs "
+        "extraction, store assembly) over 4000 (lite0) or 2000 (ViT) CIFAR training JPEGs "
         "upscaled to 224, channels_last. (b) bare forward on ready-made tensors at the "
         "same precision and layout, with the allocator setting featcache uses (mallopt); in "
         "brackets with glibc's default, as a plain script runs. (c) naive: per-image PIL "
