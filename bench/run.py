@@ -75,12 +75,27 @@ def _timed(fn, repeat: int = 1):
 # Extraction
 
 
+def weights_for(backbone: str) -> str | None:
+    """Hub entries run from a local random-weight checkpoint of the real architecture."""
+    from featcache.backbones import get_spec
+
+    spec = get_spec(backbone)
+    if not spec.needs_download:
+        return None
+    path = WORK / f"{backbone}-random"
+    if not (path / "config.json").exists():
+        from transformers import ViTConfig, ViTModel
+
+        ViTModel(ViTConfig(**spec.arch), add_pooling_layer=False).save_pretrained(path)
+    return str(path)
+
+
 def bare_forward(backbone: str, n: int, batch: int, precision: str, device) -> float:
     """images/s of the model alone on ready-made normalised tensors on the device."""
     from featcache.backbones import load_backbone
     from featcache.device import autocast
 
-    model, pre = load_backbone(backbone)
+    model, pre = load_backbone(backbone, weights_for(backbone))
     model = model.to(device, memory_format=torch.channels_last)
     x = torch.randn(batch, 3, pre.input_size, pre.input_size, device=device)
     x = x.contiguous(memory_format=torch.channels_last)
@@ -105,7 +120,7 @@ def featcache_end_to_end(backbone: str, per_class: int, batch: int, precision: s
     from featcache.backbones import load_backbone
     from featcache.extract import ExtractConfig, extract
 
-    load_backbone(backbone)
+    load_backbone(backbone, weights_for(backbone))
 
     out = WORK / f"e2e-{backbone}-{precision}.h5"
     out.unlink(missing_ok=True)
@@ -131,7 +146,7 @@ def naive(backbone: str, n: int, batch: int, device) -> float:
 
     from featcache.backbones import load_backbone
 
-    model, pre = load_backbone(backbone)
+    model, pre = load_backbone(backbone, weights_for(backbone))
     model = model.to(device)
     processor = ViTImageProcessor(
         size={"height": pre.input_size, "width": pre.input_size},
@@ -179,7 +194,9 @@ def bench_extract(quick: bool) -> str:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     rows = []
     # (images end to end, images for the bare forward, images for the naive pipeline)
-    sizes = {"efficientnet-lite0": (4000, 1024, 128), "random-vits16": (2000, 512, 64)}
+    # ViT-S/16: DINO's code path (transformers ViTModel) from a local checkpoint, as with
+    # --weights; random weights, as the hub is out of reach here.
+    sizes = {"efficientnet-lite0": (4000, 1024, 128), "dino-vits16": (2000, 512, 64)}
     for backbone, (n, n_bare, n_naive) in sizes.items():
         if quick:
             n, n_bare, n_naive = n // 8, n_bare // 4, n_naive // 4
@@ -434,10 +451,16 @@ def main() -> None:
             f"## {name}",
             "",
             SECTIONS[name](a.quick),
-            f"\n(section took {time.perf_counter() - t:.0f} s)",
+            f"\n(section took {time.perf_counter() - t:.0f} s; measured "
+            f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})",
         ]
     text = "\n".join(parts) + "\n"
-    Path(a.out).write_text(text)
+    out = Path(a.out)
+    if out.exists() and a.only != ",".join(SECTIONS):  # keep the sections not rerun
+        old = out.read_text().split("\n## ")
+        kept = [sec for sec in old[1:] if sec.split("\n", 1)[0] not in a.only.split(",")]
+        text = text.rstrip("\n") + "".join("\n\n## " + sec.rstrip("\n") for sec in kept) + "\n"
+    out.write_text(text)
     print(f"\nwritten to {a.out}")
 
 
