@@ -126,6 +126,7 @@ def featcache_end_to_end(backbone: str, per_class: int, batch: int, precision: s
     out.unlink(missing_ok=True)
     cfg = ExtractConfig(
         backbone=backbone,
+        weights=weights_for(backbone),
         dataset=f"imagefolder:{cifar()}",
         out=str(out),
         splits=("train",),
