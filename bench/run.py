@@ -420,8 +420,49 @@ def bench_scaling(quick: bool) -> str:
     return "\n".join(lines)
 
 
+def bench_precision(quick: bool) -> str:
+    """Reduced precision must not cost accuracy: the same subset extracted in fp32 and bf16."""
+    from featcache.extract import ExtractConfig, extract
+    from featcache.knn import KnnConfig, run_knn
+    from featcache.probe import ProbeConfig, run_probe
+
+    per_class = 20 if quick else 100
+    rows = {}
+    for precision in ("fp32", "bf16"):
+        out = WORK / f"precision-lite0-{precision}.h5"
+        out.unlink(missing_ok=True)
+        cfg = ExtractConfig(
+            backbone="efficientnet-lite0",
+            dataset=f"imagefolder:{cifar()}",
+            out=str(out),
+            train_per_class=per_class,
+            test_per_class=per_class,
+            precision=precision,
+            progress=False,
+        )
+        extract(cfg)
+        probe = run_probe(ProbeConfig(store=str(out)))["test"]["top1"]
+        knn = run_knn(KnnConfig(store=str(out), ks=(20,)))["results"][0]["top1"]
+        rows[precision] = (probe, knn)
+        print(f"precision {precision}: probe {probe:.2f} knn {knn:.2f}", flush=True)
+    (p32, k32), (p16, k16) = rows["fp32"], rows["bf16"]
+    return "\n".join(
+        [
+            f"efficientnet-lite0, {per_class} train and {per_class} test CIFAR images per class, "
+            "one store per precision; probe and k=20 k-NN test top-1.",
+            "",
+            "| store | probe top-1 | k-NN top-1 |",
+            "| --- | --- | --- |",
+            f"| fp32 | {p32:.2f} | {k32:.2f} |",
+            f"| bf16 | {p16:.2f} | {k16:.2f} |",
+            f"| bf16 - fp32 | {p16 - p32:+.2f} | {k16 - k32:+.2f} |",
+        ]
+    )
+
+
 SECTIONS = {
     "extract": bench_extract,
+    "precision": bench_precision,
     "probe": bench_probe,
     "knn": bench_knn,
     "scaling": bench_scaling,
