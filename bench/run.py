@@ -482,8 +482,8 @@ def main() -> None:
     parts = [
         "# featcache benchmarks",
         "",
-        f"Command: `{' '.join(['python', 'bench/run.py', *sys.argv[1:]])}` (`make bench`), "
-        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+        f"Last command: `{' '.join(['python', 'bench/run.py', *sys.argv[1:]])}` (`make bench` "
+        "runs every section); each section says when it was measured.",
         f"Machine: {machine()}",
     ]
     for name in a.only.split(","):
