@@ -397,9 +397,9 @@ def _forward(
     """Named features (float32 numpy) of uint8 image groups, optionally augmented first."""
     parts = []
     for j, group in enumerate(images):
-        x = group.to(device, non_blocking=True).float()  # (b, 3, h, w) in [0, 255]
+        x = group.to(device, non_blocking=True)  # uint8 (b, 3, h, w): resized as uint8
         if augment is not None:
-            x = augment(x / 255, uniforms[j]) * 255
+            x = augment(x.float() / 255, uniforms[j]) * 255  # views stay float
         parts.append(preprocess(x).contiguous(memory_format=memory_format))
     x = torch.cat(parts) if len(parts) > 1 else parts[0]
     with autocast(device, precision):

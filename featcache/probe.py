@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
@@ -23,6 +23,7 @@ from featcache.device import resolve_device
 from featcache.store import Store
 
 TRAIN_CURVE_SAMPLES = 10_000
+MIN_FULL_STEPS = 10  # epochs of fewer steps use a proportionally smaller step size
 DEFAULT_WEIGHT_DECAYS = (0.0, 1e-4, 1e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0)
 
 
@@ -78,8 +79,8 @@ def _metrics(logits: torch.Tensor, y: torch.Tensor) -> list[dict]:
     s, n, c = logits.shape
     loss = F.cross_entropy(logits.reshape(s * n, c), y.repeat(s), reduction="none").view(s, n)
     hits = logits.topk(min(3, c), dim=2).indices == y.view(1, n, 1)  # (S, N, 3)
-    top1 = hits[:, :, 0].float().mean(1) * 100
-    top3 = hits.any(2).float().mean(1) * 100
+    top1 = hits[:, :, 0].double().mean(1) * 100  # exact percentages (not float32 ones)
+    top3 = hits.any(2).double().mean(1) * 100
     return [
         {"loss": float(a), "top1": float(b), "top3": float(t)}
         for a, b, t in zip(loss.mean(1).tolist(), top1.tolist(), top3.tolist())
@@ -208,6 +209,10 @@ def fit_probe(
     # 1. The sweep: all heads on the same batches, each with its own early stopping.
     s = len(cfg.weight_decays)
     curv = curvature(t(xtr))
+    # Early stopping looks once per epoch; when an epoch is only a few steps (small training
+    # sets) a full step size moves too far between looks, so it shrinks with the step count.
+    steps = math.ceil(len(yf_all) / cfg.batch_size)
+    cfg = replace(cfg, lr=cfg.lr * min(1.0, steps / MIN_FULL_STEPS))
     heads = _Heads(xf.shape[1], num_classes, cfg.weight_decays, curv, cfg, device, gen)
     best_loss = [math.inf] * s
     best_epoch = [0] * s
@@ -256,6 +261,7 @@ def fit_probe(
         "test": test,
         "per_class_top1": per_class,
         "selected": {"weight_decay": wd, "epochs": epochs, "val": sweep[chosen]["val"]},
+        "step_size": cfg.lr,
         "sweep": sweep,
         "epochs": curves[chosen],
         "final_epochs": final_curve,

@@ -16,7 +16,7 @@ def _blobs(n_per_class, classes, dim, scale, seed):
 def test_separable_data_is_learned_perfectly():
     x, y = _blobs(40, 4, 8, 0.1, 0)
     xt, yt = _blobs(10, 4, 8, 0.1, 0)
-    cfg = ProbeConfig(store="-", max_epochs=30, weight_decays=(0.0, 1e-3))
+    cfg = ProbeConfig(store="-", max_epochs=100, weight_decays=(0.0, 1e-3))
     r = fit_probe(x, y, xt, yt, 4, cfg)
     assert r["test"]["top1"] == 100.0
     assert r["test"]["top3"] == 100.0
