@@ -247,29 +247,32 @@ def big_store() -> Path:
         run.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(0)
         export_encoder(run, ResNetCifar(48), SimCLRConfig(dataset="-", out=str(run), width=48))
-    subprocess.run(
-        [
-            PY,
-            "-m",
-            "featcache",
-            "extract",
-            "--backbone",
-            "simclr-resnet18",
-            "--weights",
-            str(run),
-            "--dataset",
-            f"imagefolder:{cifar()}",
-            "--out",
-            str(store),
-            "--batch-size",
-            "256",
-            "--no-progress",
-            "--precision",
-            "bf16",
-        ],
-        check=True,
-    )
+    subprocess.run(_encoder_extract(run, store), check=True)
     return store
+
+
+def _encoder_extract(run: Path, out: Path, *extra: str) -> list[str]:
+    """The CLI command extracting CIFAR through the random-init width-48 encoder in bf16."""
+    return [
+        PY,
+        "-m",
+        "featcache",
+        "extract",
+        "--backbone",
+        "simclr-resnet18",
+        "--weights",
+        str(run),
+        "--dataset",
+        f"imagefolder:{cifar()}",
+        "--out",
+        str(out),
+        "--batch-size",
+        "256",
+        "--no-progress",
+        "--precision",
+        "bf16",
+        *extra,
+    ]
 
 
 def bench_probe(quick: bool) -> str:
@@ -373,29 +376,7 @@ def bench_scaling(quick: bool) -> str:
     for mult in (1, 4, 16):
         out = WORK / f"scale-{mult}.h5"
         out.unlink(missing_ok=True)
-        cmd = [
-            PY,
-            "-m",
-            "featcache",
-            "extract",
-            "--backbone",
-            "simclr-resnet18",
-            "--weights",
-            str(run),
-            "--dataset",
-            f"imagefolder:{cifar()}",
-            "--splits",
-            "train",
-            "--train-per-class",
-            str(base * mult),
-            "--out",
-            str(out),
-            "--no-progress",
-            "--batch-size",
-            "256",
-            "--precision",
-            "bf16",
-        ]
+        cmd = _encoder_extract(run, out, "--splits", "train", "--train-per-class", str(base * mult))
         t = time.perf_counter()
         p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
         _, status, usage = os.wait4(p.pid, 0)
