@@ -66,7 +66,7 @@ def gather(store: Store, cfg: ReportConfig) -> dict:
     s = str(store.path)
     n_train = store.sizes.get("train", 0)
     ks = tuple(k for k in cfg.ks if k <= n_train) or (min(n_train, 1),)
-    min_class = int(np.bincount(store.load("train", store.default_feature()).labels).min())
+    min_class = int(np.bincount(store.read("train", "labels")).min())
     shots = tuple(k for k in cfg.shots if k <= min_class)
     out = {
         "probe": _cached(store, "probe", lambda: run_probe(ProbeConfig(store=s))),
@@ -223,7 +223,7 @@ def fig_attention(store: Store, cfg: ReportConfig) -> str | None:
     if not get_spec(cfg_store["backbone"]).attention:
         return None
     split = load_dataset(cfg_store["dataset"], cfg_store.get("data_root"), ("test",))["test"]
-    ids = store.load("test", store.default_feature()).ids[: cfg.attention_images]
+    ids = store.read("test", "ids")[: cfg.attention_images].tolist()
     images = [split.load(split.ids.index(i)) for i in ids]
     shown, maps = attention_maps(cfg_store["backbone"], cfg_store.get("weights"), images)
     buf = io.BytesIO()

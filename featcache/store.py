@@ -131,21 +131,18 @@ class ShardedWriter:
                 )
         self._check_partial()
 
-    def _check_partial(self) -> bool:
-        """Whether partial work of another spec is there (refused unless overwrite)."""
+    def _check_partial(self) -> None:
+        """Refuse partial work of another spec unless overwrite (``begin`` then clears it)."""
         spec_path = self.parts / "spec.json"
         if not spec_path.exists() or not any(self.parts.glob("*.h5")):
-            return False
+            return
         stored = json.loads(spec_path.read_text())
-        if fingerprint(stored) == self.fp:
-            return False
-        if not self.overwrite:
+        if fingerprint(stored) != self.fp and not self.overwrite:
             raise SpecMismatchError(
                 f"{self.parts} holds a partial extraction with another spec "
                 f"({first_difference(stored, self.fields)}); rerun the original command to "
                 "finish it, or pass --overwrite to discard it"
             )
-        return True
 
     def begin(self, rank: int = 0) -> None:
         """Lock the work folder and record the spec; shards already there are kept.
@@ -166,8 +163,7 @@ class ShardedWriter:
             ) from None
         if rank != 0:
             return
-        if self._check_partial():  # checked again under the lock
-            self._clear_shards()
+        self._check_partial()  # checked again under the lock
         spec_path = self.parts / "spec.json"
         if not spec_path.exists() or fingerprint(json.loads(spec_path.read_text())) != self.fp:
             self._clear_shards()  # shards of an unrecorded spec cannot be trusted
@@ -364,6 +360,13 @@ class Store:
                 labels=g["labels"][:],
                 ids=[x.decode() for x in g["ids"][:]],
             )
+
+    def read(self, split: str, name: str) -> np.ndarray:
+        """One small per-sample dataset of a split (``labels`` or ``ids``) without features."""
+        self.check(split)
+        with h5py.File(self.path, "r") as f:
+            data = f[split][name][:]
+        return np.array([x.decode() for x in data]) if data.dtype == object else data
 
     def load_views(self, split: str, feature: str) -> np.ndarray | None:
         """Augmented views (N, K-1, D) of a split's images, or None if none were extracted."""
