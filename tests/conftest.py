@@ -1,4 +1,5 @@
 import os
+import subprocess
 import sys
 import tarfile
 from pathlib import Path
@@ -11,6 +12,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import tiny_backbone  # noqa: E402,F401  (registers test-tiny for every test)
 
 REPO = Path(__file__).resolve().parents[1]
+TINYCLI = Path(__file__).parent / "tinycli.py"
 SHARED_CIFAR = (
     Path(os.environ.get("FEATCACHE_SHARED", REPO.parent / "shared")) / "data/cifar10-jpeg"
 )
@@ -59,3 +61,46 @@ def cifar_dir(tmp_path_factory):
         with tarfile.open(SHARED_CIFAR / f"{name}.tar.gz") as tar:
             tar.extractall(root, filter="data")
     return root
+
+
+def tiny_extract_args(folder, out, *extra) -> list[str]:
+    """CLI arguments of `featcache extract` with the tiny backbone over an image folder."""
+    return [
+        "extract",
+        "--backbone",
+        "test-tiny",
+        "--dataset",
+        f"imagefolder:{folder}",
+        "--out",
+        str(out),
+        "--workers",
+        "0",
+        "--no-progress",
+        *map(str, extra),
+    ]
+
+
+def tiny_extract(folder, out, *extra) -> list[str]:
+    """The same as a command line for a separate process (tests/tinycli.py)."""
+    return [sys.executable, str(TINYCLI), *tiny_extract_args(folder, out, *extra)]
+
+
+def start(argv, **env) -> subprocess.Popen:
+    """A real process, output captured as text, with extra environment variables."""
+    return subprocess.Popen(
+        argv, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
+def assert_equal_stores(a, b, features=("pooled", "maxpool")):
+    """Same fingerprint, ids (none missing or twice), labels and features in every split."""
+    from featcache.store import Store
+
+    a, b = Store(a), Store(b)
+    assert a.fingerprint == b.fingerprint
+    for split in ("train", "test"):
+        for feat in features:
+            x, y = a.load(split, feat), b.load(split, feat)
+            assert x.ids == y.ids and len(set(x.ids)) == len(x.ids)
+            np.testing.assert_array_equal(x.labels, y.labels)
+            np.testing.assert_array_equal(x.features, y.features)

@@ -5,6 +5,7 @@ import json
 import h5py
 import pytest
 from click.testing import CliRunner
+from conftest import tiny_extract_args
 
 from featcache.cli import main
 
@@ -22,19 +23,7 @@ def run():
 @pytest.fixture
 def store(run, image_folder, tmp_path):
     out = tmp_path / "tiny.h5"
-    r = run(
-        "extract",
-        "--backbone",
-        "test-tiny",
-        "--dataset",
-        f"imagefolder:{image_folder}",
-        "--out",
-        out,
-        "--workers",
-        "0",
-        "--batch-size",
-        "8",
-    )
+    r = run(*tiny_extract_args(image_folder, out, "--batch-size", 8))
     assert r.exit_code == 0, r.output
     assert "extracted 48 images" in r.output and "images/s" in r.output
     return out
@@ -159,22 +148,7 @@ def test_bad_input_is_one_clear_line(run, store, image_folder, tmp_path, args, m
 
 def test_store_without_the_asked_split(run, image_folder, tmp_path):
     out = tmp_path / "train_only.h5"
-    assert (
-        run(
-            "extract",
-            "--backbone",
-            "test-tiny",
-            "--dataset",
-            f"imagefolder:{image_folder}",
-            "--out",
-            out,
-            "--splits",
-            "train",
-            "--workers",
-            "0",
-        ).exit_code
-        == 0
-    )
+    assert run(*tiny_extract_args(image_folder, out, "--splits", "train")).exit_code == 0
     r = run("knn", "--store", out, "--k", "1")
     assert r.exit_code == 1 and "has no 'test' split" in r.output
 

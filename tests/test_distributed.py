@@ -3,32 +3,12 @@
 import re
 import subprocess
 import sys
-from pathlib import Path
 
-import numpy as np
-
-from featcache.store import Store
-
-TINYCLI = Path(__file__).parent / "tinycli.py"
+from conftest import TINYCLI, assert_equal_stores, tiny_extract_args
 
 
 def _extract_args(folder, out):
-    return [
-        "extract",
-        "--backbone",
-        "test-tiny",
-        "--dataset",
-        f"imagefolder:{folder}",
-        "--out",
-        str(out),
-        "--batch-size",
-        "4",
-        "--shard-size",
-        "4",
-        "--workers",
-        "0",
-        "--no-progress",
-    ]
+    return tiny_extract_args(folder, out, "--batch-size", 4, "--shard-size", 4)
 
 
 def test_torchrun_two_cpu_ranks_equal_one_process(image_folder, tmp_path):
@@ -60,10 +40,4 @@ def test_torchrun_two_cpu_ranks_equal_one_process(image_folder, tmp_path):
     # each rank extracted its own shards: every other one of 9 train and 3 test shards of 4
     counts = sorted(int(n) for n in re.findall(r"extracted (\d+) images", r.stdout))
     assert counts == [20, 28], r.stdout
-    a, b = Store(one), Store(two)
-    assert a.fingerprint == b.fingerprint
-    for split in ("train", "test"):
-        x, y = a.load(split, "pooled"), b.load(split, "pooled")
-        assert x.ids == y.ids
-        np.testing.assert_array_equal(x.labels, y.labels)
-        np.testing.assert_array_equal(x.features, y.features)
+    assert_equal_stores(one, two)

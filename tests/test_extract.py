@@ -3,20 +3,16 @@
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
+from conftest import assert_equal_stores, start, tiny_extract
 
 from featcache.errors import BadImageError, SpecMismatchError, StoreError
 from featcache.extract import ExtractConfig, extract
 from featcache.store import FEATURE_VERSION, Store
-
-TINYCLI = Path(__file__).parent / "tinycli.py"
 
 
 def _cfg(folder, out, **kw):
@@ -119,38 +115,16 @@ def test_crash_then_rerun_resumes_from_shards_with_equal_features(image_folder, 
         np.testing.assert_array_equal(a.features, b.features)
 
 
-def _run_cli(args, env=None, **kw):
-    return subprocess.Popen(
-        [sys.executable, str(TINYCLI), *args],
-        env={**os.environ, **(env or {})},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        **kw,
-    )
-
-
 def test_kill_9_midway_then_rerun_resumes_with_equal_features(image_folder, tmp_path):
-    args = [
-        "extract",
-        "--backbone",
-        "test-tiny",
-        "--dataset",
-        f"imagefolder:{image_folder}",
-        "--batch-size",
-        "4",
-        "--shard-size",
-        "8",
-        "--workers",
-        "0",
-        "--no-progress",
-    ]
-    ref = _run_cli([*args, "--out", str(tmp_path / "ref.h5")])
+    def cmd(out):
+        return tiny_extract(image_folder, out, "--batch-size", 4, "--shard-size", 8)
+
+    ref = start(cmd(tmp_path / "ref.h5"))
     assert ref.wait(120) == 0, ref.stdout.read()
 
     out = tmp_path / "s.h5"
     parts = tmp_path / "s.h5.parts"
-    p = _run_cli([*args, "--out", str(out)], env={"FEATCACHE_TEST_DELAY": "0.15"})
+    p = start(cmd(out), FEATCACHE_TEST_DELAY="0.15")
     deadline = time.time() + 120
     while len(list(parts.glob("train-*.h5"))) < 2 and time.time() < deadline:
         time.sleep(0.05)
@@ -159,41 +133,21 @@ def test_kill_9_midway_then_rerun_resumes_with_equal_features(image_folder, tmp_
     done = sorted(x.name for x in parts.glob("*-*.h5"))
     assert 2 <= len(done) < 6 and not out.exists()  # killed midway, store not there yet
 
-    rerun = _run_cli([*args, "--out", str(out)])
+    rerun = start(cmd(out))
     log = rerun.communicate(timeout=120)[0]
     assert rerun.returncode == 0, log
     assert f"{len(done) * 8} resumed from shards" in log
-    a, b = Store(out), Store(tmp_path / "ref.h5")
-    assert a.fingerprint == b.fingerprint
-    for split in ("train", "test"):
-        for feat in ("pooled", "maxpool"):
-            x, y = a.load(split, feat), b.load(split, feat)
-            assert x.ids == y.ids
-            np.testing.assert_array_equal(x.labels, y.labels)
-            np.testing.assert_array_equal(x.features, y.features)
+    assert_equal_stores(out, tmp_path / "ref.h5")
 
 
 def test_second_extraction_into_the_same_store_is_refused(image_folder, tmp_path):
-    args = [
-        "extract",
-        "--backbone",
-        "test-tiny",
-        "--dataset",
-        f"imagefolder:{image_folder}",
-        "--batch-size",
-        "2",
-        "--workers",
-        "0",
-        "--no-progress",
-        "--out",
-        str(tmp_path / "s.h5"),
-    ]
-    first = _run_cli(args, env={"FEATCACHE_TEST_DELAY": "0.2"})
+    args = tiny_extract(image_folder, tmp_path / "s.h5", "--batch-size", 2)
+    first = start(args, FEATCACHE_TEST_DELAY="0.2")
     parts = tmp_path / "s.h5.parts"
     deadline = time.time() + 60
     while not (parts / "spec.json").exists() and time.time() < deadline:
         time.sleep(0.05)
-    second = _run_cli(args)
+    second = start(args)
     log = second.communicate(timeout=120)[0]
     assert second.returncode == 1 and "another featcache extraction is writing" in log
     assert first.wait(120) == 0

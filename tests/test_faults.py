@@ -7,44 +7,16 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import h5py
-import numpy as np
 import pytest
+from conftest import TINYCLI, assert_equal_stores, start, tiny_extract
 
-from featcache.store import Store
-
-TINYCLI = Path(__file__).parent / "tinycli.py"
 SHARDS = 24  # 36 train + 12 test images in shards of 2
 
 
 def _args(folder, out, *extra):
-    return [
-        sys.executable,
-        str(TINYCLI),
-        "extract",
-        "--backbone",
-        "test-tiny",
-        "--dataset",
-        f"imagefolder:{folder}",
-        "--out",
-        str(out),
-        "--batch-size",
-        "2",
-        "--shard-size",
-        "2",
-        "--workers",
-        "0",
-        "--no-progress",
-        *extra,
-    ]
-
-
-def _start(args, **env):
-    return subprocess.Popen(
-        args, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
+    return tiny_extract(folder, out, "--batch-size", 2, "--shard-size", 2, *extra)
 
 
 def _wait_for(predicate, timeout=120):
@@ -66,17 +38,6 @@ def _cli(*args):
     )
 
 
-def _assert_equal_stores(a, b):
-    a, b = Store(a), Store(b)
-    assert a.fingerprint == b.fingerprint
-    for split in ("train", "test"):
-        for feat in ("pooled", "maxpool"):
-            x, y = a.load(split, feat), b.load(split, feat)
-            assert x.ids == y.ids and len(set(x.ids)) == len(x.ids)  # none missing or twice
-            np.testing.assert_array_equal(x.labels, y.labels)
-            np.testing.assert_array_equal(x.features, y.features)
-
-
 def _reader_sees_no_store(out):
     for cmd in (("info", out), ("knn", "--store", out, "--k", "1")):
         r = _cli(*cmd)
@@ -91,7 +52,7 @@ def _kill_points(folder, out, parts, rng, n_random):
     # During shard writes: the temporary file is written, the rename has not happened.
     for k in (2, 3, 2):
         mark.unlink(missing_ok=True)
-        p = _start(
+        p = start(
             _args(folder, out), FEATCACHE_TEST_STALL=f"commit:{k}", FEATCACHE_TEST_MARK=str(mark)
         )
         _wait_for(mark.exists)
@@ -103,7 +64,7 @@ def _kill_points(folder, out, parts, rng, n_random):
         before = len(list(parts.glob("*-*.h5")))
         if before >= SHARDS - 1:
             break  # leave work for the assembly kills below
-        p = _start(_args(folder, out), FEATCACHE_TEST_DELAY="0.2")
+        p = start(_args(folder, out), FEATCACHE_TEST_DELAY="0.2")
         _wait_for(lambda p=p, n=before: len(list(parts.glob("*-*.h5"))) > n or p.poll() is not None)
         time.sleep(rng.uniform(0, 0.3))
         _kill(p)
@@ -112,7 +73,7 @@ def _kill_points(folder, out, parts, rng, n_random):
     # During assembly, twice: the store must not appear, half-written or otherwise.
     for _ in range(2):
         mark.unlink(missing_ok=True)
-        p = _start(
+        p = start(
             _args(folder, out), FEATCACHE_TEST_STALL="assemble", FEATCACHE_TEST_MARK=str(mark)
         )
         _wait_for(mark.exists)
@@ -130,12 +91,12 @@ def _run_kill_test(image_folder, tmp_path, n_random):
     parts = tmp_path / "s.h5.parts"
     kills = _kill_points(image_folder, out, parts, random.Random(0), n_random)
     assert kills >= min(10, n_random + 5) and not out.exists()
-    final = _start(_args(image_folder, out))
+    final = start(_args(image_folder, out))
     log = final.communicate(timeout=120)[0]
     assert final.returncode == 0, log
     assert "resumed from shards" in log
     assert not list(tmp_path.glob(".s.h5.tmp-*")) and not parts.exists()  # nothing left over
-    _assert_equal_stores(out, ref)
+    assert_equal_stores(out, ref)
 
 
 def test_kill_9_at_eleven_points_then_resume_equals_uninterrupted(image_folder, tmp_path):
@@ -169,4 +130,4 @@ def test_full_disk_is_a_clear_error_and_the_rerun_completes(image_folder, tmp_pa
     r = subprocess.run(_args(image_folder, out), capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert f"{(k - 2) * 2} resumed from shards" in r.stdout or k == 2
-    _assert_equal_stores(out, ref)
+    assert_equal_stores(out, ref)
