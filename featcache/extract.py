@@ -24,7 +24,13 @@ from tqdm import tqdm
 from featcache.augment import Augment, view_uniforms
 from featcache.backbones import BackboneSpec, get_spec, load_backbone, weights_identity
 from featcache.datasets import Split, balanced_subset, load_dataset
-from featcache.device import autocast, keep_freed_memory, resolve_device, resolve_precision
+from featcache.device import (
+    autocast,
+    keep_freed_memory,
+    release_freed_memory,
+    resolve_device,
+    resolve_precision,
+)
 from featcache.errors import BadImageError, DatasetError
 from featcache.preprocess import Preprocess
 from featcache.store import ShardedWriter
@@ -251,7 +257,8 @@ def _frozen(model, cfg: ExtractConfig):
     which folds into already-rounded weights (0.9940), at the same speed.
     """
     size = model.spec.input_size
-    example = torch.zeros(cfg.batch_size, 3, size, size).contiguous(
+    # The graph takes any batch size; a small example makes tracing 0.1 s instead of 1.2 s.
+    example = torch.zeros(2, 3, size, size).contiguous(
         memory_format=_memory_format(cfg)
     )
     with warnings.catch_warnings(), torch.no_grad():
@@ -346,6 +353,8 @@ def _extract_split(cfg, split, shards, model, preprocess, writer, device, precis
         empty |= {f"views/{k}": (0, n_views - 1, w) for k, w in model.spec.features}
     shard_iter = iter(shards)
     index, rng = next(shard_iter)
+    if cfg.workers:
+        release_freed_memory()  # before the loader forks its workers
     buf: dict[str, list] = defaultdict(list)
     got, bad, seen, shard_start, all_bad = [], [], 0, time.perf_counter(), []
     for order, groups, errors in loader:  # batches never cross shards and come in order
