@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-$PY bench/run.py --only extract --out BENCHMARKS-gpu.md
+$PY bench/run.py --only extract,compile --out BENCHMARKS-gpu.md
 rm -f data/bench/gpu-full-vits16.h5
 start=$(date +%s.%N)
 $PY -m featcache extract --backbone random-vits16 --dataset imagefolder:data/cifar10-jpeg \

@@ -24,6 +24,7 @@ import platform
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 from pathlib import Path
 
@@ -90,29 +91,40 @@ def weights_for(backbone: str) -> str | None:
     return str(path)
 
 
-def bare_forward(backbone: str, n: int, batch: int, precision: str, device) -> float:
-    """images/s of the model alone on ready-made normalised tensors on the device."""
+def bare_forward(
+    backbone: str, n: int, batch: int, precision: str, device, compile: bool = False
+) -> tuple[float, float]:
+    """(images/s, seconds of the first call) of the model alone on ready-made normalised
+    tensors on the device; ``compile``: through torch.compile."""
     from featcache.backbones import load_backbone
     from featcache.device import autocast
 
     model, pre = load_backbone(backbone, weights_for(backbone))
     model = model.to(device, memory_format=torch.channels_last)
+    if compile:
+        model = torch.compile(model, dynamic=False)
     x = torch.randn(batch, 3, pre.input_size, pre.input_size, device=device)
     x = x.contiguous(memory_format=torch.channels_last)
     with torch.inference_mode(), autocast(device, precision):
-        model(x)  # warm-up
+        t = time.perf_counter()
+        model(x)  # warm-up (and compilation)
         if device.type == "cuda":
             torch.cuda.synchronize()
+        first = time.perf_counter() - t
+        model(x)
         t = time.perf_counter()
         for _ in range(max(1, n // batch)):
             model(x)
         if device.type == "cuda":
             torch.cuda.synchronize()
-    return max(1, n // batch) * batch / (time.perf_counter() - t)
+    return max(1, n // batch) * batch / (time.perf_counter() - t), first
 
 
-def featcache_end_to_end(backbone: str, per_class: int, batch: int, precision: str, device):
-    """images/s from dataset to finished store (model load and store assembly included).
+def featcache_end_to_end(
+    backbone: str, per_class: int, batch: int, precision: str, device, compile: bool = False
+):
+    """images/s from dataset to finished store (model load and store assembly included;
+    compilation too with ``compile``).
 
     The model's libraries are imported (and its weights read once) before the clock starts:
     a per-process constant, not part of the pipeline.
@@ -135,6 +147,7 @@ def featcache_end_to_end(backbone: str, per_class: int, batch: int, precision: s
         precision=precision,
         device=str(device),
         progress=False,
+        compile=compile,
     )
     seconds, res = _timed(lambda: extract(cfg))
     return res.images / seconds, res.images_per_second
@@ -169,12 +182,18 @@ def naive(backbone: str, n: int, batch: int, device) -> float:
     return len(files) / (time.perf_counter() - t)
 
 
-def _child(*args: str) -> float:
-    """One measurement in a fresh process, so that no allocator or cache state carries over."""
-    out = subprocess.run(
-        [PY, __file__, "--child", *args], check=True, capture_output=True, text=True
-    ).stdout
-    return float(out.strip().splitlines()[-1])
+def _child(*args: str) -> list[float]:
+    """One measurement in a fresh process, so that no allocator or cache state carries over
+    (torch.compile's on-disk cache included: compilation is timed cold)."""
+    with tempfile.TemporaryDirectory() as cache:
+        out = subprocess.run(
+            [PY, __file__, "--child", *args],
+            check=True,
+            capture_output=True,
+            text=True,
+            env={**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache},
+        ).stdout
+    return [float(v) for v in out.strip().splitlines()[-1].split()]
 
 
 def child(kind: str, backbone: str, precision: str, n: str, tuned: str) -> None:
@@ -183,10 +202,11 @@ def child(kind: str, backbone: str, precision: str, n: str, tuned: str) -> None:
         from featcache.device import keep_freed_memory
 
         keep_freed_memory()
-    if kind == "bare":
-        print(bare_forward(backbone, int(n), 64, precision, device))
-    elif kind == "e2e":
-        print(featcache_end_to_end(backbone, int(n) // 10, 64, precision, device)[0])
+    if kind in ("bare", "compiled"):
+        print(*bare_forward(backbone, int(n), 64, precision, device, kind == "compiled"))
+    elif kind in ("e2e", "e2e-compiled"):
+        compiled = kind == "e2e-compiled"
+        print(featcache_end_to_end(backbone, int(n) // 10, 64, precision, device, compiled)[0])
     else:
         print(naive(backbone, int(n), 32, device))
 
@@ -203,11 +223,11 @@ def bench_extract(quick: bool) -> str:
             n, n_bare, n_naive = n // 8, n_bare // 4, n_naive // 4
         r = {}
         for precision in ("bf16", "fp32"):
-            r[f"e2e-{precision}"] = _child("e2e", backbone, precision, str(n), "default")
+            r[f"e2e-{precision}"] = _child("e2e", backbone, precision, str(n), "default")[0]
             for tuned in ("tuned", "default"):
                 key = f"bare-{precision}" + ("" if tuned == "tuned" else "-default")
-                r[key] = _child("bare", backbone, precision, str(n_bare), tuned)
-        r["naive"] = _child("naive", backbone, "fp32", str(n_naive), "default")
+                r[key] = _child("bare", backbone, precision, str(n_bare), tuned)[0]
+        r["naive"] = _child("naive", backbone, "fp32", str(n_naive), "default")[0]
         rows.append((backbone, r))
         print(backbone, json.dumps({k: round(v, 1) for k, v in r.items()}), flush=True)
     lines = [
@@ -229,6 +249,37 @@ def bench_extract(quick: bool) -> str:
                 f"| {name} | {p} | {a:.1f} | {b:.1f} ({r[f'bare-{p}-default']:.1f}) | "
                 f"{a / b:.2f} | {r['naive']:.1f} | {a / r['naive']:.2f} |"
             )
+    return "\n".join(lines)
+
+
+def bench_compile(quick: bool) -> str:
+    """torch.compile (the --compile flag) against the eager bare forward."""
+    from featcache.device import cpu_has_native_bf16
+
+    cuda = torch.cuda.is_available()
+    precision = "bf16" if cuda or cpu_has_native_bf16() else "fp32"
+    n = 256 if quick else 1024
+    lines = [
+        f"{precision}, channels_last, batches of 64, each figure from a fresh process. Bare "
+        f"forward: {n} images after two warm-up batches; first call: the first batch, "
+        "compilation included. End to end: `extract(compile=True)` over the extract "
+        "section's images (4000 lite0, 2000 ViT), compilation included.",
+        "",
+        "| backbone | bare eager images/s | bare compiled images/s | compiled / eager | "
+        "first call eager (s) | first call compiled (s) | featcache --compile end to end |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    sizes = {"efficientnet-lite0": 4000, "dino-vits16": 2000}
+    for backbone, e2e_n in sizes.items():
+        e2e_n = e2e_n // 8 if quick else e2e_n
+        eager = _child("bare", backbone, precision, str(n), "tuned")
+        compiled = _child("compiled", backbone, precision, str(n), "tuned")
+        e2e = _child("e2e-compiled", backbone, precision, str(e2e_n), "default")[0]
+        print(backbone, "eager", eager, "compiled", compiled, "e2e", e2e, flush=True)
+        lines.append(
+            f"| {backbone} | {eager[0]:.1f} | {compiled[0]:.1f} | {compiled[0] / eager[0]:.2f} "
+            f"| {eager[1]:.1f} | {compiled[1]:.1f} | {e2e:.1f} |"
+        )
     return "\n".join(lines)
 
 
@@ -464,6 +515,7 @@ def bench_precision(quick: bool) -> str:
 SECTIONS = {
     "extract": bench_extract,
     "precision": bench_precision,
+    "compile": bench_compile,
     "probe": bench_probe,
     "knn": bench_knn,
     "scaling": bench_scaling,

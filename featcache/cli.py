@@ -115,6 +115,12 @@ def backbones() -> None:
 @click.option("--overwrite", is_flag=True, help="Replace a store made with another spec.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.option("--no-freeze", is_flag=True, help="Run the eager model (no TorchScript freezing).")
+@click.option(
+    "--compile",
+    "compile_model",
+    is_flag=True,
+    help="torch.compile the backbone (for long GPU runs; compiling takes tens of seconds).",
+)
 @_friendly
 def extract(**kw) -> None:
     """Run a frozen backbone once over a dataset into an HDF5 feature store."""
@@ -143,6 +149,7 @@ def extract(**kw) -> None:
         overwrite=kw["overwrite"],
         progress=not kw["no_progress"],
         freeze=not kw["no_freeze"],
+        compile=kw["compile_model"],
     )
     result = run(cfg)
     if result.images == 0 and result.resumed_images == 0:

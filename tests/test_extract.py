@@ -217,3 +217,19 @@ def test_frozen_cnn_in_bf16_stays_close_to_fp32(cifar_dir, tmp_path):
     # Traced under autocast (folding into rounded weights), the mean was 0.9940 on CIFAR.
     assert frozen.mean() > 0.9965, (frozen.mean(), eager.mean())
     assert frozen.mean() >= eager.mean() - 1e-3
+
+
+def test_compiled_backbone_gives_the_eager_features_with_one_graph(image_folder, tmp_path):
+    import torch._dynamo
+
+    eager = extract(_cfg(image_folder, tmp_path / "e.h5", batch_size=5))
+    torch._dynamo.reset()
+    # Shards of 8 in batches of 5 leave batches of 3 (and the test split's 12 -> 5, 3, 4):
+    # padded, they must not make dynamo compile a second graph.
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        compiled = extract(_cfg(image_folder, tmp_path / "c.h5", batch_size=5, compile=True))
+    for split in ("train", "test"):
+        a = Store(eager.path).load(split, "pooled")
+        b = Store(compiled.path).load(split, "pooled")
+        assert list(a.ids) == list(b.ids)
+        np.testing.assert_allclose(a.features, b.features, rtol=1e-5, atol=1e-5)
