@@ -33,7 +33,7 @@ bench: $(STAMP)          ## side-by-side benchmarks, written to BENCHMARKS.md
 	$(PY) bench/run.py
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check featcache tests scripts
+	$(VENV)/bin/ruff check featcache tests scripts bench
 
 clean:
 	rm -rf runs .pytest_cache

@@ -119,7 +119,7 @@ def backbones() -> None:
     "--compile",
     "compile_model",
     is_flag=True,
-    help="torch.compile the backbone (for long GPU runs; compiling takes tens of seconds).",
+    help="torch.compile the backbone: pays on long runs (compiling takes tens of seconds).",
 )
 @_friendly
 def extract(**kw) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -81,6 +83,37 @@ def release_freed_memory() -> None:
     libc = _libc()
     if libc is not None:
         libc.malloc_trim(0)
+
+
+def resident_bytes() -> int | None:
+    """This process's resident set size (Linux), or None where /proc is not available."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class HeapGuard:
+    """Bounds the memory glibc keeps (keep_freed_memory) while an extraction runs.
+
+    With a loader worker feeding batches, the kept heap fragments slowly: the resident set of
+    a CIFAR extraction grew from 0.9 to 1.7 GB over 50,000 images (flat without the worker).
+    ``check()`` after each shard returns the freed memory (malloc_trim) once the resident set
+    exceeds ``slack`` times its size after the first shard: a batch's page faults, rarely.
+    """
+
+    def __init__(self, slack: float = 1.1):
+        self.slack, self.base = slack, None
+
+    def check(self) -> None:
+        rss = resident_bytes()
+        if rss is None:
+            return
+        if self.base is None:
+            self.base = rss
+        elif rss > self.slack * self.base:
+            release_freed_memory()
 
 
 def autocast(device: torch.device, precision: str):

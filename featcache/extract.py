@@ -25,6 +25,7 @@ from featcache.augment import Augment, view_uniforms
 from featcache.backbones import BackboneSpec, get_spec, load_backbone, weights_identity
 from featcache.datasets import Split, balanced_subset, load_dataset
 from featcache.device import (
+    HeapGuard,
     autocast,
     keep_freed_memory,
     release_freed_memory,
@@ -360,6 +361,7 @@ def _extract_split(cfg, split, shards, model, preprocess, writer, device, precis
     index, rng = next(shard_iter)
     if cfg.workers:
         release_freed_memory()  # before the loader forks its workers
+    heap = HeapGuard()
     buf: dict[str, list] = defaultdict(list)
     got, bad, seen, shard_start, all_bad = [], [], 0, time.perf_counter(), []
     for order, groups, errors in loader:  # batches never cross shards and come in order
@@ -412,6 +414,7 @@ def _extract_split(cfg, split, shards, model, preprocess, writer, device, precis
             seconds=time.perf_counter() - shard_start,
         )
         all_bad += bad
+        heap.check()
         buf, got, bad, seen, shard_start = defaultdict(list), [], [], 0, time.perf_counter()
         index, rng = next(shard_iter, (None, None))
     return all_bad
