@@ -62,6 +62,11 @@ def machine() -> str:
     )
 
 
+def batch_size(device) -> int:
+    """The batch of every extraction measurement: 64 on the CPU, 512 on a GPU."""
+    return 512 if torch.device(device).type == "cuda" else 64
+
+
 def _timed(fn, repeat: int = 1):
     best = float("inf")
     out = None
@@ -203,22 +208,32 @@ def child(kind: str, backbone: str, precision: str, n: str, tuned: str) -> None:
 
         keep_freed_memory()
     if kind in ("bare", "compiled"):
-        print(*bare_forward(backbone, int(n), 64, precision, device, kind == "compiled"))
+        batch = batch_size(device)
+        print(*bare_forward(backbone, int(n), batch, precision, device, kind == "compiled"))
     elif kind in ("e2e", "e2e-compiled"):
         compiled = kind == "e2e-compiled"
-        print(featcache_end_to_end(backbone, int(n) // 10, 64, precision, device, compiled)[0])
+        batch = batch_size(device)
+        print(featcache_end_to_end(backbone, int(n) // 10, batch, precision, device, compiled)[0])
     else:
         print(naive(backbone, int(n), 32, device))
 
 
+# (images end to end, images for the bare forward, images for the naive pipeline). On a GPU
+# a few thousand images would time the start-up, not the pipeline: the whole training split.
+EXTRACT_SIZES = {
+    "cpu": {"efficientnet-lite0": (4000, 1024, 128), "dino-vits16": (2000, 512, 64)},
+    "cuda": {"efficientnet-lite0": (50000, 16384, 512), "dino-vits16": (50000, 16384, 512)},
+}
+
+
 def bench_extract(quick: bool) -> str:
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    repeats = 1 if quick else 2
+    # Shared CPUs are noisy (best of 2); a GPU run is short of time instead (gpu.sh: 5 min).
+    repeats = 1 if quick or device == "cuda" else 2
     rows, runs = [], []
-    # (images end to end, images for the bare forward, images for the naive pipeline)
     # ViT-S/16: DINO's code path (transformers ViTModel) from a local checkpoint, as with
     # --weights; random weights, as the hub is out of reach here.
-    sizes = {"efficientnet-lite0": (4000, 1024, 128), "dino-vits16": (2000, 512, 64)}
+    sizes = EXTRACT_SIZES[device]
     for backbone, (n, n_bare, n_naive) in sizes.items():
         if quick:
             n, n_bare, n_naive = n // 8, n_bare // 4, n_naive // 4
@@ -244,8 +259,10 @@ def bench_extract(quick: bool) -> str:
     lines = [
         f"Device: {device}; each figure from a fresh process. (a) featcache end to end: wall "
         "of `extract()` (dataset listing, model load, TorchScript freezing for CNNs, "
-        "extraction, store assembly) over 4000 (lite0) or 2000 (ViT) CIFAR training JPEGs "
-        "upscaled to 224, channels_last. (b) bare forward on ready-made tensors at the "
+        f"extraction, store assembly) over {sizes['efficientnet-lite0'][0]} (lite0) or "
+        f"{sizes['dino-vits16'][0]} (ViT) CIFAR training JPEGs upscaled to 224, channels_last, "
+        f"batches of {batch_size(device)}, the CLI's default loader workers. (b) bare forward "
+        "on ready-made tensors at the "
         "same precision and layout, with the allocator setting featcache uses (mallopt); in "
         "brackets with glibc's default, as a plain script runs. (c) naive: per-image PIL "
         "resize to 224, transformers' ViTImageProcessor, fp32 forward, lists of 32 images. "
@@ -272,19 +289,20 @@ def bench_compile(quick: bool) -> str:
 
     cuda = torch.cuda.is_available()
     precision = "bf16" if cuda or cpu_has_native_bf16() else "fp32"
-    n = 256 if quick else 1024
+    device = "cuda" if cuda else "cpu"
+    sizes = EXTRACT_SIZES[device]
+    n = sizes["efficientnet-lite0"][1] // (4 if quick else 1)
     lines = [
-        f"{precision}, channels_last, batches of 64, each figure from a fresh process. Bare "
-        f"forward: {n} images after two warm-up batches; first call: the first batch, "
-        "compilation included. End to end: `extract(compile=True)` over the extract "
-        "section's images (4000 lite0, 2000 ViT), compilation included.",
+        f"{precision}, channels_last, batches of {batch_size(device)}, each figure from a fresh "
+        f"process. Bare forward: {n} images after two warm-up batches; first call: the first "
+        "batch, compilation included. End to end: `extract(compile=True)` over the extract "
+        "section's images, compilation included.",
         "",
         "| backbone | bare eager images/s | bare compiled images/s | compiled / eager | "
         "first call eager (s) | first call compiled (s) | featcache --compile end to end |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
-    sizes = {"efficientnet-lite0": 4000, "dino-vits16": 2000}
-    for backbone, e2e_n in sizes.items():
+    for backbone, (e2e_n, _, _) in sizes.items():
         e2e_n = e2e_n // 8 if quick else e2e_n
         eager = _child("bare", backbone, precision, str(n), "tuned")
         compiled = _child("compiled", backbone, precision, str(n), "tuned")

@@ -96,7 +96,12 @@ def backbones() -> None:
 @click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
 @click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True)
 @click.option("--batch-size", type=int, default=64, show_default=True)
-@click.option("--workers", type=int, default=1, show_default=True, help="Image decoding processes.")
+@click.option(
+    "--workers",
+    type=int,
+    default=None,
+    help="Image decoding processes [default: 1 on the CPU, up to 8 with a GPU].",
+)
 @click.option("--shard-size", type=int, default=1024, show_default=True)
 @click.option(
     "--views",

@@ -31,6 +31,13 @@ def cpu_has_native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def default_workers(device: torch.device) -> int:
+    """Loader processes: 1 on the CPU, whose cores the model needs; up to 8 feeding a GPU."""
+    if device.type == "cpu":
+        return 1
+    return max(1, min(8, (os.cpu_count() or 2) - 1))
+
+
 def resolve_precision(precision: str, device: torch.device, train: bool = False) -> str:
     """``auto``: bf16 (fp16 on GPUs without it) on CUDA; on the CPU fp32 for extraction and
     bf16 for training where the CPU has native bf16.

@@ -14,7 +14,7 @@ import os
 import time
 import warnings
 from collections import defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +27,7 @@ from featcache.datasets import Split, balanced_subset, load_dataset
 from featcache.device import (
     HeapGuard,
     autocast,
+    default_workers,
     keep_freed_memory,
     release_freed_memory,
     resolve_device,
@@ -54,8 +55,9 @@ class ExtractConfig:
     device: str = "auto"
     precision: str = "auto"
     batch_size: int = 64
-    # Loader processes decoding images while the model runs; 0 decodes in the main process.
-    workers: int = 1
+    # Loader processes decoding images while the model runs; 0 decodes in the main process;
+    # None: 1 on the CPU, up to 8 with a GPU (device.default_workers).
+    workers: int | None = None
     # Images per committed shard: the most work a crash can lose.
     shard_size: int = 1024
     # Views per training image (1: the clean image only); views 1.. are augmented with
@@ -79,7 +81,7 @@ class ExtractConfig:
             raise ValueError(f"--batch-size must be at least 1, got {self.batch_size}")
         if self.shard_size < 1:
             raise ValueError(f"shard size must be at least 1, got {self.shard_size}")
-        if self.workers < 0:
+        if self.workers is not None and self.workers < 0:
             raise ValueError(f"--workers must be 0 or more, got {self.workers}")
         if self.views < 1:
             raise ValueError(f"--views counts the clean image too: at least 1, got {self.views}")
@@ -187,6 +189,8 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
     get_spec(cfg.backbone)  # unknown names fail before any data is touched
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
+    if cfg.workers is None:
+        cfg = replace(cfg, workers=default_workers(device))
     if device.type == "cpu":
         keep_freed_memory()
     splits = prepare_splits(cfg)

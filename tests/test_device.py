@@ -31,3 +31,8 @@ def test_heap_guard_trims_only_past_the_slack(monkeypatch):
 def test_resident_bytes_reads_this_process():
     rss = device.resident_bytes()
     assert rss is None or rss > 10 * 2**20  # a Python with torch holds well over 10 MiB
+
+
+def test_default_workers_leave_the_cpu_to_the_model():
+    assert device.default_workers(torch.device("cpu")) == 1
+    assert 1 <= device.default_workers(torch.device("cuda")) <= 8
