@@ -5,6 +5,8 @@ Everything in one run on one machine, so ratios are meaningful on a shared, nois
 - extraction images/s on CIFAR images at 224: (a) featcache end to end (dataset to finished
   store), (b) the bare forward on ready-made tensors at the same precision and memory layout,
   (c) the naive pipeline (per-image PIL resize, transformers' image processor, fp32 forward);
+- precision: probe and k-NN top-1 from a bf16 store against the fp32 store of the same images;
+- compile: torch.compile (extract --compile) against the eager forward;
 - probe: featcache's weight-decay sweep against scikit-learn's LogisticRegression (lbfgs) over
   the same grid and validation split, on one real cached feature matrix;
 - k-NN: featcache (faiss) against torch matmul + topk and scikit-learn's KNeighborsClassifier;
@@ -12,7 +14,7 @@ Everything in one run on one machine, so ratios are meaningful on a shared, nois
 
 Results go to stdout and to BENCHMARKS.md (with the command and the machine).
 
-    python bench/run.py [--only extract,probe,knn,scaling] [--quick]
+    python bench/run.py [--only extract,precision,compile,probe,knn,scaling] [--quick]
 """
 
 from __future__ import annotations
@@ -155,7 +157,7 @@ def featcache_end_to_end(
         compile=compile,
     )
     seconds, res = _timed(lambda: extract(cfg))
-    return res.images / seconds, res.images_per_second
+    return res.images / seconds
 
 
 def naive(backbone: str, n: int, batch: int, device) -> float:
@@ -213,7 +215,7 @@ def child(kind: str, backbone: str, precision: str, n: str, tuned: str) -> None:
     elif kind in ("e2e", "e2e-compiled"):
         compiled = kind == "e2e-compiled"
         batch = batch_size(device)
-        print(featcache_end_to_end(backbone, int(n) // 10, batch, precision, device, compiled)[0])
+        print(featcache_end_to_end(backbone, int(n) // 10, batch, precision, device, compiled))
     else:
         print(naive(backbone, int(n), 32, device))
 

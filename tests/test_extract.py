@@ -178,37 +178,32 @@ def test_augmented_views_are_cached_for_train_only_and_resume_exactly(image_fold
     np.testing.assert_array_equal(Store(out).load_views("train", "pooled"), views)
 
 
-def test_frozen_cnn_gives_the_eager_features(image_folder, tmp_path):
-    base = dict(
+def _lite0_test_split(folder, out, **kw):
+    """Features of efficientnet-lite0 over the test split of an image folder."""
+    cfg = dict(
         backbone="efficientnet-lite0",
-        dataset=f"imagefolder:{image_folder}",
+        dataset=f"imagefolder:{folder}",
+        out=str(out),
         splits=("test",),
-        test_per_class=2,
         workers=0,
         progress=False,
-        precision="fp32",
     )
-    frozen = extract(ExtractConfig(**base, out=str(tmp_path / "f.h5")))
-    eager = extract(ExtractConfig(**base, out=str(tmp_path / "e.h5"), freeze=False))
-    a = Store(frozen.path).load("test", "pooled").features
-    b = Store(eager.path).load("test", "pooled").features
+    res = extract(ExtractConfig(**{**cfg, **kw}))
+    return Store(res.path).load("test", "pooled").features
+
+
+def test_frozen_cnn_gives_the_eager_features(image_folder, tmp_path):
+    kw = dict(test_per_class=2, precision="fp32")
+    a = _lite0_test_split(image_folder, tmp_path / "f.h5", **kw)
+    b = _lite0_test_split(image_folder, tmp_path / "e.h5", freeze=False, **kw)
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
 def test_frozen_cnn_in_bf16_stays_close_to_fp32(cifar_dir, tmp_path):
     """BatchNorm is folded in fp32 before autocast rounds the weights (real CIFAR images)."""
-    base = dict(
-        backbone="efficientnet-lite0",
-        dataset=f"imagefolder:{cifar_dir}",
-        splits=("test",),
-        test_per_class=5,
-        workers=0,
-        progress=False,
-    )
 
     def features(name, **kw):
-        res = extract(ExtractConfig(**base, out=str(tmp_path / f"{name}.h5"), **kw))
-        x = Store(res.path).load("test", "pooled").features
+        x = _lite0_test_split(cifar_dir, tmp_path / f"{name}.h5", test_per_class=5, **kw)
         return x / np.linalg.norm(x, axis=1, keepdims=True)
 
     ref = features("fp32", precision="fp32")
