@@ -71,9 +71,8 @@ class ExtractConfig:
     # TorchScript-freeze the model on the CPU where its entry says it pays (CNNs).
     freeze: bool = True
     # torch.compile the backbone instead of freezing it. Off by default: compiling takes
-    # tens of seconds (35 s for efficientnet-lite0 on 2 CPU cores, then 1.6x its eager bf16
-    # forward; ViT-S/16 gained nothing there), so it pays on long runs. Batches are padded
-    # to batch_size so that one compiled graph serves every batch.
+    # tens of seconds, so it pays on long runs only (BENCHMARKS.md, compile section).
+    # Batches are padded to batch_size so that one compiled graph serves every batch.
     compile: bool = False
 
     def __post_init__(self):
@@ -355,7 +354,6 @@ def _extract_split(cfg, split, shards, model, preprocess, writer, device, precis
         prefetch_factor=4 if cfg.workers else None,
         persistent_workers=False,
     )
-    memory_format = _memory_format(cfg)
     n_views = cfg.views if split.name == "train" else 1  # test splits stay clean
     augment = Augment.from_ops(cfg.augment) if n_views > 1 else None
     empty = {f"features/{k}": (0, w) for k, w in model.spec.features}
@@ -366,6 +364,16 @@ def _extract_split(cfg, split, shards, model, preprocess, writer, device, precis
     if cfg.workers:
         release_freed_memory()  # before the loader forks its workers
     heap = HeapGuard()
+    # What every batch's forward shares; a compiled model gets one batch shape.
+    forward = functools.partial(
+        _forward,
+        model,
+        preprocess,
+        device=device,
+        precision=precision,
+        memory_format=_memory_format(cfg),
+        pad_to=cfg.batch_size if cfg.compile else None,
+    )
     buf: dict[str, list] = defaultdict(list)
     got, bad, seen, shard_start, all_bad = [], [], 0, time.perf_counter(), []
     for order, groups, errors in loader:  # batches never cross shards and come in order
@@ -379,24 +387,14 @@ def _extract_split(cfg, split, shards, model, preprocess, writer, device, precis
             perm = np.argsort(ok)  # back to index order
             got.extend(ok[perm].tolist())
             images = [g for _, g in groups]
-            run = functools.partial(
-                _forward,
-                model,
-                preprocess,
-                images,
-                device,
-                precision,
-                memory_format,
-                pad_to=cfg.batch_size if cfg.compile else None,
-            )
-            clean = run()
+            clean = forward(images)
             for k, v in clean.items():
                 buf[f"features/{k}"].append(v[perm])
             if augment is not None:
                 ids = [split.ids[i] for i in ok]
                 sizes = [len(pos) for pos, _ in groups]
                 views = [
-                    run(augment, torch.split(view_uniforms(cfg.seed, ids, v), sizes))
+                    forward(images, augment, torch.split(view_uniforms(cfg.seed, ids, v), sizes))
                     for v in range(1, n_views)
                 ]
                 for k in clean:
@@ -429,12 +427,13 @@ def _forward(
     model,
     preprocess,
     images,
+    augment=None,
+    uniforms=None,
+    *,
     device,
     precision,
     memory_format,
-    augment=None,
-    uniforms=None,
-    pad_to=None,
+    pad_to,
 ):
     """Named features (float32 numpy) of uint8 image groups, optionally augmented first.
 
