@@ -28,7 +28,10 @@ from featcache.device import (
     HeapGuard,
     autocast,
     default_workers,
+    freezing_pays,
+    inference_backends,
     keep_freed_memory,
+    rank_device,
     release_freed_memory,
     resolve_device,
     resolve_precision,
@@ -186,7 +189,9 @@ def prepare_splits(cfg: ExtractConfig) -> dict[str, Split]:
 def extract(cfg: ExtractConfig) -> ExtractResult:
     """Run the extraction described by ``cfg``; resumes from shards of an interrupted run."""
     get_spec(cfg.backbone)  # unknown names fail before any data is touched
-    device = resolve_device(cfg.device)
+    device = rank_device(resolve_device(cfg.device))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # libraries that use the current device use this one
     precision = resolve_precision(cfg.precision, device)
     if cfg.workers is None:
         cfg = replace(cfg, workers=default_workers(device))
@@ -223,21 +228,27 @@ class Distributed:
 
     rank: int = 0
     world: int = 1
+    # Launched by torchrun: a process group exists, also for a single process (whose run
+    # then takes the same path as one rank of many: nccl bound to its GPU, barriers).
+    launched: bool = False
 
     @classmethod
     def from_env(cls, device: torch.device) -> Distributed:
         world = int(os.environ.get("WORLD_SIZE", "1"))
-        if world == 1:
+        if world == 1 and "TORCHELASTIC_RUN_ID" not in os.environ:
             return cls()
         import torch.distributed as td
 
         if not td.is_initialized():
-            backend = "nccl" if device.type == "cuda" else "gloo"
-            td.init_process_group(backend, timeout=datetime.timedelta(hours=24))
-        return cls(td.get_rank(), td.get_world_size())
+            timeout = datetime.timedelta(hours=24)
+            if device.type == "cuda":  # bound to this rank's GPU (rank_device)
+                td.init_process_group("nccl", timeout=timeout, device_id=device)
+            else:
+                td.init_process_group("gloo", timeout=timeout)
+        return cls(td.get_rank(), td.get_world_size(), launched=True)
 
     def barrier(self) -> None:
-        if self.world > 1:
+        if self.launched:
             import torch.distributed as td
 
             td.barrier()
@@ -288,7 +299,7 @@ def _run(cfg, model, preprocess, splits, writer: ShardedWriter, device, precisio
     model = model.to(device=device, memory_format=_memory_format(cfg))
     if cfg.compile:
         model = torch.compile(model, dynamic=False)
-    elif cfg.freeze and spec.cpu_freeze and device.type == "cpu":
+    elif cfg.freeze and spec.cpu_freeze and freezing_pays(device):
         model = _frozen(model, cfg)
 
     plan = {name: _shards(len(s), cfg.shard_size) for name, s in splits.items()}
@@ -306,11 +317,12 @@ def _run(cfg, model, preprocess, splits, writer: ShardedWriter, device, precisio
     bar = tqdm(total=total, initial=total - todo, unit="img", disable=not cfg.progress)
     start = time.perf_counter()
     skipped: dict[str, list[str]] = {}
-    for name, shards in pending.items():
-        if shards:
-            skipped[name] = _extract_split(
-                cfg, splits[name], shards, model, preprocess, writer, device, precision, bar
-            )
+    with inference_backends(device, precision):
+        for name, shards in pending.items():
+            if shards:
+                skipped[name] = _extract_split(
+                    cfg, splits[name], shards, model, preprocess, writer, device, precision, bar
+                )
     seconds = time.perf_counter() - start
     bar.close()
 

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from featcache.device import native_uint8_resize
+
 _PIL_INTERPOLATION = {
     "bilinear": Image.Resampling.BILINEAR,
     "bicubic": Image.Resampling.BICUBIC,
@@ -80,22 +82,28 @@ class Preprocess:
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, h, w) images in [0, 255] on any device -> normalised float32 (B, 3, S, S).
 
-        uint8 batches are resized as uint8, like PIL's resize (rounded, saturated) and
-        several times faster than in float; float batches (augmented views) stay float.
+        uint8 batches are resized as uint8, like PIL's resize (rounded, saturated), where the
+        device has those kernels (several times faster than in float), and elsewhere in float
+        to the same images within one grey level. Float batches (augmented views) stay float.
         """
         size = (self.input_size, self.input_size)
         x = images
         if tuple(x.shape[-2:]) != size:
-            x = F.interpolate(
-                x,
-                size=size,
-                mode=self.interpolation,
-                align_corners=False if self.interpolation != "nearest" else None,
-            )
             if x.dtype != torch.uint8:
-                x = x.clamp_(0, 255)
+                x = self._resize(x, size).clamp_(0, 255)
+            elif native_uint8_resize(x.device):
+                x = self._resize(x, size)
+            else:
+                # As the uint8 kernels do: a horizontal pass saturated to 0..255 (they keep it
+                # in uint8; bicubic overshoots), then a vertical one, rounded and saturated.
+                x = self._resize(x.float(), (x.shape[-2], size[1])).clamp_(0, 255)
+                x = self._resize(x, size).round_().clamp_(0, 255)
         # A fresh float tensor (never the caller's), normalised in place.
         x = x.float() if x.dtype == torch.uint8 or x is not images else x.clone()
         mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1) * 255
         scale = 1 / (torch.tensor(self.std, device=x.device).view(1, 3, 1, 1) * 255)
         return x.sub_(mean).mul_(scale)
+
+    def _resize(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        corners = False if self.interpolation != "nearest" else None
+        return F.interpolate(x, size=size, mode=self.interpolation, align_corners=corners)

@@ -36,3 +36,36 @@ def test_resident_bytes_reads_this_process():
 def test_default_workers_leave_the_cpu_to_the_model():
     assert device.default_workers(torch.device("cpu")) == 1
     assert 1 <= device.default_workers(torch.device("cuda")) <= 8
+
+
+def test_each_torchrun_process_drives_its_own_gpu(monkeypatch):
+    from torch.cuda._utils import _get_device_index
+
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert device.rank_device(torch.device("cuda")) == torch.device("cuda", 0)
+    # What torch.cuda.set_device resolves first: it refuses a CUDA device without an index.
+    assert _get_device_index(device.rank_device(torch.device("cuda"))) == 0
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert device.rank_device(torch.device("cuda")) == torch.device("cuda", 3)
+    assert device.rank_device(torch.device("cuda", 1)) == torch.device("cuda", 1)  # explicit
+    assert device.rank_device(torch.device("cpu")) == torch.device("cpu")
+
+
+def test_fp32_on_cuda_means_ieee_fp32_and_settings_are_restored():
+    """cuDNN convolutions default to TF32 (10 mantissa bits): not for fp32 stores. The flags
+    are plain settings, so this runs without a GPU."""
+    cudnn = torch.backends.cudnn
+    before = cudnn.benchmark, cudnn.allow_tf32, torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")  # as a user may have set it
+    try:
+        with device.inference_backends(torch.device("cuda"), "fp32"):
+            assert not cudnn.allow_tf32 and cudnn.benchmark
+            assert torch.get_float32_matmul_precision() == "highest"
+        assert torch.get_float32_matmul_precision() == "high"
+        assert (cudnn.benchmark, cudnn.allow_tf32) == before[:2]
+        with device.inference_backends(torch.device("cuda"), "bf16"):
+            assert cudnn.allow_tf32 == before[1] and cudnn.benchmark
+        with device.inference_backends(torch.device("cpu"), "fp32"):
+            assert (cudnn.benchmark, cudnn.allow_tf32) == before[:2]
+    finally:
+        torch.set_float32_matmul_precision(before[2])

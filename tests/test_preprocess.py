@@ -68,3 +68,49 @@ def test_normalisation_uses_the_entry_mean_and_std():
     x = torch.tensor([0, 255, 51], dtype=torch.uint8).view(1, 3, 1, 1).expand(1, 3, 2, 2)
     y = q(x)[0, :, 0, 0]
     torch.testing.assert_close(y, torch.tensor([-0.2, 1.6, -0.2]), atol=1e-5, rtol=0)
+
+
+def _bytes_only_on_cpu(monkeypatch):
+    """Make the CPU behave like CUDA: no uint8 interpolate kernels (they raise there)."""
+    import torch.nn.functional as F
+
+    from featcache import preprocess
+
+    interpolate = F.interpolate
+
+    def float_only(x, *args, **kwargs):
+        if x.dtype == torch.uint8:
+            raise NotImplementedError("\"upsample_bicubic2d_out_frame\" not implemented for 'Byte'")
+        return interpolate(x, *args, **kwargs)
+
+    monkeypatch.setattr(preprocess, "native_uint8_resize", lambda device: False)
+    monkeypatch.setattr(F, "interpolate", float_only)
+
+
+def test_uint8_kernels_are_used_only_where_they_exist():
+    from featcache.device import native_uint8_resize
+
+    assert native_uint8_resize(torch.device("cpu"))
+    assert not native_uint8_resize(torch.device("cuda"))
+    assert not native_uint8_resize(torch.device("mps"))
+
+
+@pytest.mark.parametrize("interpolation", ["bicubic", "bilinear"])
+def test_float_resize_path_matches_the_uint8_path(monkeypatch, interpolation):
+    """Where uint8 kernels are missing (CUDA), the float path gives the same images to within
+    one grey level, rounded and clamped like the uint8 kernels (bicubic overshoots 0..255)."""
+    q = Preprocess(224, interpolation, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), crop_pct=0.875)
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy(rng.integers(0, 256, (3, 3, 32, 32), dtype=np.uint8))
+    x[0] = torch.from_numpy(np.where(rng.random((3, 32, 32)) < 0.5, 0, 255).astype(np.uint8))
+    native = q(x)
+    _bytes_only_on_cpu(monkeypatch)
+    portable = q(x)
+    grey = 1 / (0.25 * 255)  # one grey level after normalisation
+    assert portable.dtype == torch.float32 and portable.shape == native.shape
+    assert (portable - native).abs().max() <= grey + 1e-5
+    # Both are rounded and saturated: pixel values are integers in 0..255.
+    pixels = portable * 0.25 * 255 + 0.5 * 255
+    torch.testing.assert_close(pixels, pixels.round(), atol=1e-3, rtol=0)
+    assert pixels.min() >= -1e-3 and pixels.max() <= 255 + 1e-3
+    assert x.dtype == torch.uint8  # the caller's batch is untouched
