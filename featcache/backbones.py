@@ -161,7 +161,11 @@ def load_backbone(name: str, weights: str | Path | None = None) -> tuple[Backbon
 
 
 def weights_identity(spec: BackboneSpec, weights: str | Path | None) -> str:
-    """A string that changes whenever the weights behind a backbone change."""
+    """A string that changes whenever the weights behind a backbone change.
+
+    Hub weights are named by repo id and, where the local hub cache holds them (it does after
+    a load), the commit they were resolved to: ``facebook/dino-vits16@<sha>``.
+    """
     if weights is None:
         if spec.family == "timm-lite0-package":
             return f"{spec.weights_id}:sha256={_file_digest(_lite0_path())}"
@@ -169,6 +173,9 @@ def weights_identity(spec: BackboneSpec, weights: str | Path | None) -> str:
             import transformers
 
             return f"{spec.weights_id}:transformers={transformers.__version__}"
+        if spec.needs_download:
+            revision = hub_revision(spec.weights_id)
+            return f"{spec.weights_id}@{revision}" if revision else spec.weights_id
         return spec.weights_id
     path = Path(weights).expanduser().resolve()
     if path.is_file():
@@ -180,6 +187,21 @@ def weights_identity(spec: BackboneSpec, weights: str | Path | None) -> str:
         h.update(f.name.encode())
         h.update(_file_digest(f).encode())
     return f"local:{h.hexdigest()[:16]}"
+
+
+def hub_revision(repo_id: str) -> str | None:
+    """The commit of ``repo_id`` in the local Hugging Face cache, or None if it holds none.
+
+    The cache keeps each revision's files under ``snapshots/<commit>/``; the weights file (or
+    config) resolved for the default revision names the commit that a load used.
+    """
+    from huggingface_hub import try_to_load_from_cache
+
+    for filename in ("model.safetensors", "config.json", "pytorch_model.bin"):
+        found = try_to_load_from_cache(repo_id, filename)
+        if isinstance(found, str):
+            return Path(found).parent.name
+    return None
 
 
 def _file_digest(path: Path) -> str:
@@ -223,17 +245,26 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise WeightsError(f"--weights {path}: not a valid safetensors file ({exc})") from exc
 
 
-def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    bad_shape = [k for k in own if k in state and own[k].shape != state[k].shape]
+def _refuse_misfit(source, missing, unexpected, bad_shape) -> None:
+    """Weights that lack a tensor, bring an unknown one or change a shape are refused by name:
+    nothing is ever left at its random initialisation."""
+    missing, unexpected, bad_shape = sorted(missing), sorted(unexpected), sorted(bad_shape)
     if missing or unexpected or bad_shape:
         raise WeightsError(
-            f"--weights {source} does not fit this architecture: "
+            f"{source} does not fit this architecture: "
             f"{len(missing)} missing (e.g. {missing[:3]}), {len(unexpected)} unexpected "
             f"(e.g. {unexpected[:3]}), {len(bad_shape)} with another shape (e.g. {bad_shape[:3]})"
         )
+
+
+def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
+    own = model.state_dict()
+    _refuse_misfit(
+        f"--weights {source}",
+        set(own) - set(state),
+        set(state) - set(own),
+        [k for k in own if k in state and own[k].shape != state[k].shape],
+    )
     model.load_state_dict(state)
 
 
@@ -259,35 +290,52 @@ def _vit_config(spec: BackboneSpec):
     return ViTConfig(**spec.arch)
 
 
-def _vit_from_state(spec: BackboneSpec, path: Path) -> nn.Module:
+# Heads of ViT checkpoints (ViTForImageClassification, ViTModel's pooler) that no feature uses.
+_VIT_HEADS = ("classifier.", "pooler.")
+
+
+def _vit_pretrained(spec: BackboneSpec, weights: Path | None) -> nn.Module:
+    """A ViTModel (no pooler) from the hub, a save_pretrained directory or a safetensors file.
+
+    Every source goes through from_pretrained, which maps the checkpoint's tensor names onto
+    this transformers version's (they were renamed in transformers 5) and strips a classifier
+    checkpoint's ``vit.`` prefix; it fills missing tensors at random and only logs it, so its
+    loading report is checked here. Tensors are named as transformers names them.
+    """
     from transformers import ViTModel
 
-    state = _load_safetensors(path)
-    # Accept ViTForImageClassification checkpoints: drop the head, the pooler and the prefix.
-    state = {k.removeprefix("vit."): v for k, v in state.items()}
-    state = {k: v for k, v in state.items() if not k.startswith(("classifier.", "pooler."))}
-    model = ViTModel(_vit_config(spec), add_pooling_layer=False)
-    _load_strict(model, state, path)
+    source = f"--weights {weights}" if weights is not None else spec.weights_id
+    if weights is not None and weights.is_file():
+        where, config, state = None, _vit_config(spec), _load_safetensors(weights)
+    else:
+        where, config, state = str(weights or spec.weights_id), None, None
+    try:
+        model, info = ViTModel.from_pretrained(
+            where,
+            config=config,
+            state_dict=state,
+            add_pooling_layer=False,
+            use_safetensors=True,
+            trust_remote_code=False,
+            output_loading_info=True,
+        )
+    except OSError as exc:
+        if weights is not None:
+            raise WeightsError(f"{source}: cannot load a ViT from it ({exc})") from exc
+        raise _no_hub_error(spec, exc) from exc
+    _check_vit_arch(spec, model.config, source)
+    _refuse_misfit(
+        source,
+        info["missing_keys"],
+        [k for k in info["unexpected_keys"] if not k.startswith(_VIT_HEADS)],
+        [k[0] if isinstance(k, tuple) else k for k in info["mismatched_keys"]],
+    )
     return model
 
 
 @builder("vit-hub")
 def _build_vit_hub(spec: BackboneSpec, weights: Path | None):
-    from transformers import ViTModel
-
-    if weights is not None and weights.is_file():
-        return _vit_from_state(spec, weights), _vit_extract
-    source = str(weights) if weights is not None else spec.weights_id
-    try:
-        model = ViTModel.from_pretrained(
-            source, add_pooling_layer=False, use_safetensors=True, trust_remote_code=False
-        )
-    except OSError as exc:
-        if weights is not None:
-            raise WeightsError(f"--weights {weights}: cannot load a ViT from it ({exc})") from exc
-        raise _no_hub_error(spec, exc) from exc
-    _check_vit_arch(spec, model.config, source)
-    return model, _vit_extract
+    return _vit_pretrained(spec, weights), _vit_extract
 
 
 def _check_vit_arch(spec: BackboneSpec, config, source: str) -> None:
@@ -304,7 +352,7 @@ def _build_vit_random(spec: BackboneSpec, weights: Path | None):
     from transformers import ViTModel
 
     if weights is not None:
-        return _vit_from_state(spec, weights), _vit_extract
+        return _vit_pretrained(spec, weights), _vit_extract
     seed = int(spec.weights_id.rsplit("seed=", 1)[1])
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -320,14 +368,10 @@ def _pooled_extract(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor
     return {"pooled": model(x)}  # timm with num_classes=0 returns pooled pre-logits (B, D)
 
 
-def _timm_model(spec: BackboneSpec, pretrained: bool) -> nn.Module:
+def _timm_from_safetensors(spec: BackboneSpec, weights: Path) -> nn.Module:
     import timm
 
-    return timm.create_model(spec.arch["timm_name"], pretrained=pretrained, num_classes=0)
-
-
-def _timm_from_safetensors(spec: BackboneSpec, weights: Path) -> nn.Module:
-    model = _timm_model(spec, pretrained=False)
+    model = timm.create_model(spec.arch["timm_name"], pretrained=False, num_classes=0)
     state = _load_safetensors(weights)
     state = {k: v for k, v in state.items() if not k.startswith("classifier.")}
     _load_strict(model, state, weights)
@@ -336,12 +380,22 @@ def _timm_from_safetensors(spec: BackboneSpec, weights: Path) -> nn.Module:
 
 @builder("timm-hub")
 def _build_timm_hub(spec: BackboneSpec, weights: Path | None):
+    import timm
+
     if weights is not None:
         return _timm_from_safetensors(spec, weights), _pooled_extract
     try:
-        return _timm_model(spec, pretrained=True), _pooled_extract
+        # With its own classifier timm loads strictly (with num_classes=0 it would drop the
+        # classifier and then load non-strictly, leaving any missing tensor random).
+        model = timm.create_model(spec.arch["timm_name"], pretrained=True)
+    except RuntimeError as exc:  # torch's strict load_state_dict: names the misfit tensors
+        raise WeightsError(
+            f"{spec.weights_id} does not fit this architecture: {str(exc)[:600]}"
+        ) from exc
     except Exception as exc:  # huggingface_hub raises several connection error types
         raise _no_hub_error(spec, exc) from exc
+    model.reset_classifier(0)
+    return model, _pooled_extract
 
 
 def _lite0_path() -> Path:
@@ -489,9 +543,11 @@ register(
 @builder("simclr-cifar")
 def _build_simclr(spec: BackboneSpec, weights: Path):
     """An encoder trained by `featcache pretrain simclr`; its width decides the feature width."""
-    from featcache.simclr import load_encoder
+    from featcache.simclr import ResNetCifar, read_encoder
 
-    model, meta = load_encoder(weights)
+    tensors, meta, path = read_encoder(weights)
+    model = ResNetCifar(meta["width"])
+    _load_strict(model, tensors, path)
     refined = dataclasses.replace(
         spec,
         features=(("pooled", meta["dim"]),),
@@ -520,6 +576,41 @@ register(
         cpu_freeze=True,
     )
 )
+
+
+def save_random_weights(name: str, root: str | Path) -> Path | None:
+    """Random weights of an entry's real architecture, saved in the form ``--weights`` takes.
+
+    How tests, benchmarks and the device check run hub and SimCLR entries without a network;
+    returns the path to pass as ``--weights`` (None for entries that need none).
+    """
+    from safetensors.torch import save_file
+
+    spec = get_spec(name)
+    root = Path(root)
+    if spec.family == "vit-hub":
+        from transformers import ViTModel
+
+        path = root / spec.name
+        ViTModel(_vit_config(spec), add_pooling_layer=False).save_pretrained(path)
+        return path  # config.json + model.safetensors, as save_pretrained writes them
+    if spec.family == "timm-hub":
+        import timm
+
+        path = root / f"{spec.name}.safetensors"
+        save_file(timm.create_model(spec.arch["timm_name"], pretrained=False).state_dict(), path)
+        return path
+    if spec.family == "simclr-cifar":
+        from featcache.simclr import ResNetCifar, SimCLRConfig, export_encoder
+
+        path = root / spec.name
+        path.mkdir(parents=True, exist_ok=True)
+        cfg = SimCLRConfig(dataset="-", out=str(path), width=8)
+        export_encoder(path, ResNetCifar(cfg.width), cfg)
+        return path
+    if spec.needs_download or spec.needs_weights:
+        raise ValueError(f"no random weights writer for the family {spec.family!r} of {name}")
+    return None
 
 
 def describe() -> str:

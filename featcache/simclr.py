@@ -357,17 +357,18 @@ def export_encoder(out: Path, encoder: nn.Module, cfg: SimCLRConfig) -> None:
     _save_checkpoint(out / ENCODER, encoder.state_dict(), {"spec": spec, "config": asdict(cfg)})
 
 
-def load_encoder(path: Path) -> tuple[ResNetCifar, dict]:
-    """An encoder exported by ``pretrain`` (RUN_DIR or its encoder.safetensors)."""
+def read_encoder(path: Path) -> tuple[dict[str, torch.Tensor], dict, Path]:
+    """The tensors and spec of an encoder exported by ``pretrain`` (RUN_DIR or its file).
+
+    The backbone registry builds the model from them (entry ``simclr-resnet18``).
+    """
     path = Path(path)
     if path.is_dir():
         path = path / ENCODER
     if not path.is_file():
         raise FeatcacheError(f"{path} not found: pass the RUN_DIR of `featcache pretrain simclr`")
     tensors, meta = _load_checkpoint(path)
-    model = ResNetCifar(meta["spec"]["width"])
-    model.load_state_dict(tensors)
-    return model, meta["spec"]
+    return tensors, meta["spec"], path
 
 
 def plot_history(history: list[dict], path: Path) -> None:

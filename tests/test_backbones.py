@@ -8,34 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from featcache.backbones import available_backbones, get_spec, load_backbone
+from featcache.backbones import (
+    available_backbones,
+    get_spec,
+    load_backbone,
+    save_random_weights,
+    weights_identity,
+)
 from featcache.errors import UnknownBackboneError, WeightsError
-
-
-def _save_random_checkpoint(spec, root):
-    """A random-weight checkpoint of the entry's real architecture, as a user would save one."""
-    from safetensors.torch import save_file
-
-    if spec.family == "vit-hub":
-        from transformers import ViTConfig, ViTModel
-
-        model = ViTModel(ViTConfig(**spec.arch), add_pooling_layer=False)
-        model.save_pretrained(root / spec.name)  # config.json + model.safetensors
-        return root / spec.name
-    if spec.family == "timm-hub":
-        import timm
-
-        model = timm.create_model(spec.arch["timm_name"], pretrained=False)
-        save_file(model.state_dict(), root / f"{spec.name}.safetensors")
-        return root / f"{spec.name}.safetensors"
-    if spec.family == "simclr-cifar":
-        from featcache.simclr import ResNetCifar, SimCLRConfig, export_encoder
-
-        run = root / spec.name
-        run.mkdir(exist_ok=True)
-        export_encoder(run, ResNetCifar(width=8), SimCLRConfig(dataset="-", out=str(run), width=8))
-        return run
-    return None  # weights that need no network
 
 
 @pytest.fixture(scope="module")
@@ -45,9 +25,7 @@ def checkpoints(tmp_path_factory):
 
 @pytest.mark.parametrize("name", available_backbones())
 def test_every_entry_builds_and_yields_its_feature_sets(name, checkpoints):
-    spec = get_spec(name)
-    needs = spec.needs_download or spec.needs_weights
-    weights = _save_random_checkpoint(spec, checkpoints) if needs else None
+    weights = save_random_weights(name, checkpoints)
     model, preprocess = load_backbone(name, weights)
     spec = model.spec  # weights may refine it (a SimCLR encoder's width)
     assert not model.training and not any(p.requires_grad for p in model.parameters())
@@ -70,7 +48,7 @@ def test_unknown_backbone_lists_valid_names():
 
 def test_dino_features_follow_the_dino_protocol(checkpoints):
     """cls is the final-norm CLS token, cls_last4 ends with it, and there is no pooler."""
-    weights = _save_random_checkpoint(get_spec("dino-vits16"), checkpoints)
+    weights = save_random_weights("dino-vits16", checkpoints)
     model, preprocess = load_backbone("dino-vits16", weights)
     assert model.model.pooler is None
     x = preprocess(torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8))
@@ -142,3 +120,112 @@ def test_lite0_package_weights_map_onto_timm():
     assert 281 <= int(top.argmax()) <= 285  # tabby, tiger, Persian, Siamese, Egyptian cat
     assert float(top[281:286].sum()) > 0.8
     assert np.isfinite(logits.numpy()).all()
+
+
+def _drop_tensor(path, name: str | None = None, extra: dict | None = None) -> str:
+    """Rewrite a safetensors file without one tensor (and with ``extra`` ones); its name."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    name = name or sorted(state)[len(state) // 2]
+    del state[name]
+    save_file({**state, **(extra or {})}, str(path), metadata=meta)
+    return name
+
+
+def _model_name(model, tensor) -> str:
+    """The name a loaded model gives to ``tensor`` (transformers 5 renames checkpoint keys)."""
+    return next(k for k, v in model.state_dict().items() if torch.equal(v, tensor))
+
+
+@pytest.mark.parametrize("source", ["directory", "file"])
+def test_vit_weights_missing_a_tensor_are_refused_by_name(tmp_path, source):
+    """from_pretrained would fill the tensor at random and only log it."""
+    from safetensors.torch import load_file
+
+    weights = save_random_weights("dino-vits16", tmp_path)
+    file = weights / "model.safetensors"
+    source = weights if source == "directory" else file
+    intact, _ = load_backbone("dino-vits16", source)
+    tensors = load_file(file)
+    gone = _drop_tensor(file)
+    with pytest.raises(WeightsError, match="1 missing") as err:
+        load_backbone("dino-vits16", source)
+    assert _model_name(intact.model, tensors[gone]) in str(err.value)
+
+
+def test_vit_weights_with_an_unknown_tensor_are_refused(tmp_path):
+    weights = save_random_weights("vit-b16", tmp_path)
+    extra = {"encoder.layer.12.output.dense.weight": torch.zeros(2, 2)}
+    _drop_tensor(weights / "model.safetensors", "layernorm.bias", extra)
+    with pytest.raises(WeightsError, match="1 missing.*1 unexpected") as err:
+        load_backbone("vit-b16", weights)
+    assert "layernorm.bias" in str(err.value) and ".12." in str(err.value)
+
+
+def test_a_classifier_directory_loads_without_its_head(tmp_path):
+    """google/vit-base-patch16-224 is a ViTForImageClassification: its head is dropped."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    spec = get_spec("vit-b16")
+    clf = ViTForImageClassification(ViTConfig(**spec.arch, num_labels=3))
+    clf.save_pretrained(tmp_path / "clf")
+    model, _ = load_backbone("vit-b16", tmp_path / "clf")
+    for k, v in model.model.state_dict().items():
+        torch.testing.assert_close(v, clf.vit.state_dict()[k], rtol=0, atol=0, msg=k)
+
+
+def test_timm_hub_weights_load_strictly(tmp_path, monkeypatch):
+    """A hub checkpoint missing a tensor is refused by name; timm would leave it random
+    with num_classes=0. The hub is played by a local file."""
+    import timm
+    import timm.models._hub
+    from safetensors.torch import save_file
+
+    reference = timm.create_model("efficientnet_b0", pretrained=False)
+    served = tmp_path / "model.safetensors"
+    save_file(reference.state_dict(), served)
+    monkeypatch.setattr(timm.models._hub, "hf_hub_download", lambda *a, **k: str(served))
+    model, preprocess = load_backbone("efficientnet-b0")  # the whole checkpoint: loads
+    x = preprocess(torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8))
+    with torch.inference_mode():
+        reference.eval().reset_classifier(0)
+        torch.testing.assert_close(model(x)["pooled"], reference(x))
+    gone = _drop_tensor(served, "blocks.3.0.conv_pw.weight")
+    with pytest.raises(WeightsError, match="does not fit") as err:
+        load_backbone("efficientnet-b0")
+    assert gone in str(err.value)
+
+
+def test_a_simclr_encoder_missing_a_tensor_is_refused_by_name(tmp_path):
+    run = save_random_weights("simclr-resnet18", tmp_path)
+    gone = _drop_tensor(run / "encoder.safetensors")
+    with pytest.raises(WeightsError, match="1 missing") as err:
+        load_backbone("simclr-resnet18", run)
+    assert gone in str(err.value)
+
+
+def _cache_revision(hub, repo_id: str, commit: str, filename: str = "config.json") -> None:
+    """What huggingface_hub leaves in its cache after downloading ``repo_id`` at ``commit``."""
+    repo = hub / f"models--{repo_id.replace('/', '--')}"
+    (repo / "snapshots" / commit).mkdir(parents=True, exist_ok=True)
+    (repo / "snapshots" / commit / filename).write_text("{}")
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / "main").write_text(commit)
+
+
+def test_hub_weights_identity_names_the_cached_revision(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    dino, b0 = get_spec("dino-vits16"), get_spec("efficientnet-b0")
+    assert weights_identity(dino, None) == "facebook/dino-vits16"  # nothing cached
+    _cache_revision(tmp_path, "facebook/dino-vits16", "a" * 40)
+    _cache_revision(tmp_path, "timm/efficientnet_b0.ra_in1k", "c" * 40, "model.safetensors")
+    assert weights_identity(dino, None) == "facebook/dino-vits16@" + "a" * 40
+    assert weights_identity(b0, None) == "timm/efficientnet_b0.ra_in1k@" + "c" * 40
+    _cache_revision(tmp_path, "facebook/dino-vits16", "b" * 40)  # the hub moved on
+    assert weights_identity(dino, None) == "facebook/dino-vits16@" + "b" * 40

@@ -161,7 +161,6 @@ class _RunsCode:
 
 def test_checkpoints_whose_pickle_would_run_code_are_never_unpickled(tmp_path):
     from featcache.backbones import load_backbone
-    from featcache.simclr import load_encoder
 
     marker = tmp_path / "pwned"
     for name in ("model.pth", "model.bin", "model.ckpt"):
@@ -176,7 +175,7 @@ def test_checkpoints_whose_pickle_would_run_code_are_never_unpickled(tmp_path):
     run.mkdir()
     torch.save({"x": _RunsCode(marker)}, run / "encoder.safetensors")
     with pytest.raises(Exception):  # noqa: B017 - any refusal will do; execution will not
-        load_encoder(run)
+        load_backbone("simclr-resnet18", run)
     assert not marker.exists()
 
 

@@ -10,13 +10,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from featcache.backbones import load_backbone
 from featcache.extract import ExtractConfig, extract
 from featcache.simclr import (
     ResNetCifar,
     SimCLRConfig,
     _load_checkpoint,
     embed,
-    load_encoder,
     nt_xent,
     pretrain,
 )
@@ -139,7 +139,7 @@ def test_encoder_round_trips_through_the_registry_into_a_store(image_folder, tmp
     assert store.fields["backbone"]["features"] == {"pooled": 64}  # width 8 -> 8 * 8
     assert store.fields["preprocess"]["input_size"] == 32  # native resolution, no upscaling
     feats = store.load("test", "pooled")
-    encoder, _ = load_encoder(out)
+    encoder = load_backbone("simclr-resnet18", out)[0].model
     from featcache.simclr import load_images
 
     images, labels = load_images(f"imagefolder:{image_folder}", None, "test", None, 0, 32)
