@@ -84,46 +84,52 @@ def _timed(fn, repeat: int = 1):
 
 
 def weights_for(backbone: str) -> str | None:
-    """Hub entries run from a local random-weight checkpoint of the real architecture."""
-    from featcache.backbones import get_spec
+    """Hub entries run from a local random-weight checkpoint of the real architecture (one
+    per backbone, kept for every measurement of the run)."""
+    from featcache.backbones import save_random_weights
 
-    spec = get_spec(backbone)
-    if not spec.needs_download:
-        return None
-    path = WORK / f"{backbone}-random"
-    if not (path / "config.json").exists():
-        from transformers import ViTConfig, ViTModel
-
-        ViTModel(ViTConfig(**spec.arch), add_pooling_layer=False).save_pretrained(path)
-    return str(path)
+    root = WORK / "random-weights" / backbone
+    saved = root / "weights-path"
+    if not saved.exists():
+        path = save_random_weights(backbone, root)
+        saved.write_text(str(path) if path else "")
+    return saved.read_text() or None
 
 
 def bare_forward(
-    backbone: str, n: int, batch: int, precision: str, device, compile: bool = False
+    backbone: str,
+    n: int,
+    batch: int,
+    precision: str,
+    device,
+    compile: bool = False,
+    weights: str | None = None,
 ) -> tuple[float, float]:
     """(images/s, seconds of the first call) of the model alone on ready-made normalised
-    tensors on the device; ``compile``: through torch.compile."""
+    tensors on the device; ``compile``: through torch.compile; ``weights``: as --weights
+    (default: weights_for)."""
     from featcache.backbones import load_backbone
-    from featcache.device import autocast
+    from featcache.device import autocast, inference_backends
 
-    model, pre = load_backbone(backbone, weights_for(backbone))
+    model, pre = load_backbone(backbone, weights or weights_for(backbone))
     model = model.to(device, memory_format=torch.channels_last)
     if compile:
         model = torch.compile(model, dynamic=False)
     x = torch.randn(batch, 3, pre.input_size, pre.input_size, device=device)
     x = x.contiguous(memory_format=torch.channels_last)
-    with torch.inference_mode(), autocast(device, precision):
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+    # The backend settings featcache extracts with (cuDNN autotuning on a GPU).
+    with inference_backends(device, precision), torch.inference_mode(), autocast(device, precision):
         t = time.perf_counter()
         model(x)  # warm-up (and compilation)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        sync()
         first = time.perf_counter() - t
         model(x)
+        sync()
         t = time.perf_counter()
         for _ in range(max(1, n // batch)):
             model(x)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        sync()
     return max(1, n // batch) * batch / (time.perf_counter() - t), first
 
 
@@ -610,7 +616,7 @@ def main() -> None:
         ]
     text = "\n".join(parts) + "\n"
     out = Path(a.out)
-    if out.exists() and a.only != ",".join(SECTIONS):  # keep the sections not rerun
+    if out.exists():  # keep the sections not rerun (and those of other scripts: the GPU's)
         old = out.read_text().split("\n## ")
         kept = [sec for sec in old[1:] if sec.split("\n", 1)[0] not in a.only.split(",")]
         text = text.rstrip("\n") + "".join("\n\n## " + sec.rstrip("\n") for sec in kept) + "\n"
