@@ -193,7 +193,9 @@ def extract(**kw) -> None:
 @click.option("--batch-size", type=int, default=_probe_default("batch_size"), show_default=True)
 @click.option("--lr", type=float, default=_probe_default("lr"), show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--device", type=click.Choice(DEVICES), default="cpu", show_default=True)
+@click.option(
+    "--device", type=click.Choice(DEVICES), default=_probe_default("device"), show_default=True
+)
 @click.option(
     "--views/--no-views",
     default=True,

@@ -43,7 +43,9 @@ class ProbeConfig:
     lr: float = 0.5
     momentum: float = 0.9
     seed: int = 0
-    device: str = "cpu"
+    # Where the heads train: "auto" takes the GPU when there is one (the device check compares
+    # its numbers with the CPU's).
+    device: str = "auto"
     train_split: str = "train"
     test_split: str = "test"
     # Train on the augmented views cached in the store too (extract --views K), if any.
