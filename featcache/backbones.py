@@ -318,11 +318,15 @@ def _vit_pretrained(spec: BackboneSpec, weights: Path | None) -> nn.Module:
             use_safetensors=True,
             trust_remote_code=False,
             output_loading_info=True,
+            # Reshaped tensors land in the report (named below) instead of an anonymous error.
+            ignore_mismatched_sizes=True,
         )
     except OSError as exc:
         if weights is not None:
             raise WeightsError(f"{source}: cannot load a ViT from it ({exc})") from exc
         raise _no_hub_error(spec, exc) from exc
+    except RuntimeError as exc:  # transformers' conversion of the tensor names failed
+        raise WeightsError(f"{source}: cannot load a ViT from it ({exc})") from exc
     _check_vit_arch(spec, model.config, source)
     _refuse_misfit(
         source,
@@ -388,10 +392,12 @@ def _build_timm_hub(spec: BackboneSpec, weights: Path | None):
         # With its own classifier timm loads strictly (with num_classes=0 it would drop the
         # classifier and then load non-strictly, leaving any missing tensor random).
         model = timm.create_model(spec.arch["timm_name"], pretrained=True)
-    except RuntimeError as exc:  # torch's strict load_state_dict: names the misfit tensors
-        raise WeightsError(
-            f"{spec.weights_id} does not fit this architecture: {str(exc)[:600]}"
-        ) from exc
+    except RuntimeError as exc:
+        if "state_dict" in str(exc):  # torch's strict load_state_dict names the misfit tensors
+            raise WeightsError(
+                f"{spec.weights_id} does not fit this architecture: {str(exc)[:600]}"
+            ) from exc
+        raise WeightsError(f"{spec.weights_id}: cannot load the weights ({exc})") from exc
     except Exception as exc:  # huggingface_hub raises several connection error types
         raise _no_hub_error(spec, exc) from exc
     model.reset_classifier(0)
@@ -588,6 +594,7 @@ def save_random_weights(name: str, root: str | Path) -> Path | None:
 
     spec = get_spec(name)
     root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
     if spec.family == "vit-hub":
         from transformers import ViTModel
 
@@ -604,8 +611,8 @@ def save_random_weights(name: str, root: str | Path) -> Path | None:
         from featcache.simclr import ResNetCifar, SimCLRConfig, export_encoder
 
         path = root / spec.name
-        path.mkdir(parents=True, exist_ok=True)
-        cfg = SimCLRConfig(dataset="-", out=str(path), width=8)
+        path.mkdir(exist_ok=True)
+        cfg = SimCLRConfig(dataset="-", out=str(path))  # the standard width, 64
         export_encoder(path, ResNetCifar(cfg.width), cfg)
         return path
     if spec.needs_download or spec.needs_weights:

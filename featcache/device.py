@@ -24,13 +24,15 @@ def resolve_device(device: str) -> torch.device:
 
 
 def rank_device(device: torch.device) -> torch.device:
-    """The GPU this process drives, with its index: under torchrun the one of its LOCAL_RANK,
-    else the first (``cuda`` -> ``cuda:N``); an explicit index and the CPU stay as they are.
+    """The GPU this process drives, with its index: under torchrun the one of its LOCAL_RANK
+    (modulo the GPUs it sees, for launchers that give each process only its own), else the
+    first (``cuda`` -> ``cuda:N``); an explicit index and the CPU stay as they are.
 
     An index is what ``torch.cuda.set_device`` and nccl's ``device_id`` take.
     """
     if device.type == "cuda" and device.index is None:
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        return torch.device("cuda", local % max(1, torch.cuda.device_count()))
     return device
 
 

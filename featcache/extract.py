@@ -216,6 +216,7 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
         return _run(cfg, model, preprocess, splits, writer, device, precision, dist)
     finally:
         writer.close()
+        dist.close()
 
 
 @dataclass(frozen=True)
@@ -231,6 +232,8 @@ class Distributed:
     # Launched by torchrun: a process group exists, also for a single process (whose run
     # then takes the same path as one rank of many: nccl bound to its GPU, barriers).
     launched: bool = False
+    # Whether the group was made here (and is destroyed here) rather than by a caller.
+    owns_group: bool = False
 
     @classmethod
     def from_env(cls, device: torch.device) -> Distributed:
@@ -239,19 +242,27 @@ class Distributed:
             return cls()
         import torch.distributed as td
 
-        if not td.is_initialized():
+        owns = not td.is_initialized()
+        if owns:
             timeout = datetime.timedelta(hours=24)
             if device.type == "cuda":  # bound to this rank's GPU (rank_device)
                 td.init_process_group("nccl", timeout=timeout, device_id=device)
             else:
                 td.init_process_group("gloo", timeout=timeout)
-        return cls(td.get_rank(), td.get_world_size(), launched=True)
+        return cls(td.get_rank(), td.get_world_size(), launched=True, owns_group=owns)
 
     def barrier(self) -> None:
         if self.launched:
             import torch.distributed as td
 
             td.barrier()
+
+    def close(self) -> None:
+        """Destroy the process group made here (nccl warns at exit about one left behind)."""
+        if self.owns_group:
+            import torch.distributed as td
+
+            td.destroy_process_group()
 
     def owns(self, shard: int) -> bool:
         return shard % self.world == self.rank

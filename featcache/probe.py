@@ -268,6 +268,7 @@ def fit_probe(
         "epochs": curves[chosen],
         "final_epochs": final_curve,
         "views": 1 + (xviews[0].shape[1] if xviews else 0),
+        "device": str(device),  # where the heads trained (the config may say "auto")
         "num_fit": len(fit_idx),
         "num_val": len(val_idx),
         "num_test": len(y_test),

@@ -125,6 +125,7 @@ def run_shots(cfg: ShotsConfig) -> dict:
     return {
         **store.provenance("shots", feature, config),
         "weight_decay": wd,
+        "device": str(device),  # where the heads trained (the config may say "auto")
         "results": rows,
         "seconds": time.perf_counter() - start,
     }

@@ -122,45 +122,65 @@ def test_lite0_package_weights_map_onto_timm():
     assert np.isfinite(logits.numpy()).all()
 
 
-def _drop_tensor(path, name: str | None = None, extra: dict | None = None) -> str:
-    """Rewrite a safetensors file without one tensor (and with ``extra`` ones); its name."""
+def _edit_tensors(path, drop: str | None = None, add: dict | None = None) -> None:
+    """Rewrite a safetensors file without the tensor ``drop`` and with ``add`` (same metadata)."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
     with safe_open(str(path), "pt") as f:
         meta = f.metadata()
-        state = {k: f.get_tensor(k) for k in f.keys()}
-    name = name or sorted(state)[len(state) // 2]
-    del state[name]
-    save_file({**state, **(extra or {})}, str(path), metadata=meta)
-    return name
+        state = {k: f.get_tensor(k) for k in f.keys() if k != drop}
+    save_file({**state, **(add or {})}, str(path), metadata=meta)
 
 
-def _model_name(model, tensor) -> str:
+def _a_random_matrix(path) -> tuple[str, torch.Tensor]:
+    """A 2-D tensor of the file (random at init, so no other tensor holds its values)."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(path))
+    name = next(k for k in sorted(state) if state[k].ndim == 2 and ".3." in k)
+    return name, state[name]
+
+
+def _name_in(model, tensor) -> str:
     """The name a loaded model gives to ``tensor`` (transformers 5 renames checkpoint keys)."""
-    return next(k for k, v in model.state_dict().items() if torch.equal(v, tensor))
+    names = [k for k, v in model.state_dict().items() if torch.equal(v, tensor)]
+    assert len(names) == 1, names
+    return names[0]
 
 
 @pytest.mark.parametrize("source", ["directory", "file"])
 def test_vit_weights_missing_a_tensor_are_refused_by_name(tmp_path, source):
     """from_pretrained would fill the tensor at random and only log it."""
-    from safetensors.torch import load_file
-
     weights = save_random_weights("dino-vits16", tmp_path)
     file = weights / "model.safetensors"
     source = weights if source == "directory" else file
     intact, _ = load_backbone("dino-vits16", source)
-    tensors = load_file(file)
-    gone = _drop_tensor(file)
+    gone, tensor = _a_random_matrix(file)
+    _edit_tensors(file, drop=gone)
     with pytest.raises(WeightsError, match="1 missing") as err:
         load_backbone("dino-vits16", source)
-    assert _model_name(intact.model, tensors[gone]) in str(err.value)
+    assert _name_in(intact.model, tensor) in str(err.value)
+
+
+@pytest.mark.parametrize("source", ["directory", "file"])
+def test_vit_weights_with_a_reshaped_tensor_are_refused_by_name(tmp_path, source):
+    """transformers 5 raises an anonymous RuntimeError for these unless asked to report them."""
+    weights = save_random_weights("dino-vits16", tmp_path)
+    file = weights / "model.safetensors"
+    source = weights if source == "directory" else file
+    intact, _ = load_backbone("dino-vits16", source)
+    name, tensor = _a_random_matrix(file)
+    _edit_tensors(file, drop=name, add={name: tensor[:, :7].contiguous()})
+    with pytest.raises(WeightsError, match="1 with another shape") as err:
+        load_backbone("dino-vits16", source)
+    assert _name_in(intact.model, tensor) in str(err.value)
 
 
 def test_vit_weights_with_an_unknown_tensor_are_refused(tmp_path):
     weights = save_random_weights("vit-b16", tmp_path)
     extra = {"encoder.layer.12.output.dense.weight": torch.zeros(2, 2)}
-    _drop_tensor(weights / "model.safetensors", "layernorm.bias", extra)
+    _edit_tensors(weights / "model.safetensors", drop="layernorm.bias", add=extra)
     with pytest.raises(WeightsError, match="1 missing.*1 unexpected") as err:
         load_backbone("vit-b16", weights)
     assert "layernorm.bias" in str(err.value) and ".12." in str(err.value)
@@ -194,18 +214,18 @@ def test_timm_hub_weights_load_strictly(tmp_path, monkeypatch):
     with torch.inference_mode():
         reference.eval().reset_classifier(0)
         torch.testing.assert_close(model(x)["pooled"], reference(x))
-    gone = _drop_tensor(served, "blocks.3.0.conv_pw.weight")
+    _edit_tensors(served, drop="blocks.3.0.conv_pw.weight")
     with pytest.raises(WeightsError, match="does not fit") as err:
         load_backbone("efficientnet-b0")
-    assert gone in str(err.value)
+    assert "blocks.3.0.conv_pw.weight" in str(err.value)
 
 
 def test_a_simclr_encoder_missing_a_tensor_is_refused_by_name(tmp_path):
     run = save_random_weights("simclr-resnet18", tmp_path)
-    gone = _drop_tensor(run / "encoder.safetensors")
+    _edit_tensors(run / "encoder.safetensors", drop="layers.3.conv2.weight")
     with pytest.raises(WeightsError, match="1 missing") as err:
         load_backbone("simclr-resnet18", run)
-    assert gone in str(err.value)
+    assert "layers.3.conv2.weight" in str(err.value)
 
 
 def _cache_revision(hub, repo_id: str, commit: str, filename: str = "config.json") -> None:
@@ -229,3 +249,38 @@ def test_hub_weights_identity_names_the_cached_revision(tmp_path, monkeypatch):
     assert weights_identity(b0, None) == "timm/efficientnet_b0.ra_in1k@" + "c" * 40
     _cache_revision(tmp_path, "facebook/dino-vits16", "b" * 40)  # the hub moved on
     assert weights_identity(dino, None) == "facebook/dino-vits16@" + "b" * 40
+
+
+def test_a_store_from_another_hub_revision_is_refused_naming_weights(
+    tmp_path, monkeypatch, image_folder
+):
+    """The hub moved on between two runs of the same command: not the same weights."""
+    import huggingface_hub.constants
+    import timm
+    import timm.models._hub
+    from safetensors.torch import save_file
+
+    from featcache.errors import SpecMismatchError
+    from featcache.extract import ExtractConfig, extract
+
+    served = tmp_path / "model.safetensors"
+    save_file(timm.create_model("efficientnet_b0", pretrained=False).state_dict(), served)
+    monkeypatch.setattr(timm.models._hub, "hf_hub_download", lambda *a, **k: str(served))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    repo = "timm/efficientnet_b0.ra_in1k"
+    _cache_revision(tmp_path / "hub", repo, "a" * 40, "model.safetensors")
+    cfg = ExtractConfig(
+        backbone="efficientnet-b0",
+        dataset=f"imagefolder:{image_folder}",
+        out=str(tmp_path / "b0.h5"),
+        train_per_class=2,
+        test_per_class=1,
+        workers=0,
+        progress=False,
+    )
+    extract(cfg)
+    assert extract(cfg).images == 0  # same revision: already complete
+    _cache_revision(tmp_path / "hub", repo, "b" * 40, "model.safetensors")
+    with pytest.raises(SpecMismatchError, match="field 'weights' differs") as err:
+        extract(cfg)
+    assert "a" * 40 in str(err.value) and "b" * 40 in str(err.value)

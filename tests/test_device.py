@@ -39,16 +39,17 @@ def test_default_workers_leave_the_cpu_to_the_model():
 
 
 def test_each_torchrun_process_drives_its_own_gpu(monkeypatch):
-    from torch.cuda._utils import _get_device_index
-
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     monkeypatch.delenv("LOCAL_RANK", raising=False)
+    # torch.cuda.set_device and nccl's device_id refuse a CUDA device without an index.
     assert device.rank_device(torch.device("cuda")) == torch.device("cuda", 0)
-    # What torch.cuda.set_device resolves first: it refuses a CUDA device without an index.
-    assert _get_device_index(device.rank_device(torch.device("cuda"))) == 0
     monkeypatch.setenv("LOCAL_RANK", "3")
     assert device.rank_device(torch.device("cuda")) == torch.device("cuda", 3)
     assert device.rank_device(torch.device("cuda", 1)) == torch.device("cuda", 1)  # explicit
     assert device.rank_device(torch.device("cpu")) == torch.device("cpu")
+    # A launcher that shows each process only its own GPU: LOCAL_RANK 3 sees one, cuda:0.
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert device.rank_device(torch.device("cuda")) == torch.device("cuda", 0)
 
 
 def test_fp32_on_cuda_means_ieee_fp32_and_settings_are_restored():

@@ -88,11 +88,19 @@ def _bytes_only_on_cpu(monkeypatch):
 
 
 def test_uint8_kernels_are_used_only_where_they_exist():
+    """The CPU has them for every interpolation the registry uses (were one dropped by a torch
+    release, this fails rather than the extraction); CUDA has none."""
+    import torch.nn.functional as F
+
+    from featcache.backbones import available_backbones, get_spec
     from featcache.device import native_uint8_resize
 
     assert native_uint8_resize(torch.device("cpu"))
+    x = torch.randint(0, 256, (1, 3, 8, 8), dtype=torch.uint8)
+    for mode in {get_spec(name).interpolation for name in available_backbones()}:
+        y = F.interpolate(x, size=(12, 12), mode=mode, align_corners=False)
+        assert y.dtype == torch.uint8 and y.shape == (1, 3, 12, 12), mode
     assert not native_uint8_resize(torch.device("cuda"))
-    assert not native_uint8_resize(torch.device("mps"))
 
 
 @pytest.mark.parametrize("interpolation", ["bicubic", "bilinear"])

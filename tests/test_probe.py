@@ -26,6 +26,7 @@ def test_separable_data_is_learned_perfectly():
     e = r["epochs"][0]
     assert set(e) == {"epoch", "train", "val"} and set(e["val"]) == {"loss", "top1", "top3"}
     assert len(r["per_class_top1"]) == 4
+    assert r["device"] == "cpu"  # "auto" resolved: where the heads trained
 
 
 def test_strong_weight_decay_loses_on_noisy_data_and_is_not_chosen():
