@@ -54,6 +54,16 @@ class Augment:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @property
+    def moves_pixels(self) -> bool:
+        """Whether the crop, flip or rotation can change an image's geometry."""
+        return (
+            self.crop_scale != (1.0, 1.0)
+            or self.crop_ratio != (1.0, 1.0)
+            or self.flip_p > 0
+            or self.rotate_deg > 0
+        )
+
     def __call__(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """float (B, 3, H, W) in [0, 1] and uniforms (B, N_PARAMS) -> augmented, same shape."""
         b = len(x)
@@ -78,7 +88,7 @@ class Augment:
             ],
             1,
         )  # (B, 2, 3)
-        if not torch.equal(theta, _IDENTITY.to(x.device).expand(b, 2, 3)):
+        if self.moves_pixels:  # known without looking at theta (no device sync per batch)
             grid = F.affine_grid(theta, list(x.shape), align_corners=False)
             x = F.grid_sample(
                 x, grid, mode="bilinear", padding_mode="reflection", align_corners=False
@@ -103,9 +113,6 @@ class Augment:
             to_gray = (u[:, 10] < self.gray_p).view(b, 1, 1, 1)
             x = torch.where(to_gray, gray(x).expand_as(x), x)
         return x
-
-
-_IDENTITY = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
 
 
 def view_uniforms(seed: int, ids: list[str], view: int) -> torch.Tensor:

@@ -376,7 +376,13 @@ def pretrain() -> None:
 @click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
 @click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--time-limit", type=float, default=None, help="Seconds; stops at an epoch end.")
+@click.option(
+    "--time-limit",
+    type=float,
+    default=None,
+    help="Seconds of training: the schedule is sized during warm-up to end within them.",
+)
+@click.option("--checkpoint-every", type=int, default=1, show_default=True, help="Epochs.")
 @_friendly
 def simclr(**kw) -> None:
     """SimCLR on a dataset's training images; RUN_DIR then serves as --weights."""

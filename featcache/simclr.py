@@ -133,9 +133,14 @@ class SimCLRConfig:
     device: str = "auto"
     precision: str = "auto"
     seed: int = 0
-    # Stop at the first epoch end after this many seconds (None: no limit); the run stays
-    # resumable, and the encoder exported is that epoch's.
+    # Seconds of training (None: no limit). During warm-up, whose step sizes do not depend on
+    # the schedule's length, the cosine schedule is sized from the last epoch's time to end
+    # within them (at most `epochs` epochs), so that a time-limited run still anneals; the run
+    # also stops at the first epoch end past them, stays resumable, and exports that epoch.
     time_limit: float | None = None
+    # Epochs between checkpoints (92 MB for the standard width with its momentum); the last
+    # epoch is always checkpointed.
+    checkpoint_every: int = 1
 
     def __post_init__(self):
         if self.arch != "resnet18":
@@ -144,11 +149,14 @@ class SimCLRConfig:
             raise ValueError("--width must be >= 1, --batch-size >= 2 and --epochs >= 0")
         if self.temperature <= 0:
             raise ValueError(f"--temperature must be positive, got {self.temperature}")
+        if self.checkpoint_every < 1:
+            raise ValueError(f"--checkpoint-every must be at least 1, got {self.checkpoint_every}")
 
     def identity(self) -> dict:
         """Fields that must match for a rerun to resume this run (epochs may grow)."""
         d = asdict(self)
-        for k in ("epochs", "device", "knn_every", "time_limit", "out", "data_root"):
+        drop = ("epochs", "device", "knn_every", "time_limit", "checkpoint_every", "out")
+        for k in (*drop, "data_root"):
             d.pop(k)
         return d
 
@@ -238,6 +246,7 @@ def pretrain(cfg: SimCLRConfig) -> dict:
 
     history: list[dict] = []
     start_epoch = 0
+    planned = cfg.epochs  # the schedule's epochs (fewer where time_limit sizes it)
     ckpt = out / CHECKPOINT
     if ckpt.exists():
         tensors, meta = _load_checkpoint(ckpt)
@@ -250,6 +259,8 @@ def pretrain(cfg: SimCLRConfig) -> dict:
         for i, p in enumerate(params):
             opt.state[p]["momentum_buffer"] = tensors[f"opt.{i}"].to(device)
         start_epoch, history = meta["epoch"], meta["history"]
+        if meta["config"]["epochs"] == cfg.epochs:  # the same command resumes the same schedule
+            planned = meta.get("planned_epochs", cfg.epochs)
         gen.set_state(tensors["rng"])
         log.info("resuming %s at epoch %d", out, start_epoch)
 
@@ -268,8 +279,10 @@ def pretrain(cfg: SimCLRConfig) -> dict:
     steps = n // cfg.batch_size
     if steps == 0:
         raise FeatcacheError(f"--batch-size {cfg.batch_size} exceeds the {n} training images")
-    total, warm = cfg.epochs * steps, cfg.warmup_epochs * steps
+    total, warm = planned * steps, cfg.warmup_epochs * steps
     augment = Augment()
+    # fp16 (GPUs without bf16) needs loss scaling; bf16 and fp32 pass through it untouched.
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     started = time.perf_counter()
 
     def save(epoch: int) -> None:
@@ -283,6 +296,7 @@ def pretrain(cfg: SimCLRConfig) -> dict:
             "identity": cfg.identity(),
             "config": asdict(cfg),
             "epoch": epoch,
+            "planned_epochs": planned,
             "history": history,
             "featcache_version": __version__,
         }
@@ -292,6 +306,8 @@ def pretrain(cfg: SimCLRConfig) -> dict:
         save(0)  # the random init, so that a random-encoder baseline is one --epochs 0 away
     encoder.train(), head.train()
     for epoch in range(start_epoch, cfg.epochs):
+        if epoch >= planned:
+            break
         t0 = time.perf_counter()
         order = torch.randperm(n, generator=gen).to(device)
         losses = []
@@ -314,8 +330,9 @@ def pretrain(cfg: SimCLRConfig) -> dict:
                 z = head(encoder(views))
             loss = nt_xent(z[:b], z[b:], cfg.temperature)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
             losses.append(loss.detach())  # no host sync per step
         record = {
             "epoch": epoch + 1,
@@ -323,7 +340,14 @@ def pretrain(cfg: SimCLRConfig) -> dict:
             "lr": cur,
             "seconds": time.perf_counter() - t0,
         }
-        if test_data is not None and ((epoch + 1) % cfg.knn_every == 0 or epoch + 1 == cfg.epochs):
+        if cfg.time_limit is not None and (epoch + 1) * steps <= warm:
+            elapsed = time.perf_counter() - started
+            per_epoch = elapsed / (epoch + 1 - start_epoch)  # checkpoints and k-NN included
+            fit = int((cfg.time_limit - elapsed) // per_epoch)
+            planned = max(epoch + 1, min(cfg.epochs, epoch + 1 + fit))
+            total = planned * steps
+        last = epoch + 1 >= planned
+        if test_data is not None and ((epoch + 1) % cfg.knn_every == 0 or last):
             ftr = embed(encoder, train_x, device, precision)
             fte = embed(encoder, test_data[0], device, precision)
             r = knn_evaluate(
@@ -331,9 +355,11 @@ def pretrain(cfg: SimCLRConfig) -> dict:
             )
             record["knn_top1"] = r[0]["top1"]
         history.append(record)
-        log.info("epoch %d: %s", epoch + 1, record)
-        save(epoch + 1)
-        if cfg.time_limit is not None and time.perf_counter() - started > cfg.time_limit:
+        log.info("epoch %d of %d: %s", epoch + 1, planned, record)
+        out_of_time = cfg.time_limit is not None and time.perf_counter() - started > cfg.time_limit
+        if last or out_of_time or (epoch + 1) % cfg.checkpoint_every == 0:
+            save(epoch + 1)
+        if out_of_time and not last:
             log.info("time limit reached after epoch %d", epoch + 1)
             break
 

@@ -60,6 +60,42 @@ def _cfg(folder, out, **kw):
     return SimCLRConfig(**{**base, **kw})
 
 
+def test_a_time_limit_sizes_the_schedule_so_that_it_anneals(image_folder, tmp_path):
+    """Cut by the clock alone, a 200-epoch schedule would stop near its peak step size."""
+    one = pretrain(_cfg(image_folder, tmp_path / "one", epochs=1, knn_every=0))
+    per_epoch = one["history"][0]["seconds"]
+    cfg = _cfg(
+        image_folder,
+        tmp_path / "run",
+        epochs=200,
+        warmup_epochs=2,
+        knn_every=0,
+        time_limit=6 * per_epoch,
+    )
+    history = pretrain(cfg)["history"]
+    assert 3 <= len(history) < 50
+    peak = cfg.lr * cfg.batch_size / 256
+    assert history[1]["lr"] > 0.7 * peak  # warm-up ends at the peak
+    assert history[-1]["lr"] < 0.2 * peak  # and the cosine ran out by the last epoch
+    _, meta = _load_checkpoint(tmp_path / "run" / "checkpoint.safetensors")
+    assert meta["planned_epochs"] == len(history) == meta["epoch"]
+
+
+def test_checkpoints_every_n_epochs_and_at_the_last(image_folder, tmp_path, monkeypatch):
+    from featcache import simclr
+
+    saved, write = [], simclr._save_checkpoint
+
+    def recording(path, tensors, meta):
+        if path.name == simclr.CHECKPOINT:  # not the exported encoder
+            saved.append(meta["epoch"])
+        write(path, tensors, meta)
+
+    monkeypatch.setattr(simclr, "_save_checkpoint", recording)
+    pretrain(_cfg(image_folder, tmp_path / "run", epochs=5, checkpoint_every=2, knn_every=0))
+    assert saved == [0, 2, 4, 5]
+
+
 def test_resume_continues_from_the_checkpoint(image_folder, tmp_path):
     out = tmp_path / "run"
     first = pretrain(_cfg(image_folder, out, epochs=2))
