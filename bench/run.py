@@ -83,15 +83,14 @@ def _timed(fn, repeat: int = 1):
 # Extraction
 
 
-def weights_for(backbone: str) -> str | None:
-    """Hub entries run from a local random-weight checkpoint of the real architecture (one
-    per backbone, kept for every measurement of the run)."""
+def weights_for(backbone: str, root: Path = WORK / "random-weights") -> str | None:
+    """--weights for an entry: hub and SimCLR entries run from a random-weight checkpoint of
+    the real architecture, saved once under ``root`` and reused by every measurement."""
     from featcache.backbones import save_random_weights
 
-    root = WORK / "random-weights" / backbone
-    saved = root / "weights-path"
+    saved = root / backbone / "weights-path"
     if not saved.exists():
-        path = save_random_weights(backbone, root)
+        path = save_random_weights(backbone, root / backbone)  # makes the folder
         saved.write_text(str(path) if path else "")
     return saved.read_text() or None
 

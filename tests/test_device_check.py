@@ -5,14 +5,25 @@ import json
 import os
 import subprocess
 import sys
+import tarfile
+import zipfile
 
 import pytest
-from conftest import REPO
+from conftest import REPO, SHARED_CIFAR, make_image_folder
 
 CHECKS = {"registry", "throughput", "torchrun", "evaluation"}
 
 
-def test_the_cpu_rehearsal_runs_every_check_and_passes(cifar_dir, tmp_path):
+@pytest.fixture
+def ten_classes(request, tmp_path):
+    """Real CIFAR-10 where ../shared has it, else ten classes of synthetic 32x32 images."""
+    if (SHARED_CIFAR / "test.tar.gz").is_file():
+        return request.getfixturevalue("cifar_dir")
+    classes = tuple(f"class{i}" for i in range(10))
+    return make_image_folder(tmp_path / "images", classes=classes, train=12, test=6)
+
+
+def test_the_cpu_rehearsal_runs_every_check_and_passes(ten_classes, tmp_path):
     from featcache.backbones import available_backbones, get_spec
 
     env = {
@@ -20,7 +31,7 @@ def test_the_cpu_rehearsal_runs_every_check_and_passes(cifar_dir, tmp_path):
         "DEVICE": "cpu",
         "SMALL": "1",
         "PY": sys.executable,
-        "DATA": str(cifar_dir),
+        "DATA": str(ten_classes),
         "OUT": str(tmp_path / "out"),
         "WORK": str(tmp_path / "work"),
     }
@@ -45,7 +56,12 @@ def test_the_cpu_rehearsal_runs_every_check_and_passes(cifar_dir, tmp_path):
     }
     assert seen == expected
     assert all(row["images"] == 10 for row in report["checks"]["registry"]["rows"])
-    assert report["checks"]["throughput"]["stored"] == 20
+    assert report["checks"]["throughput"]["images"] == 20
+    assert set(report["checks"]["evaluation"]["top1"]) == {
+        "cpu",
+        "device",
+        "device store, cpu probe",
+    }
     table = (tmp_path / "out" / "device-check.md").read_text()
     assert all(f"| {name} |" in table for name in CHECKS)
 
@@ -79,3 +95,54 @@ def test_a_broken_check_fails_the_run_and_the_others_still_run(device_check, mon
     monkeypatch.setattr(device_check, "check_evaluation", lambda *args: {"pass": False})
     monkeypatch.setattr(device_check, "check_torchrun", lambda *args: {"pass": True})
     assert device_check.main() == 1  # a failed check, not only a broken one
+
+
+def _wheel(path, name: str) -> None:
+    """A minimal pure-Python wheel holding one module ``name`` (VALUE = 42)."""
+    dist = f"{name}-0.1.dist-info"
+    files = {
+        f"{name}/__init__.py": "VALUE = 42\n",
+        f"{dist}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.1\n",
+        f"{dist}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\n"
+        "Tag: py3-none-any\n",
+    }
+    files[f"{dist}/RECORD"] = "".join(f"{f},,\n" for f in [*files, f"{dist}/RECORD"])
+    with zipfile.ZipFile(path / f"{name}-0.1-py3-none-any.whl", "w") as z:
+        for f, text in files.items():
+            z.writestr(f, text)
+
+
+def test_the_device_environment_sees_the_image_packages_and_the_pack(tmp_path):
+    """What bench/device_env.sh does on the GPU machine, from a Python playing its image:
+    a virtual environment over that Python's packages, the packed wheels, featcache, and
+    CIFAR unpacked from the pack."""
+    pack = tmp_path / "pack"
+    (pack / "wheels").mkdir(parents=True)
+    _wheel(pack / "wheels", "packed_probe")
+    images = make_image_folder(tmp_path / "images", train=1, test=1)
+    (pack / "cifar10-jpeg").mkdir()
+    for split in ("train", "test"):
+        with tarfile.open(pack / "cifar10-jpeg" / f"{split}.tar.gz", "w:gz") as tar:
+            tar.add(images / split, arcname=split)
+    venv, data = tmp_path / "venv", tmp_path / "data"
+    script = (
+        f"set -euo pipefail; source {REPO}/bench/device_env.sh; "
+        '"$PY" -c "import featcache, packed_probe, torch, h5py; '
+        'print(featcache.__file__, packed_probe.VALUE)"; echo "$PY $DATA"'
+    )
+    env = {
+        **{k: v for k, v in os.environ.items() if k != "PY"},
+        "DEVICE_VENV": "1",
+        "BASE_PYTHON": sys.executable,
+        "DEVICE_VENV_DIR": str(venv),
+        "PACK": str(pack),
+        "DATA": str(data),
+    }
+    r = subprocess.run(
+        ["bash", "-c", script], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    module, value, py, where = r.stdout.split()
+    assert module.startswith(str(venv)) and value == "42"  # installed into the environment
+    assert py == str(venv / "bin" / "python") and where == str(data)
+    assert sorted(p.name for p in (data / "train").iterdir()) == ["cat", "dog", "frog"]
