@@ -37,6 +37,8 @@ FORMAT = "featcache-store/1"
 FEATURE_VERSION = 1
 
 _STR = h5py.string_dtype()
+# Lock files this process holds (POSIX locks do not exclude their own process).
+_HELD: set[Path] = set()
 
 
 def fingerprint(fields: dict) -> str:
@@ -105,6 +107,7 @@ class ShardedWriter:
     with another fingerprint, is refused (naming the differing field) unless ``overwrite``; a
     finished store with the same fingerprint sets ``complete``. ``begin()`` then takes an
     exclusive lock on the work folder, so two extractions into one store cannot interleave.
+    The lock dies with the process that took it (not with its forked loader workers).
     """
 
     def __init__(self, out: Path, fields: dict, overwrite: bool = False):
@@ -151,16 +154,26 @@ class ShardedWriter:
         other ranks begin only after it (a barrier in the caller).
         """
         self.parts.mkdir(exist_ok=True)
-        lock = "lock" if rank == 0 else f"lock.{rank}"
-        self._lock = open(self.parts / lock, "w")  # noqa: SIM115 - held for the run
+        path = (self.parts / ("lock" if rank == 0 else f"lock.{rank}")).resolve()
+        busy = StoreError(
+            f"another featcache extraction is writing {self.out} right now; wait for it "
+            "or choose another --out"
+        )
+        if path in _HELD:  # POSIX locks do not exclude the process that holds them
+            raise busy
+        self._lock = open(path, "w")  # noqa: SIM115 - held for the run
         try:
-            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            # A POSIX record lock, not flock: it belongs to this process alone, so it dies
+            # with it, where a flock would live on in forked loader workers (seconds after
+            # a kill -9, refusing the immediate rerun).
+            fcntl.lockf(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
             self._lock.close()
-            raise StoreError(
-                f"another featcache extraction is writing {self.out} right now; wait for it "
-                "or choose another --out"
-            ) from None
+            if exc.errno in (errno.EACCES, errno.EAGAIN):
+                raise busy from None
+            raise
+        _HELD.add(path)
+        self._lock_path = path
         if rank != 0:
             return
         self._check_partial()  # checked again under the lock
@@ -261,7 +274,8 @@ class ShardedWriter:
     def close(self) -> None:
         lock = getattr(self, "_lock", None)
         if lock is not None and not lock.closed:
-            lock.close()
+            _HELD.discard(self._lock_path)
+            lock.close()  # releases the lock
 
 
 def _stored_fields(path: Path) -> dict | None:

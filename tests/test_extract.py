@@ -3,16 +3,18 @@
 import json
 import os
 import signal
+import sys
 import time
+from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
-from conftest import assert_equal_stores, start, tiny_extract
+from conftest import assert_equal_stores, make_image_folder, start, tiny_extract
 
 from featcache.errors import BadImageError, SpecMismatchError, StoreError
 from featcache.extract import ExtractConfig, extract
-from featcache.store import FEATURE_VERSION, Store
+from featcache.store import FEATURE_VERSION, ShardedWriter, Store
 
 
 def _cfg(folder, out, **kw):
@@ -140,6 +142,61 @@ def test_kill_9_midway_then_rerun_resumes_with_equal_features(image_folder, tmp_
     assert_equal_stores(out, tmp_path / "ref.h5")
 
 
+def _children(pid: int) -> list[int]:
+    return [
+        int(c)
+        for task in Path(f"/proc/{pid}/task").iterdir()
+        for c in (task / "children").read_text().split()
+    ]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_kill_9_with_its_loader_worker_then_an_immediate_rerun_completes(tmp_path):
+    """As a user would: the real CLI, a real backbone and the default loader worker, which
+    outlives its killed parent by seconds and must not hold the store's lock meanwhile."""
+    images = make_image_folder(tmp_path / "images", train=40, test=8)
+
+    def cmd(out):
+        return [
+            sys.executable, "-m", "featcache", "extract", "--backbone", "efficientnet-lite0",
+            "--dataset", f"imagefolder:{images}", "--out", str(out), "--batch-size", "4",
+            "--shard-size", "8", "--no-progress",
+        ]  # fmt: skip
+
+    out, parts = tmp_path / "s.h5", tmp_path / "s.h5.parts"
+    p = start(cmd(out))
+    deadline = time.time() + 300
+    while len(list(parts.glob("train-*.h5"))) < 2 and time.time() < deadline:
+        time.sleep(0.02)
+    workers = _children(p.pid)
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    # At once, as the rerun will: the lock must have died with the process that took it.
+    writer = ShardedWriter(out, json.loads((parts / "spec.json").read_text()))
+    try:
+        writer.begin()
+        outlived = [w for w in workers if _alive(w)]
+    finally:
+        writer.close()
+    assert outlived, "no loader worker outlived its parent: the test proved nothing"
+    done = len(list(parts.glob("*-*.h5")))
+    assert 2 <= done < 18 and not out.exists()  # killed midway: 15 train and 3 test shards
+    rerun = start(cmd(out))
+    log = rerun.communicate(timeout=300)[0]
+    assert rerun.returncode == 0, log
+    assert f"{done * 8} resumed from shards" in log
+    ref = start(cmd(tmp_path / "ref.h5"))
+    assert ref.wait(300) == 0, ref.stdout.read()
+    assert_equal_stores(out, tmp_path / "ref.h5", features=("pooled",))
+
+
 def test_second_extraction_into_the_same_store_is_refused(image_folder, tmp_path):
     args = tiny_extract(image_folder, tmp_path / "s.h5", "--batch-size", 2)
     first = start(args, FEATCACHE_TEST_DELAY="0.2")
@@ -152,6 +209,19 @@ def test_second_extraction_into_the_same_store_is_refused(image_folder, tmp_path
     assert second.returncode == 1 and "another featcache extraction is writing" in log
     assert first.wait(120) == 0
     assert Store(tmp_path / "s.h5").sizes == {"train": 36, "test": 12}
+
+
+def test_a_second_writer_in_the_same_process_is_refused_until_the_first_closes(tmp_path):
+    first = ShardedWriter(tmp_path / "s.h5", {"spec": 1})
+    first.begin()
+    try:
+        with pytest.raises(StoreError, match="another featcache extraction is writing"):
+            ShardedWriter(tmp_path / "s.h5", {"spec": 1}).begin()
+    finally:
+        first.close()
+    again = ShardedWriter(tmp_path / "s.h5", {"spec": 1})
+    again.begin()
+    again.close()
 
 
 def test_augmented_views_are_cached_for_train_only_and_resume_exactly(image_folder, tmp_path):
