@@ -140,6 +140,8 @@ def _imagefolder(root: Path, wanted: tuple[str, ...]) -> dict[str, Split]:
         raise DatasetError(f"dataset folder {root} does not exist")
     root = root.resolve()
     present = [s for s in SPLITS if (root / s).is_dir()]
+    for s in present:
+        _refuse_escape(root / s, root)
     if not present:
         found = sorted(p.name for p in root.iterdir() if p.is_dir())
         raise DatasetError(
@@ -158,8 +160,7 @@ def _imagefolder(root: Path, wanted: tuple[str, ...]) -> dict[str, Split]:
         ids, labels, sizes = [], [], []
         for c, cls in enumerate(classes):
             cdir = split_root / cls
-            if cdir.is_symlink() and not cdir.resolve().is_relative_to(root):
-                raise DatasetError(f"{cdir} is a symlink leading outside the dataset root {root}")
+            _refuse_escape(cdir, root)
             files = _image_files(cdir, root) if cdir.is_dir() else []
             if not files:
                 raise DatasetError(
@@ -179,6 +180,12 @@ def _imagefolder(root: Path, wanted: tuple[str, ...]) -> dict[str, Split]:
             sizes=sizes,
         )
     return splits
+
+
+def _refuse_escape(path: Path, root: Path) -> None:
+    """Split folders, class folders and files may be symlinks, but only to inside the root."""
+    if path.is_symlink() and not path.resolve().is_relative_to(root):
+        raise DatasetError(f"{path} is a symlink leading outside the dataset root {root}")
 
 
 def _class_names(split_root: Path) -> list[str]:
@@ -202,8 +209,8 @@ def _image_files(cdir: Path, root: Path) -> list[tuple[str, int]]:
     for e in sorted(os.scandir(cdir), key=lambda e: e.name):
         if e.name.startswith(".") or not e.name.lower().endswith(IMAGE_EXTENSIONS):
             continue
-        if e.is_symlink() and not Path(e.path).resolve().is_relative_to(root):
-            raise DatasetError(f"{e.path} is a symlink leading outside the dataset root {root}")
+        if e.is_symlink():
+            _refuse_escape(Path(e.path), root)
         if e.is_file():
             out.append((e.name, e.stat().st_size))
     return out

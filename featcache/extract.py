@@ -139,11 +139,17 @@ def _collate(items):
     return order, stacked, errors
 
 
+# Bumped whenever this code's features for the same inputs change: part of the fingerprint, so
+# that stores and shards of an older version are refused.
+FEATURE_VERSION = 1
+
+
 def fingerprint_fields(
     cfg: ExtractConfig, spec: BackboneSpec, splits: dict[str, Split], precision: str
 ) -> dict:
     """Everything that shapes the features; its hash is the store's fingerprint."""
     return {
+        "feature_version": FEATURE_VERSION,
         "backbone": {
             "name": spec.name,
             "family": spec.family,

@@ -33,8 +33,6 @@ from featcache import __version__
 from featcache.errors import SpecMismatchError, StoreError
 
 FORMAT = "featcache-store/1"
-# Bumped whenever the features produced for the same inputs change (part of the fingerprint).
-FEATURE_VERSION = 1
 
 _STR = h5py.string_dtype()
 # Lock files this process holds (POSIX locks do not exclude their own process).
@@ -42,9 +40,18 @@ _HELD: set[Path] = set()
 
 
 def fingerprint(fields: dict) -> str:
-    """sha256 of the canonical JSON of everything that shaped the features."""
-    blob = json.dumps({**fields, "feature_version": FEATURE_VERSION}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()
+    """sha256 of the canonical JSON of everything that shaped the features.
+
+    The fields carry the version of the code that made the features (``feature_version``,
+    extract.FEATURE_VERSION), so that bumping it refuses older stores and shards.
+    """
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+
+
+def _versioned(fields: dict) -> dict:
+    """Fields recorded before they carried their feature version are version 1 (the hash
+    added it then: their recorded fingerprint is the same)."""
+    return fields if "feature_version" in fields else {**fields, "feature_version": 1}
 
 
 def first_difference(stored: dict, wanted: dict) -> str | None:
@@ -122,8 +129,8 @@ class ShardedWriter:
             )
         self.complete = False
         if self.out.exists():
-            stored = _stored_fields(self.out)
-            if stored is not None and fingerprint(stored) == self.fp:
+            recorded, stored = _stored_spec(self.out)
+            if recorded == self.fp:
                 self.complete = True
                 return
             if not overwrite:
@@ -139,7 +146,7 @@ class ShardedWriter:
         spec_path = self.parts / "spec.json"
         if not spec_path.exists() or not any(self.parts.glob("*.h5")):
             return
-        stored = json.loads(spec_path.read_text())
+        stored = _versioned(json.loads(spec_path.read_text()))
         if fingerprint(stored) != self.fp and not self.overwrite:
             raise SpecMismatchError(
                 f"{self.parts} holds a partial extraction with another spec "
@@ -178,7 +185,8 @@ class ShardedWriter:
             return
         self._check_partial()  # checked again under the lock
         spec_path = self.parts / "spec.json"
-        if not spec_path.exists() or fingerprint(json.loads(spec_path.read_text())) != self.fp:
+        recorded = _versioned(json.loads(spec_path.read_text())) if spec_path.exists() else None
+        if recorded is None or fingerprint(recorded) != self.fp:
             self._clear_shards()  # shards of an unrecorded spec cannot be trusted
             tmp = self.parts / "spec.json.tmp"
             tmp.write_text(json.dumps(self.fields, sort_keys=True, indent=1))
@@ -278,12 +286,13 @@ class ShardedWriter:
             lock.close()  # releases the lock
 
 
-def _stored_fields(path: Path) -> dict | None:
+def _stored_spec(path: Path) -> tuple[str | None, dict | None]:
+    """(recorded fingerprint, fields) of a finished store; (None, None) if it is none."""
     try:
         with h5py.File(path, "r") as f:
-            return json.loads(f.attrs["fields"])
+            return str(f.attrs["fingerprint"]), _versioned(json.loads(f.attrs["fields"]))
     except (OSError, KeyError, ValueError):
-        return None
+        return None, None
 
 
 def _refuse_foreign_data(f: h5py.File, path: Path) -> None:

@@ -10,11 +10,12 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+import torch
 from conftest import assert_equal_stores, make_image_folder, start, tiny_extract
 
 from featcache.errors import BadImageError, SpecMismatchError, StoreError
 from featcache.extract import ExtractConfig, extract
-from featcache.store import FEATURE_VERSION, ShardedWriter, Store
+from featcache.store import ShardedWriter, Store
 
 
 def _cfg(folder, out, **kw):
@@ -47,7 +48,6 @@ def test_store_is_plain_hdf5_with_metadata(image_folder, tmp_path):
         assert json.loads(f.attrs["config"])["dataset"].startswith("imagefolder:")
     s = Store(res.path)
     assert s.sizes == {"train": 36, "test": 12} and s.default_feature() == "pooled"
-    assert FEATURE_VERSION >= 1
 
 
 def test_features_do_not_depend_on_batch_size_or_workers(image_folder, tmp_path):
@@ -75,6 +75,93 @@ def test_other_spec_is_refused_naming_the_field_unless_overwrite(image_folder, t
     assert out.read_bytes() == before  # nothing lost
     res = extract(_cfg(image_folder, out, train_per_class=6, test_per_class=2, overwrite=True))
     assert Store(res.path).sizes["train"] == 18
+
+
+FIELDS = (
+    "feature_version",
+    "backbone",
+    "weights",
+    "preprocess",
+    "precision",
+    "views",
+    "subset",
+    "dataset",
+)
+
+
+def _change(field: str, monkeypatch, folder, tmp_path) -> dict:
+    """Change the one thing behind ``field``; returns the changed run's config keywords."""
+    from dataclasses import replace
+
+    from tiny_backbone import TINY
+
+    from featcache import backbones, extract
+
+    if field == "feature_version":  # the code's features changed
+        monkeypatch.setattr(extract, "FEATURE_VERSION", extract.FEATURE_VERSION + 1)
+    elif field == "backbone":
+        monkeypatch.setitem(backbones._REGISTRY, "test-tiny-2", replace(TINY, name="test-tiny-2"))
+        return {"backbone": "test-tiny-2"}
+    elif field == "weights":
+        from safetensors.torch import save_file
+
+        save_file({"w": torch.zeros(1)}, tmp_path / "w.safetensors")
+        return {"weights": str(tmp_path / "w.safetensors")}
+    elif field == "preprocess":  # the registry entry's normalisation changed
+        monkeypatch.setitem(backbones._REGISTRY, "test-tiny", replace(TINY, mean=(0.4,) * 3))
+    elif field == "precision":
+        return {"precision": "bf16"}
+    elif field == "views":
+        return {"views": 2}
+    elif field == "subset":
+        return {"train_per_class": 11}
+    elif field == "dataset":  # an image renamed: same count, same sizes
+        (folder / "train" / "cat" / "0000.png").rename(folder / "train" / "cat" / "0100.png")
+    return {}
+
+
+@pytest.mark.parametrize("field", FIELDS)
+def test_a_store_of_another_spec_is_refused_naming_the_field(
+    field, image_folder, tmp_path, monkeypatch
+):
+    out = tmp_path / "s.h5"
+    extract(_cfg(image_folder, out))
+    before = out.read_bytes()
+    changed = _change(field, monkeypatch, image_folder, tmp_path)
+    with pytest.raises(SpecMismatchError, match=f"already exists .*field '{field}' differs"):
+        extract(_cfg(image_folder, out, **changed))
+    assert out.read_bytes() == before  # nothing lost
+
+
+@pytest.mark.parametrize("field", FIELDS)
+def test_partial_work_of_another_spec_is_refused_naming_the_field(
+    field, image_folder, tmp_path, monkeypatch
+):
+    import tiny_backbone
+
+    out = tmp_path / "s.h5"
+    monkeypatch.setattr(tiny_backbone, "FAIL_AFTER", 5)  # crashes after shards 0 and 1
+    with pytest.raises(RuntimeError, match="injected"):
+        extract(_cfg(image_folder, out))
+    monkeypatch.setattr(tiny_backbone, "FAIL_AFTER", None)
+    shards = sorted((tmp_path / "s.h5.parts").glob("*.h5"))
+    changed = _change(field, monkeypatch, image_folder, tmp_path)
+    with pytest.raises(SpecMismatchError, match=f"partial extraction .*field '{field}' differs"):
+        extract(_cfg(image_folder, out, **changed))
+    assert sorted((tmp_path / "s.h5.parts").glob("*.h5")) == shards  # nothing lost
+
+
+def test_a_store_recorded_before_fields_carried_their_version_is_still_complete(
+    image_folder, tmp_path
+):
+    """Fields then lacked feature_version, which the hash added: the fingerprint is the same."""
+    out = tmp_path / "s.h5"
+    extract(_cfg(image_folder, out))
+    with h5py.File(out, "r+") as f:
+        fields = json.loads(f.attrs["fields"])
+        assert fields.pop("feature_version") == 1
+        f.attrs["fields"] = json.dumps(fields, sort_keys=True)
+    assert extract(_cfg(image_folder, out)).images == 0
 
 
 def test_missing_out_directory_is_a_clear_error(image_folder, tmp_path):

@@ -3,6 +3,7 @@ and nothing is executed or read outside the data root."""
 
 import io
 import os
+import shutil
 import struct
 import zlib
 from pathlib import Path
@@ -120,6 +121,22 @@ def test_class_folder_symlinked_outside_the_root_is_refused(tmp_path):
     (root / "test" / "zebra").mkdir()
     with pytest.raises(DatasetError, match="outside the dataset root"):
         load_dataset(f"imagefolder:{root}")
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_split_folder_symlinked_outside_the_root_is_refused(tmp_path, split):
+    root = make_image_folder(tmp_path / "data", train=2, test=1)
+    outside = make_image_folder(tmp_path / "elsewhere", train=2, test=1)
+    shutil.rmtree(root / split)
+    os.symlink(outside / split, root / split)
+    with pytest.raises(DatasetError, match=f"{split} is a symlink leading outside"):
+        load_dataset(f"imagefolder:{root}")
+    # A symlink that stays inside the root is fine.
+    os.unlink(root / split)
+    (root / "copies").mkdir()
+    shutil.copytree(outside / split, root / "copies" / split)
+    os.symlink(root / "copies" / split, root / split)
+    assert load_dataset(f"imagefolder:{root}")[split].ids[0] == "cat/0000.png"
 
 
 def _store_like(path, extra):
