@@ -20,6 +20,7 @@ import contextlib
 import errno
 import fcntl
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -82,6 +83,13 @@ def _commit(tmp: Path, final: Path) -> None:
     _fsync_dir(final.parent)
 
 
+def _disk_full(what: str, detail: str = "") -> StoreError:
+    return StoreError(
+        f"disk full while writing the {what}{detail}: free some space and rerun the same "
+        "command; the shards finished so far are kept and will not be redone"
+    )
+
+
 @contextlib.contextmanager
 def _cleanup_on_failure(tmp: Path, what: str):
     """Remove a half-written temporary file; a full disk becomes a clear error."""
@@ -90,11 +98,21 @@ def _cleanup_on_failure(tmp: Path, what: str):
     except BaseException as exc:
         tmp.unlink(missing_ok=True)
         if isinstance(exc, OSError) and (exc.errno == errno.ENOSPC or "No space left" in str(exc)):
-            raise StoreError(
-                f"disk full while writing the {what}: free some space and rerun the same "
-                "command; the shards finished so far are kept and will not be redone"
-            ) from exc
+            raise _disk_full(what) from exc
         raise
+
+
+def _hdf5_image(fill) -> memoryview:
+    """An HDF5 file made in memory by ``fill(file)``, as bytes.
+
+    HDF5 is never the one to meet a full disk: when its own writes fail it prints errors
+    from deallocators and can crash the process (seen: a segfault on a full tmpfs). Plain
+    Python writes the bytes instead, and ENOSPC is then an ordinary OSError.
+    """
+    buf = io.BytesIO()
+    with h5py.File(buf, "w") as f:
+        fill(f)
+    return buf.getbuffer()  # no copy
 
 
 def _write_split(group: h5py.Group, ids, labels, arrays: dict, skipped) -> None:
@@ -208,10 +226,14 @@ class ShardedWriter:
     ) -> None:
         final = self.shard_path(split, index)
         tmp = final.with_suffix(".tmp")
+
+        def fill(f: h5py.File) -> None:
+            _write_split(f, ids, labels, arrays, skipped)
+            f.attrs["seconds"] = seconds
+
+        image = _hdf5_image(fill)
         with _cleanup_on_failure(tmp, "shard " + final.name):
-            with h5py.File(tmp, "w") as f:
-                _write_split(f, ids, labels, arrays, skipped)
-                f.attrs["seconds"] = seconds
+            tmp.write_bytes(image)
             _commit(tmp, final)
 
     def assemble(self, splits: dict[str, int], meta: dict) -> Path:
@@ -229,6 +251,20 @@ class ShardedWriter:
             )
         for stale in self.out.parent.glob(f".{self.out.name}.tmp-*"):
             stale.unlink(missing_ok=True)  # left by a killed assembly; we hold the lock
+        # The store is about as large as its shards. Checked first, as HDF5 is not to meet a
+        # full disk (_hdf5_image); space taken by others meanwhile can still crash it, which
+        # loses nothing: the shards stay, and the rerun assembles again.
+        need = sum(
+            self.shard_path(split, i).stat().st_size
+            for split, n in splits.items()
+            for i in range(n)
+        )
+        free = shutil.disk_usage(self.out.parent).free
+        if need > free:
+            raise _disk_full(
+                f"store {self.out}",
+                f" (it needs about {need / 2**20:.1f} MiB, {free / 2**20:.1f} free)",
+            )
         tmp = self.out.with_name(f".{self.out.name}.tmp-{os.getpid()}")
         seconds = 0.0
         with _cleanup_on_failure(tmp, f"store {self.out}"):

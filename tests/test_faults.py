@@ -131,3 +131,69 @@ def test_full_disk_is_a_clear_error_and_the_rerun_completes(image_folder, tmp_pa
     assert r.returncode == 0, r.stderr
     assert f"{(k - 2) * 2} resumed from shards" in r.stdout or k == 2
     assert_equal_stores(out, ref)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real filesystem of its own (a 4 MiB tmpfs) that a test can fill up."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk)], capture_output=True
+    )
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {r.stderr.decode().strip()}")
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], check=True)
+
+
+def _leave_free(disk, pages: int) -> None:
+    """Fill the disk up to ``pages`` free 4 KiB pages (tmpfs counts whole pages per file)."""
+    (disk / "filler").unlink(missing_ok=True)
+    st = os.statvfs(disk)
+    (disk / "filler").write_bytes(b"\0" * (st.f_bavail * st.f_frsize - pages * 4096))
+
+
+def _pages(nbytes: int) -> int:
+    return -(-nbytes // 4096)
+
+
+@pytest.mark.parametrize("where", ["shard", "store"])
+def test_a_real_full_disk_inside_hdf5_is_a_clear_error_and_the_rerun_completes(
+    image_folder, tmp_path, small_disk, where
+):
+    """ENOSPC from HDF5's own write or close (not an injected rename): at the 2nd shard, and
+    while assembling the store once every shard is committed."""
+    import numpy as np
+
+    from featcache.store import ShardedWriter
+
+    ref = tmp_path / "ref.h5"
+    assert subprocess.run(_args(image_folder, ref), capture_output=True).returncode == 0
+    probe = ShardedWriter(tmp_path / "probe.h5", {"probe": 1})  # a shard's size on disk
+    probe.begin()
+    zeros = np.zeros((2, 16), np.float32)
+    arrays = {"features/pooled": zeros, "features/maxpool": zeros}
+    probe.write_shard("train", 0, ["cat/0000.png"] * 2, [0, 0], arrays, [], 0.1)
+    shard = _pages(os.path.getsize(probe.shard_path("train", 0)))
+    probe.close()
+    if where == "shard":  # the spec and the first shard fit, the second does not
+        free = 1 + shard + shard // 2
+    else:  # every shard fits, half the store does
+        free = 1 + SHARDS * shard + _pages(os.path.getsize(ref)) // 2
+    out = small_disk / "s.h5"
+    _leave_free(small_disk, free)
+    r = subprocess.run(_args(image_folder, out), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert f"disk full while writing the {where}" in r.stderr
+    shards = sorted((small_disk / "s.h5.parts").glob("*-*.h5"))
+    assert len(shards) == (1 if where == "shard" else SHARDS)
+    for s in shards:  # committed shards are intact
+        with h5py.File(s, "r") as f:
+            assert len(f["ids"]) == 2
+    assert not list(small_disk.rglob("*.tmp*")) and not out.exists()  # no half-written file
+    (small_disk / "filler").unlink()  # space freed: the same command finishes the work
+    r = subprocess.run(_args(image_folder, out), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert f"{len(shards) * 2} resumed from shards" in r.stdout
+    assert_equal_stores(out, ref)
