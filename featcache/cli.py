@@ -5,9 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import os
 import sys
-from pathlib import Path
 
 import click
 
@@ -53,14 +51,10 @@ def _probe_default(name: str):
 
 
 def _write_json(result: dict, path: str | None) -> None:
-    if path is None:
-        return
-    out = Path(path)
-    if not out.parent.is_dir():
-        raise FeatcacheError(f"--json {out}: directory {out.parent} does not exist")
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    os.replace(tmp, out)
+    from featcache.store import write_atomic
+
+    if path is not None:
+        write_atomic(path, json.dumps(result, indent=1))
 
 
 @click.group()
@@ -400,19 +394,44 @@ def simclr(**kw) -> None:
 
 
 @main.command()
-@click.option("--backbone", required=True, help="A ViT entry, e.g. dino-vits16.")
-@click.option("--weights", default=None, help="Local weights: directory or .safetensors file.")
-@click.option("--images", required=True, multiple=True, help="Image files or folders.")
+@click.option(
+    "--store",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="Map the store's first test images with its own backbone into S.attention.npz "
+    "beside it (the report shows them).",
+)
+@click.option("--backbone", default=None, help="With --images: a ViT entry, e.g. dino-vits16.")
+@click.option("--weights", default=None, help="With --images: local weights (dir or file).")
+@click.option("--images", multiple=True, help="Image files or folders to map into --out.")
 @click.option("--max-images", type=int, default=4, show_default=True)
-@click.option("--out", required=True, help="PNG to write.")
+@click.option("--out", default=None, help="PNG to write.")
 @_friendly
-def attention(backbone, weights, images, max_images, out) -> None:
+def attention(store, backbone, weights, images, max_images, out) -> None:
     """The last block's CLS-to-patch attention of every head (DINO's visualisation)."""
-    from featcache.attention import attention_maps, load_images, plot_attention
+    from featcache.attention import (
+        attention_maps,
+        load_images,
+        plot_attention,
+        read_store_attention,
+        save_store_attention,
+    )
+    from featcache.store import Store
 
-    shown, maps = attention_maps(backbone, weights, load_images(list(images), max_images))
-    plot_attention(shown, maps, out, f"{backbone}: last-block CLS attention per head")
-    click.echo(f"attention maps of {len(shown)} images x {maps.shape[1]} heads -> {out}")
+    if (store is None) == (not images):
+        raise click.UsageError("give either --store S or --images (with --backbone and --out)")
+    if store is not None:
+        path = save_store_attention(store, max_images)
+        shown, maps = read_store_attention(Store(store))
+        backbone = Store(store).fields["backbone"]["name"]
+        click.echo(f"attention maps of {len(shown)} test images x {maps.shape[1]} heads -> {path}")
+    else:
+        if backbone is None or out is None:
+            raise click.UsageError("--images needs --backbone and --out")
+        shown, maps = attention_maps(backbone, weights, load_images(list(images), max_images))
+    if out is not None:
+        plot_attention(shown, maps, out, f"{backbone}: last-block CLS attention per head")
+        click.echo(f"attention maps of {len(shown)} images x {maps.shape[1]} heads -> {out}")
 
 
 @main.command()

@@ -1,8 +1,11 @@
 """One self-contained HTML page comparing stores: a table and plots, images embedded.
 
 Results are read from JSON files beside each store (``S.probe.json``, ``S.probe-noviews.json``,
-``S.knn.json``, ``S.cluster.json``, ``S.shots.json``, as written by ``--json``); what is missing
-is computed and saved there, so a second report is instant.
+``S.knn.json``, ``S.cluster.json``, ``S.shots.json``, as written by ``--json``) when they were
+computed from this store with a config that covers what the report shows; the others are
+computed and saved there, so a second report is instant. Attention maps come from
+``S.attention.npz`` (``featcache attention --store S``). Stage 2: the report reads stores and
+the files beside them, never a dataset or a model.
 """
 
 from __future__ import annotations
@@ -12,13 +15,14 @@ import html
 import io
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
 from featcache import __version__
-from featcache.store import Store
+from featcache.attention import plot_attention, read_store_attention
+from featcache.store import Store, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +35,6 @@ class ReportConfig:
     shots: tuple[int, ...] = (1, 5, 10)
     repeats: int = 3
     tsne_points: int = 2000
-    attention_images: int = 3
     seed: int = 0
 
     def __post_init__(self):
@@ -43,16 +46,29 @@ def result_path(store: Path, kind: str) -> Path:
     return store.with_name(f"{store.stem}.{kind}.json")
 
 
-def _cached(store: Store, kind: str, compute) -> dict:
-    """A result beside the store if it matches the store's fingerprint, else computed, saved."""
+# Config fields that do not change a result (where it ran, which file it read).
+_INCIDENTAL = ("store", "device")
+
+
+def _same(config: dict, wanted) -> bool:
+    want = json.loads(json.dumps(asdict(wanted)))  # tuples as the JSON's lists
+    return all(config.get(k) == v for k, v in want.items() if k not in _INCIDENTAL)
+
+
+def _cached(store: Store, kind: str, covers, compute) -> dict:
+    """The result beside the store if it was computed from this store with a config that
+    ``covers`` what the report shows, else computed now and saved there (atomically)."""
     path = result_path(store.path, kind)
     if path.is_file():
-        result = json.loads(path.read_text())
-        if result.get("fingerprint") == store.fingerprint:
+        try:
+            result = json.loads(path.read_text())
+        except ValueError:
+            result = {}
+        if result.get("fingerprint") == store.fingerprint and covers(result.get("config", {})):
             return result
-        log.info("%s belongs to another store version; recomputing", path)
+        log.info("%s was computed from another store version or config; recomputing", path)
     result = compute()
-    path.write_text(json.dumps(result, indent=1))
+    write_atomic(path, json.dumps(result, indent=1))
     return result
 
 
@@ -68,20 +84,30 @@ def gather(store: Store, cfg: ReportConfig) -> dict:
     ks = tuple(k for k in cfg.ks if k <= n_train) or (min(n_train, 1),)
     min_class = int(np.bincount(store.read("train", "labels")).min())
     shots = tuple(k for k in cfg.shots if k <= min_class)
+    probe, knn = ProbeConfig(store=s), KnnConfig(store=s, ks=ks)
+    cluster = ClusterConfig(store=s)
+
+    def knn_covers(c: dict) -> bool:  # every k the report shows, the same vote otherwise
+        return set(ks) <= set(c.get("ks", ())) and _same({**c, "ks": list(ks)}, knn)
+
     out = {
-        "probe": _cached(store, "probe", lambda: run_probe(ProbeConfig(store=s))),
-        "knn": _cached(store, "knn", lambda: run_knn(KnnConfig(store=s, ks=ks))),
-        "cluster": _cached(store, "cluster", lambda: run_cluster(ClusterConfig(store=s))),
+        "probe": _cached(store, "probe", lambda c: _same(c, probe), lambda: run_probe(probe)),
+        "knn": _cached(store, "knn", knn_covers, lambda: run_knn(knn)),
+        "cluster": _cached(
+            store, "cluster", lambda c: _same(c, cluster), lambda: run_cluster(cluster)
+        ),
     }
     if shots:
-        out["shots"] = _cached(
-            store,
-            "shots",
-            lambda: run_shots(ShotsConfig(store=s, shots=shots, repeats=cfg.repeats)),
-        )
+        shots_cfg = ShotsConfig(store=s, shots=shots, repeats=cfg.repeats)
+
+        def shots_covers(c: dict) -> bool:
+            return set(shots) <= set(c.get("shots", ())) and c.get("repeats") == cfg.repeats
+
+        out["shots"] = _cached(store, "shots", shots_covers, lambda: run_shots(shots_cfg))
     if store.num_views > 1:
+        noviews = ProbeConfig(store=s, use_views=False)
         out["probe_noviews"] = _cached(
-            store, "probe-noviews", lambda: run_probe(ProbeConfig(store=s, use_views=False))
+            store, "probe-noviews", lambda c: _same(c, noviews), lambda: run_probe(noviews)
         )
     return out
 
@@ -213,21 +239,11 @@ def fig_per_class(names, results, class_names) -> str:
     return _png(fig)
 
 
-def fig_attention(store: Store, cfg: ReportConfig) -> str | None:
-    """Attention maps of the store's backbone over a few of its test images, if a ViT."""
-    from featcache.attention import attention_maps, plot_attention
-    from featcache.backbones import get_spec
-    from featcache.datasets import load_dataset
-
-    cfg_store = store.config
-    if not get_spec(cfg_store["backbone"]).attention:
-        return None
-    split = load_dataset(cfg_store["dataset"], cfg_store.get("data_root"), ("test",))["test"]
-    ids = store.read("test", "ids")[: cfg.attention_images].tolist()
-    images = [split.load(split.ids.index(i)) for i in ids]
-    shown, maps = attention_maps(cfg_store["backbone"], cfg_store.get("weights"), images)
+def fig_attention(store: Store, images: np.ndarray, maps: np.ndarray) -> str:
     buf = io.BytesIO()
-    plot_attention(shown, maps, buf, f"{cfg_store['backbone']}: last-block CLS attention")
+    plot_attention(
+        images, maps, buf, f"{store.fields['backbone']['name']}: last-block CLS attention"
+    )
     return base64.b64encode(buf.getvalue()).decode()
 
 
@@ -362,19 +378,17 @@ def build_report(cfg: ReportConfig) -> Path:
         f'src="data:image/png;base64,{fig_per_class(names, results, class_names)}">',
     ]
     for name, store in zip(names, stores):
-        try:
-            png = fig_attention(store, cfg)
-        except Exception as exc:  # noqa: BLE001 - a missing map must not sink the report
-            sections.append(
-                f'<p class="note">attention maps of {html.escape(name)} '
-                f"unavailable: {html.escape(str(exc))}</p>"
-            )
+        if not store.backbone_spec.get("attention"):
             continue
-        if png:
-            sections += [
-                f"<h2>Attention maps: {html.escape(name)}</h2>",
-                f'<img alt="attention {html.escape(name)}" src="data:image/png;base64,{png}">',
-            ]
+        sections.append(f"<h2>Attention maps: {html.escape(name)}</h2>")
+        saved = read_store_attention(store)  # (images, maps), or why there are none
+        if isinstance(saved, str):
+            sections.append(f'<p class="note">{html.escape(saved)}</p>')
+        else:
+            png = fig_attention(store, *saved)
+            sections.append(
+                f'<img alt="attention {html.escape(name)}" src="data:image/png;base64,{png}">'
+            )
 
     page = (
         "<!DOCTYPE html><html><head><meta charset='utf-8'><title>featcache report</title>"
@@ -387,7 +401,5 @@ def build_report(cfg: ReportConfig) -> Path:
         + _SELF_CHECK
         + "</body></html>"
     )
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(page)
-    tmp.replace(out)
+    write_atomic(out, page)
     return out

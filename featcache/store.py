@@ -83,23 +83,38 @@ def _commit(tmp: Path, final: Path) -> None:
     _fsync_dir(final.parent)
 
 
-def _disk_full(what: str, detail: str = "") -> StoreError:
+_SHARDS_KEPT = "; the shards finished so far are kept and will not be redone"
+
+
+def _disk_full(what: str, detail: str = "", kept: str = _SHARDS_KEPT) -> StoreError:
     return StoreError(
         f"disk full while writing the {what}{detail}: free some space and rerun the same "
-        "command; the shards finished so far are kept and will not be redone"
+        f"command{kept}"
     )
 
 
 @contextlib.contextmanager
-def _cleanup_on_failure(tmp: Path, what: str):
+def _cleanup_on_failure(tmp: Path, what: str, kept: str = _SHARDS_KEPT):
     """Remove a half-written temporary file; a full disk becomes a clear error."""
     try:
         yield
     except BaseException as exc:
         tmp.unlink(missing_ok=True)
         if isinstance(exc, OSError) and (exc.errno == errno.ENOSPC or "No space left" in str(exc)):
-            raise _disk_full(what) from exc
+            raise _disk_full(what, kept=kept) from exc
         raise
+
+
+def write_atomic(path: str | Path, data: str | bytes) -> None:
+    """Write a file whole or not at all (results, reports): a temporary file beside it,
+    fsynced, then renamed over ``path``."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise StoreError(f"{path}: directory {path.parent} does not exist")
+    tmp = path.with_name(f".{path.name}.tmp")
+    with _cleanup_on_failure(tmp, f"file {path}", kept=""):
+        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+        _commit(tmp, path)
 
 
 def _hdf5_image(fill) -> memoryview:
@@ -394,6 +409,8 @@ class Store:
         self.class_names: list[str] = json.loads(self.attrs["class_names"])
         self.config: dict = json.loads(self.attrs["config"])
         self.extraction: dict = json.loads(self.attrs.get("extraction", "{}"))
+        # The registry entry it was made with, as recorded (stage 2 never asks the registry).
+        self.backbone_spec: dict = json.loads(self.attrs.get("backbone_spec", "{}"))
 
     def default_feature(self) -> str:
         return self.fields["backbone"]["default_feature"]
