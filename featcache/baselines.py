@@ -1,8 +1,11 @@
 """Reference numbers on a store's features: scikit-learn logistic regression and numpy k-NN.
 
-Uses the probe's own validation split and standardisation, so the comparison is like for like:
-LogisticRegression (lbfgs) with C chosen on that validation split, refit on the whole training
-split; a plain-numpy weighted k-NN (exp(sim/T) votes) on L2-normalised features.
+Uses the probe's own validation split, standardisation and selection criterion, so the
+comparison is like for like: LogisticRegression (lbfgs) with C chosen by the lowest validation
+loss on that split (ties: the stronger penalty), refit on the whole training split; a
+plain-numpy weighted k-NN (exp(sim/T) votes) on L2-normalised features. What still differs:
+lbfgs runs each fit to convergence, where the probe stops each head at its lowest validation
+loss and retrains for that many epochs.
 
     python -m featcache.baselines STORE.h5 [--features NAME] [--k 20] [--temperature 0.07]
 """
@@ -15,6 +18,7 @@ import time
 
 import numpy as np
 from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import log_loss
 
 from featcache.probe import ProbeConfig, stratified_split
 from featcache.store import Store
@@ -27,14 +31,17 @@ def sklearn_probe(xtr, ytr, xte, yte, val_fraction=0.1, seed=0, grid=C_GRID):
     xtr, xte = (xtr - mean) / std, (xte - mean) / std
     fit, val = stratified_split(ytr, val_fraction, seed)
     start = time.perf_counter()
-    scores = {}
+    losses, scores = {}, {}
+    classes = np.unique(ytr)
     for c in grid:
         clf = LogisticRegression(C=c, max_iter=1000).fit(xtr[fit], ytr[fit])
+        losses[c] = log_loss(ytr[val], clf.predict_proba(xtr[val]), labels=classes)
         scores[c] = clf.score(xtr[val], ytr[val])
-    best = max(grid, key=lambda c: (scores[c], -c))
+    best = min(grid, key=lambda c: (losses[c], c))  # as the probe: lowest validation loss
     clf = LogisticRegression(C=best, max_iter=1000).fit(xtr, ytr)
     return {
         "C": best,
+        "val_loss": losses[best],
         "val_top1": 100 * scores[best],
         "test_top1": 100 * clf.score(xte, yte),
         "seconds": time.perf_counter() - start,

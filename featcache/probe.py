@@ -181,6 +181,13 @@ def fit_probe(
     the clean images and all their views; validation and test use clean images only.
     """
     device = resolve_device(cfg.device)
+    for name, a in (("training", x_train), ("test", x_test), ("view", train_views)):
+        bad = 0 if a is None else int(a.size - np.isfinite(a).sum())
+        if bad:
+            raise ValueError(
+                f"the {name} features hold {bad} non-finite values (NaN or inf): no probe can "
+                "be trained on them; extract the store again (--precision fp32 if it was fp16)"
+            )
     gen = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     xtr, xte, *xviews = standardise(
@@ -218,6 +225,7 @@ def fit_probe(
     heads = _Heads(xf.shape[1], num_classes, cfg.weight_decays, curv, cfg, device, gen)
     best_loss = [math.inf] * s
     best_epoch = [0] * s
+    diverged: list[int | None] = [None] * s  # first epoch with a non-finite validation loss
     active = torch.ones(s, device=device)
     curves: list[list[dict]] = [[] for _ in range(s)]
     for epoch in range(cfg.max_epochs):
@@ -227,12 +235,20 @@ def fit_probe(
             if not active[h]:
                 continue
             curves[h].append({"epoch": epoch + 1, "train": train_m[h], "val": val_m[h]})
+            if not math.isfinite(val_m[h]["loss"]) and diverged[h] is None:
+                diverged[h] = epoch + 1
             if val_m[h]["loss"] < best_loss[h]:
                 best_loss[h], best_epoch[h] = val_m[h]["loss"], epoch + 1
             elif epoch + 1 - best_epoch[h] >= cfg.patience:
                 active[h] = 0.0
         if not active.any():
             break
+    if not any(math.isfinite(v) for v in best_loss):
+        raise ValueError(
+            "no weight decay reached a finite validation loss: "
+            + ", ".join(f"{wd:g} from epoch {e}" for wd, e in zip(cfg.weight_decays, diverged))
+            + f"; the step size diverged: lower --lr (it was {cfg.lr:g} after scaling)"
+        )
     sweep = [
         {
             "weight_decay": wd,

@@ -28,7 +28,7 @@ from featcache import __version__
 from featcache.augment import N_PARAMS, Augment
 from featcache.datasets import balanced_subset, load_dataset
 from featcache.device import autocast, keep_freed_memory, resolve_device, resolve_precision
-from featcache.errors import FeatcacheError
+from featcache.errors import FeatcacheError, WeightsError
 from featcache.knn import knn_evaluate
 from featcache.preprocess import Preprocess, to_rgb
 
@@ -393,8 +393,16 @@ def read_encoder(path: Path) -> tuple[dict[str, torch.Tensor], dict, Path]:
         path = path / ENCODER
     if not path.is_file():
         raise FeatcacheError(f"{path} not found: pass the RUN_DIR of `featcache pretrain simclr`")
-    tensors, meta = _load_checkpoint(path)
-    return tensors, meta["spec"], path
+    from safetensors import SafetensorError
+
+    try:
+        tensors, meta = _load_checkpoint(path)
+        return tensors, meta["spec"], path
+    except (SafetensorError, OSError, ValueError, KeyError, TypeError) as exc:
+        raise WeightsError(
+            f"--weights {path}: not a valid safetensors file from `featcache pretrain simclr` "
+            f"({type(exc).__name__}: {exc})"
+        ) from exc
 
 
 def plot_history(history: list[dict], path: Path) -> None:

@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 
@@ -28,9 +30,18 @@ def test_heap_guard_trims_only_past_the_slack(monkeypatch):
     assert len(trims) == 1  # only 1101 > 1.1 x the first shard's 1000
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs Linux's /proc")
 def test_resident_bytes_reads_this_process():
-    rss = device.resident_bytes()
-    assert rss is None or rss > 10 * 2**20  # a Python with torch holds well over 10 MiB
+    import mmap
+
+    before = device.resident_bytes()
+    block = mmap.mmap(-1, 64 * 2**20)  # fresh pages (malloc might reuse resident ones)
+    for page in range(0, len(block), 4096):
+        block[page] = 1  # touched: now resident
+    grown = device.resident_bytes() - before
+    block.close()
+    assert before > 10 * 2**20  # a Python with torch holds well over 10 MiB
+    assert 60 * 2**20 < grown < 70 * 2**20, grown
 
 
 def test_default_workers_leave_the_cpu_to_the_model():

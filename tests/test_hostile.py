@@ -191,17 +191,19 @@ def test_checkpoints_whose_pickle_would_run_code_are_never_unpickled(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     torch.save({"x": _RunsCode(marker)}, run / "encoder.safetensors")
-    with pytest.raises(Exception):  # noqa: B017 - any refusal will do; execution will not
+    with pytest.raises(WeightsError, match="not a valid safetensors"):
         load_backbone("simclr-resnet18", run)
     assert not marker.exists()
 
 
 def test_nothing_is_read_outside_the_data_root(tmp_path):
-    """Opening files is watched: only paths under the dataset root are images read."""
+    """Opening files is watched: an escaping symlink is refused before any image is opened,
+    and without it every image opened lies under the dataset root."""
     root = make_image_folder(tmp_path / "data", train=2, test=1)
     outside = tmp_path / "outside.png"
     Image.new("RGB", (8, 8)).save(outside)
-    os.symlink(outside, root / "train" / "dog" / "zz.png")
+    link = root / "train" / "dog" / "zz.png"
+    os.symlink(outside, link)
     opened = []
     real_open = Image.open
 
@@ -209,18 +211,23 @@ def test_nothing_is_read_outside_the_data_root(tmp_path):
         opened.append(Path(fp).resolve())
         return real_open(fp, *a, **k)
 
+    def run(name):
+        cfg = ExtractConfig(
+            backbone="test-tiny",
+            dataset=f"imagefolder:{root}",
+            out=str(tmp_path / name),
+            workers=0,
+            progress=False,
+        )
+        return extract(cfg)
+
     Image.open = spy
     try:
-        with pytest.raises(DatasetError):
-            extract(
-                ExtractConfig(
-                    backbone="test-tiny",
-                    dataset=f"imagefolder:{root}",
-                    out=str(tmp_path / "s.h5"),
-                    workers=0,
-                    progress=False,
-                )
-            )
+        with pytest.raises(DatasetError, match="zz.png is a symlink leading outside"):
+            run("s.h5")
+        assert opened == []  # refused while listing: not one image read
+        link.unlink()
+        run("t.h5")
     finally:
         Image.open = real_open
-    assert outside not in opened and all(p.is_relative_to(root.resolve()) for p in opened)
+    assert len(opened) == 9 and all(p.is_relative_to(root.resolve()) for p in opened)

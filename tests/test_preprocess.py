@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from featcache.preprocess import Preprocess, to_rgb
@@ -48,13 +49,25 @@ def test_centre_crop_keeps_the_centre():
     assert out[:, 112].mean() > 200 and out[:, 0].mean() < 10
 
 
-def test_device_upscale_interpolates_never_pads():
-    x = torch.full((2, 3, 32, 32), 128, dtype=torch.uint8)
-    y = P(x)
-    assert y.shape == (2, 3, 224, 224) and y.dtype == torch.float32
-    # A constant image stays constant everywhere (padding would leave a border).
-    expected = (128 / 255 - 0.5) / 0.25
-    torch.testing.assert_close(y, torch.full_like(y, expected), atol=1e-5, rtol=0)
+def test_device_upscale_interpolates_with_the_entry_mode_and_never_pads():
+    """A random image, not a constant one: the two modes differ, and each gives exactly the
+    interpolation of the whole image (padding or a crop would change the border)."""
+    x = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (2, 3, 32, 32), np.uint8))
+    out = {}
+    for mode in ("bilinear", "bicubic"):
+        q = Preprocess(224, mode, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), crop_pct=0.875)
+        y = q(x)
+        assert y.shape == (2, 3, 224, 224) and y.dtype == torch.float32
+        pixels = y * (0.25 * 255) + 0.5 * 255
+        reference = F.interpolate(x.float(), size=(224, 224), mode=mode, align_corners=False)
+        # Within one grey level of the float interpolation, bicubic's saturated overshoots
+        # (its horizontal pass is kept in 0..255) aside.
+        inside = (reference >= 0) & (reference <= 255)
+        if mode == "bilinear":
+            assert (pixels - reference).abs().max() <= 1 + 1e-3
+        assert ((pixels - reference).abs() <= 1 + 1e-3)[inside].float().mean() > 0.95
+        out[mode] = pixels
+    assert (out["bilinear"] - out["bicubic"]).abs().max() > 10  # the mode is the entry's
 
 
 def test_normalisation_uses_the_entry_mean_and_std():

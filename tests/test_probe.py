@@ -82,3 +82,19 @@ def test_views_add_training_rows_but_not_validation_rows():
     assert with_views["views"] == 3 and without["views"] == 1
     assert with_views["num_val"] == without["num_val"] == 9
     assert with_views["sweep"][0]["val"] != without["sweep"][0]["val"]
+
+
+def test_features_that_are_not_finite_are_refused_by_count():
+    x, y = _blobs(20, 3, 4, 0.1, 0)
+    x[3, 1], x[5, 2] = np.nan, np.inf
+    with pytest.raises(ValueError, match="training features hold 2 non-finite values"):
+        fit_probe(x, y, x, y, 3, ProbeConfig(store="-", max_epochs=2))
+
+
+def test_a_sweep_with_no_finite_validation_loss_is_an_error_not_chance_accuracy():
+    """It used to return an all-zero head, reported as a chance-level result."""
+    x, y = _blobs(20, 3, 4, 0.1, 0)
+    cfg = ProbeConfig(store="-", max_epochs=5, weight_decays=(0.0, 0.1), lr=1e300)
+    with pytest.raises(ValueError, match="no weight decay reached a finite validation loss") as e:
+        fit_probe(x, y, x, y, 3, cfg)
+    assert "0 from epoch 1, 0.1 from epoch 1" in str(e.value) and "lower --lr" in str(e.value)

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from featcache.backbones import load_backbone
+from featcache.errors import FeatcacheError
 from featcache.extract import ExtractConfig, extract
 from featcache.simclr import (
     ResNetCifar,
@@ -105,7 +106,7 @@ def test_resume_continues_from_the_checkpoint(image_folder, tmp_path):
     longer = pretrain(_cfg(image_folder, out, epochs=3))
     assert [h["epoch"] for h in longer["history"]] == [1, 2, 3]
     assert longer["history"][:2] == first["history"]  # not retrained
-    with pytest.raises(Exception, match="another config"):
+    with pytest.raises(FeatcacheError, match="another config"):
         pretrain(_cfg(image_folder, out, epochs=3, width=16))
 
 
