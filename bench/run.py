@@ -105,15 +105,19 @@ def bare_forward(
     weights: str | None = None,
 ) -> tuple[float, float]:
     """(images/s, seconds of the first call) of the model alone on ready-made normalised
-    tensors on the device; ``compile``: through torch.compile; ``weights``: as --weights
-    (default: weights_for)."""
+    tensors on the device, the best it can do: channels_last, TorchScript-frozen where
+    featcache freezes it (CNNs on the CPU), or through torch.compile with ``compile``;
+    ``weights``: as --weights (default: weights_for)."""
     from featcache.backbones import load_backbone
-    from featcache.device import autocast, inference_backends
+    from featcache.device import autocast, freezing_pays, inference_backends
+    from featcache.extract import frozen
 
     model, pre = load_backbone(backbone, weights or weights_for(backbone))
     model = model.to(device, memory_format=torch.channels_last)
     if compile:
         model = torch.compile(model, dynamic=False)
+    elif model.spec.cpu_freeze and freezing_pays(device):
+        model = frozen(model)
     x = torch.randn(batch, 3, pre.input_size, pre.input_size, device=device)
     x = x.contiguous(memory_format=torch.channels_last)
     sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
@@ -166,7 +170,8 @@ def featcache_end_to_end(
 
 
 def naive(backbone: str, n: int, batch: int, device) -> float:
-    """The usual script: PIL resize per image, transformers' processor, fp32, list batches."""
+    """The usual script: PIL resize per image, transformers' processor, fp32, list batches;
+    timed after one warm-up batch, as the bare forward is."""
     from PIL import Image
     from transformers import ViTImageProcessor
 
@@ -179,19 +184,24 @@ def naive(backbone: str, n: int, batch: int, device) -> float:
         image_mean=list(pre.mean),
         image_std=list(pre.std),
     )
-    files = sorted((cifar() / "train" / "airplane").glob("*.jpg"))[:n]
+    files = sorted(cifar().glob("train/*/*.jpg"))[: n + batch]
+
+    def run(chunk):
+        with torch.no_grad():
+            for i in range(0, len(chunk), batch):
+                images = [
+                    Image.open(f).convert("RGB").resize((pre.input_size,) * 2, Image.BILINEAR)
+                    for f in chunk[i : i + batch]
+                ]
+                inputs = processor(images=images, return_tensors="pt")
+                model(inputs["pixel_values"].to(device))
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    run(files[:batch])  # warm-up
     t = time.perf_counter()
-    with torch.no_grad():
-        for i in range(0, len(files), batch):
-            images = [
-                Image.open(f).convert("RGB").resize((pre.input_size,) * 2, Image.BILINEAR)
-                for f in files[i : i + batch]
-            ]
-            inputs = processor(images=images, return_tensors="pt")
-            model(inputs["pixel_values"].to(device))
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return len(files) / (time.perf_counter() - t)
+    run(files[batch:])
+    return (len(files) - batch) / (time.perf_counter() - t)
 
 
 def _child(*args: str) -> list[float]:
@@ -225,12 +235,20 @@ def child(kind: str, backbone: str, precision: str, n: str, tuned: str) -> None:
         print(naive(backbone, int(n), 32, device))
 
 
-# (images end to end, images for the bare forward, images for the naive pipeline). On a GPU
-# a few thousand images would time the start-up, not the pipeline: the whole training split.
+# (images end to end, images for the bare forward and the naive pipeline). On a GPU a few
+# thousand images would time the start-up, not the pipeline: the whole training split.
 EXTRACT_SIZES = {
-    "cpu": {"efficientnet-lite0": (4000, 1024, 128), "dino-vits16": (2000, 512, 64)},
-    "cuda": {"efficientnet-lite0": (50000, 16384, 512), "dino-vits16": (50000, 16384, 512)},
+    "cpu": {"efficientnet-lite0": (4000, 1024), "dino-vits16": (2000, 512)},
+    "cuda": {"efficientnet-lite0": (50000, 16384), "dino-vits16": (50000, 16384)},
 }
+
+
+def precisions(device: str) -> tuple[str, ...]:
+    """bf16 where it is native (GPUs, CPUs with AVX512-BF16 or AMX): emulated elsewhere, it
+    is 7x slower than fp32 (ViT-S/16 on a 2-core AMD EPYC: 1.7 against 11.7 images/s)."""
+    from featcache.device import cpu_has_native_bf16
+
+    return ("bf16", "fp32") if device == "cuda" or cpu_has_native_bf16() else ("fp32",)
 
 
 def bench_extract(quick: bool) -> str:
@@ -241,11 +259,11 @@ def bench_extract(quick: bool) -> str:
     # ViT-S/16: DINO's code path (transformers ViTModel) from a local checkpoint, as with
     # --weights; random weights, as the hub is out of reach here.
     sizes = EXTRACT_SIZES[device]
-    for backbone, (n, n_bare, n_naive) in sizes.items():
+    for backbone, (n, n_bare) in sizes.items():
         if quick:
-            n, n_bare, n_naive = n // 8, n_bare // 4, n_naive // 4
+            n, n_bare = n // 8, n_bare // 4
         r = {}
-        for precision in ("bf16", "fp32"):
+        for precision in precisions(device):
             # (a) and (b) alternate, best of each: other tenants only ever slow a run down.
             e2e, bare = [], []
             for _ in range(repeats):
@@ -260,7 +278,11 @@ def bench_extract(quick: bool) -> str:
                 f"(b) {', '.join(f'{v:.1f}' for v in bare)}"
             )
             print(runs[-1], flush=True)
-        r["naive"] = _child("naive", backbone, "fp32", str(n_naive), "default")[0]
+        naive_runs = [
+            _child("naive", backbone, "fp32", str(n_bare), "default")[0] for _ in range(repeats)
+        ]
+        r["naive"] = max(naive_runs)
+        runs.append(f"{backbone} naive fp32: (c) {', '.join(f'{v:.1f}' for v in naive_runs)}")
         rows.append((backbone, r))
         print(backbone, json.dumps({k: round(v, 1) for k, v in r.items()}), flush=True)
     lines = [
@@ -268,19 +290,22 @@ def bench_extract(quick: bool) -> str:
         "of `extract()` (dataset listing, model load, TorchScript freezing for CNNs, "
         f"extraction, store assembly) over {sizes['efficientnet-lite0'][0]} (lite0) or "
         f"{sizes['dino-vits16'][0]} (ViT) CIFAR training JPEGs upscaled to 224, channels_last, "
-        f"batches of {batch_size(device)}, the CLI's default loader workers. (b) bare forward "
-        "on ready-made tensors at the "
-        "same precision and layout, with the allocator setting featcache uses (mallopt); in "
-        "brackets with glibc's default, as a plain script runs. (c) naive: per-image PIL "
-        "resize to 224, transformers' ViTImageProcessor, fp32 forward, lists of 32 images. "
-        f"(a) and (b) ran alternately {repeats} times each; the table has the best of each "
-        "(every run is listed below it).",
+        f"batches of {batch_size(device)}, the CLI's default loader workers. (b) bare forward, "
+        "the best the model can do: ready-made tensors at the same precision and layout, "
+        "TorchScript-frozen where featcache freezes (CNNs on the CPU), with the allocator "
+        "setting featcache uses (mallopt); in brackets with glibc's default, as a plain script "
+        "runs. (c) naive: per-image PIL resize to 224, transformers' ViTImageProcessor, fp32 "
+        "eager forward, lists of 32 images. (b) and (c) over the same "
+        f"{sizes['efficientnet-lite0'][1]} (lite0) or {sizes['dino-vits16'][1]} (ViT) images "
+        f"after one warm-up batch. (a) and (b) ran alternately {repeats} times each, (c) "
+        f"{repeats} times; the table has the best of each (every run is listed below it)."
+        + ("" if "bf16" in precisions(device) else " bf16 is left out: this CPU emulates it."),
         "",
         "| backbone | precision | (a) featcache | (b) bare | a/b | (c) naive fp32 | a/c |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, r in rows:
-        for p in ("bf16", "fp32"):
+        for p in precisions(device):
             a, b = r[f"e2e-{p}"], r[f"bare-{p}"]
             lines.append(
                 f"| {name} | {p} | {a:.1f} | {b:.1f} ({r[f'bare-{p}-default']:.1f}) | "
@@ -291,25 +316,23 @@ def bench_extract(quick: bool) -> str:
 
 
 def bench_compile(quick: bool) -> str:
-    """torch.compile (the --compile flag) against the eager bare forward."""
-    from featcache.device import cpu_has_native_bf16
-
-    cuda = torch.cuda.is_available()
-    precision = "bf16" if cuda or cpu_has_native_bf16() else "fp32"
-    device = "cuda" if cuda else "cpu"
+    """torch.compile (the --compile flag) against featcache's default forward."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    precision = precisions(device)[0]
     sizes = EXTRACT_SIZES[device]
     n = sizes["efficientnet-lite0"][1] // (4 if quick else 1)
     lines = [
         f"{precision}, channels_last, batches of {batch_size(device)}, each figure from a fresh "
-        f"process. Bare forward: {n} images after two warm-up batches; first call: the first "
-        "batch, compilation included. End to end: `extract(compile=True)` over the extract "
-        "section's images, compilation included.",
+        f"process. Bare forward: {n} images after two warm-up batches, without torch.compile as "
+        "featcache runs by default (TorchScript-frozen for CNNs on the CPU) and with it; first "
+        "call: the first batch, compilation included. End to end: `extract(compile=True)` over "
+        "the extract section's images, compilation included.",
         "",
-        "| backbone | bare eager images/s | bare compiled images/s | compiled / eager | "
-        "first call eager (s) | first call compiled (s) | featcache --compile end to end |",
+        "| backbone | bare default images/s | bare compiled images/s | compiled / default | "
+        "first call default (s) | first call compiled (s) | featcache --compile end to end |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for backbone, (e2e_n, _, _) in sizes.items():
+    for backbone, (e2e_n, _) in sizes.items():
         e2e_n = e2e_n // 8 if quick else e2e_n
         eager = _child("bare", backbone, precision, str(n), "tuned")
         compiled = _child("compiled", backbone, precision, str(n), "tuned")
@@ -600,8 +623,8 @@ def main() -> None:
         "# featcache benchmarks",
         "",
         f"Last command: `{' '.join(['python', 'bench/run.py', *sys.argv[1:]])}` (`make bench` "
-        "runs every section); each section says when it was measured.",
-        f"Machine: {machine()}",
+        "runs every section); each section says when and on which machine it was measured: "
+        "compare figures within a section only.",
     ]
     for name in a.only.split(","):
         t = time.perf_counter()
@@ -611,7 +634,7 @@ def main() -> None:
             "",
             SECTIONS[name](a.quick),
             f"\n(section took {time.perf_counter() - t:.0f} s; measured "
-            f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})",
+            f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {machine()})",
         ]
     text = "\n".join(parts) + "\n"
     out = Path(a.out)

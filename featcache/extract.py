@@ -285,7 +285,7 @@ class _Frozen(torch.nn.Module):
         return self.scripted(x)
 
 
-def _frozen(model, cfg: ExtractConfig):
+def frozen(model, memory_format: torch.memory_format = torch.channels_last) -> torch.nn.Module:
     """Trace and freeze for inference: BatchNorm folds into the convolutions.
 
     Traced in fp32 whatever the precision: autocast still applies when the frozen graph runs,
@@ -295,7 +295,7 @@ def _frozen(model, cfg: ExtractConfig):
     """
     size = model.spec.input_size
     # The graph takes any batch size; a small example makes tracing 0.1 s instead of 1.2 s.
-    example = torch.zeros(2, 3, size, size).contiguous(memory_format=_memory_format(cfg))
+    example = torch.zeros(2, 3, size, size).contiguous(memory_format=memory_format)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # tracer warnings about python values in the graph
         traced = torch.jit.trace(model, example, strict=False, check_trace=False)
@@ -317,7 +317,7 @@ def _run(cfg, model, preprocess, splits, writer: ShardedWriter, device, precisio
     if cfg.compile:
         model = torch.compile(model, dynamic=False)
     elif cfg.freeze and spec.cpu_freeze and freezing_pays(device):
-        model = _frozen(model, cfg)
+        model = frozen(model, _memory_format(cfg))
 
     plan = {name: _shards(len(s), cfg.shard_size) for name, s in splits.items()}
     pending = {
