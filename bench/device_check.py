@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import subprocess
 import sys
@@ -42,7 +41,7 @@ import run as bench  # noqa: E402  (bench/run.py: the bare forward, as `make ben
 
 from featcache.backbones import available_backbones  # noqa: E402
 from featcache.extract import ExtractConfig, extract  # noqa: E402
-from featcache.store import Store  # noqa: E402
+from featcache.store import Store, write_atomic  # noqa: E402
 
 COSINE_FLOOR = {"fp32": 0.999, "bf16": 0.99}
 THROUGHPUT_RATIO, THROUGHPUT_SECONDS = 0.8, 5.0
@@ -330,12 +329,6 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cuda")
@@ -373,8 +366,8 @@ def main() -> int:
         print(json.dumps(result, indent=1), flush=True)
         report["seconds"] = round(time.perf_counter() - start, 1)
         report["pass"] = all(r["pass"] for r in report["checks"].values())
-        _write(args.out / "device-check.json", json.dumps(report, indent=1))
-        _write(args.out / "device-check.md", markdown(report))
+        write_atomic(args.out / "device-check.json", json.dumps(report, indent=1))
+        write_atomic(args.out / "device-check.md", markdown(report))
     print(markdown(report))
     return 0 if report["pass"] and len(report["checks"]) == len(checks) else 1
 

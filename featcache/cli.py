@@ -6,6 +6,7 @@ import functools
 import json
 import logging
 import sys
+from pathlib import Path
 
 import click
 
@@ -409,28 +410,24 @@ def simclr(**kw) -> None:
 @_friendly
 def attention(store, backbone, weights, images, max_images, out) -> None:
     """The last block's CLS-to-patch attention of every head (DINO's visualisation)."""
-    from featcache.attention import (
-        attention_maps,
-        load_images,
-        plot_attention,
-        read_store_attention,
-        save_store_attention,
-    )
-    from featcache.store import Store
+    from featcache.attention import attention_maps, load_images, save_store_attention
+    from featcache.report import plot_attention
 
     if (store is None) == (not images):
         raise click.UsageError("give either --store S or --images (with --backbone and --out)")
     if store is not None:
-        path = save_store_attention(store, max_images)
-        shown, maps = read_store_attention(Store(store))
-        backbone = Store(store).fields["backbone"]["name"]
+        if backbone or weights:
+            raise click.UsageError("--store maps with the store's own backbone and weights")
+        path, shown, maps = save_store_attention(store, max_images)
+        label = Path(store).stem
         click.echo(f"attention maps of {len(shown)} test images x {maps.shape[1]} heads -> {path}")
     else:
         if backbone is None or out is None:
             raise click.UsageError("--images needs --backbone and --out")
         shown, maps = attention_maps(backbone, weights, load_images(list(images), max_images))
+        label = backbone
     if out is not None:
-        plot_attention(shown, maps, out, f"{backbone}: last-block CLS attention per head")
+        plot_attention(shown, maps, out, f"{label}: last-block CLS attention per head")
         click.echo(f"attention maps of {len(shown)} images x {maps.shape[1]} heads -> {out}")
 
 

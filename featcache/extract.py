@@ -213,12 +213,12 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
         log.info("%s is already complete with the same fingerprint; nothing to do", cfg.out)
         return ExtractResult(Path(cfg.out), images=0, seconds=0.0)
     dist = Distributed.from_env(device)
-    if dist.rank == 0:
-        writer.begin()
-    dist.barrier()  # rank 0 has recorded the spec
-    if dist.rank != 0:
-        writer.begin(dist.rank)
     try:
+        if dist.rank == 0:
+            writer.begin()
+        dist.barrier()  # rank 0 has recorded the spec
+        if dist.rank != 0:
+            writer.begin(dist.rank)
         return _run(cfg, model, preprocess, splits, writer, device, precision, dist)
     finally:
         writer.close()
@@ -311,13 +311,23 @@ def _shards(n: int, size: int) -> list[range]:
     return [range(s, min(s + size, n)) for s in range(0, n, size)]
 
 
+def for_inference(
+    model, device: torch.device, memory_format: torch.memory_format, compile: bool, freeze: bool
+) -> torch.nn.Module:
+    """The model on the device in its memory format, through torch.compile or, where its
+    entry says it pays and the device supports it (device.freezing_pays), TorchScript-frozen."""
+    spec = model.spec
+    model = model.to(device=device, memory_format=memory_format)
+    if compile:
+        return torch.compile(model, dynamic=False)
+    if freeze and spec.cpu_freeze and freezing_pays(device):
+        return frozen(model, memory_format)
+    return model
+
+
 def _run(cfg, model, preprocess, splits, writer: ShardedWriter, device, precision, dist):
     spec = model.spec
-    model = model.to(device=device, memory_format=_memory_format(cfg))
-    if cfg.compile:
-        model = torch.compile(model, dynamic=False)
-    elif cfg.freeze and spec.cpu_freeze and freezing_pays(device):
-        model = frozen(model, _memory_format(cfg))
+    model = for_inference(model, device, _memory_format(cfg), cfg.compile, cfg.freeze)
 
     plan = {name: _shards(len(s), cfg.shard_size) for name, s in splits.items()}
     pending = {

@@ -60,6 +60,12 @@ class ProbeConfig:
             raise ValueError("--epochs, --batch-size and --lr must be positive")
 
 
+def _non_finite(a: np.ndarray, rows: int = 65536) -> int:
+    """How many values of ``a`` are NaN or inf, in chunks (no copy the size of ``a``)."""
+    chunks = (a[i : i + rows] for i in range(0, len(a), rows))
+    return sum(int(c.size - np.isfinite(c).sum()) for c in chunks)
+
+
 def stratified_split(labels: np.ndarray, fraction: float, seed: int):
     """(fit_idx, val_idx): ``fraction`` of every class (at least one sample) held out."""
     rng = np.random.default_rng(seed)
@@ -182,7 +188,7 @@ def fit_probe(
     """
     device = resolve_device(cfg.device)
     for name, a in (("training", x_train), ("test", x_test), ("view", train_views)):
-        bad = 0 if a is None else int(a.size - np.isfinite(a).sum())
+        bad = 0 if a is None else _non_finite(a)
         if bad:
             raise ValueError(
                 f"the {name} features hold {bad} non-finite values (NaN or inf): no probe can "
@@ -247,7 +253,7 @@ def fit_probe(
         raise ValueError(
             "no weight decay reached a finite validation loss: "
             + ", ".join(f"{wd:g} from epoch {e}" for wd, e in zip(cfg.weight_decays, diverged))
-            + f"; the step size diverged: lower --lr (it was {cfg.lr:g} after scaling)"
+            + "; the steps diverged: lower --lr"
         )
     sweep = [
         {
@@ -270,6 +276,11 @@ def fit_probe(
     )
     test_logits = final.logits(t(xte))[0]
     test = _metrics(test_logits[None], t(y_test, torch.long))[0]
+    if not math.isfinite(test["loss"]):
+        raise ValueError(
+            f"the head retrained with weight decay {wd:g} for {epochs} epochs diverged (its test "
+            "loss is not finite): lower --lr"
+        )
     pred = test_logits.argmax(1).cpu().numpy()
     per_class = [
         float(100.0 * (pred[y_test == c] == c).mean()) if (y_test == c).any() else float("nan")

@@ -15,13 +15,13 @@ import html
 import io
 import json
 import logging
+import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
 from featcache import __version__
-from featcache.attention import plot_attention, read_store_attention
 from featcache.store import Store, write_atomic
 
 log = logging.getLogger(__name__)
@@ -46,8 +46,57 @@ def result_path(store: Path, kind: str) -> Path:
     return store.with_name(f"{store.stem}.{kind}.json")
 
 
-# Config fields that do not change a result (where it ran, which file it read).
-_INCIDENTAL = ("store", "device")
+def attention_path(store: str | Path) -> Path:
+    """Where a store's attention maps lie (``featcache attention --store S`` makes them)."""
+    store = Path(store)
+    return store.with_name(f"{store.stem}.attention.npz")
+
+
+def read_attention(store: Store) -> tuple[np.ndarray, np.ndarray] | str:
+    """(images, maps) saved beside a store, or why there are none (a sentence)."""
+    path = attention_path(store.path)
+    hint = f"run `featcache attention --store {store.path}` to add them"
+    if not path.is_file():
+        return f"no attention maps yet: {hint}"
+    try:
+        with np.load(path, allow_pickle=False) as saved:  # never unpickles
+            if str(saved["fingerprint"]) != store.fingerprint:
+                return f"{path.name} belongs to another version of the store: {hint}"
+            return saved["images"], saved["maps"]
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
+        return f"{path.name} is unreadable ({type(exc).__name__}: {exc}): {hint}"
+
+
+def plot_attention(images: np.ndarray, maps: np.ndarray, path, title: str) -> None:
+    """One row per image: the image, then each head's map laid over it."""
+    plt = _plt()
+    b, heads = maps.shape[:2]
+    fig, axes = plt.subplots(b, heads + 1, figsize=(1.6 * (heads + 1), 1.6 * b), squeeze=False)
+    size = images.shape[1]
+    for i in range(b):
+        axes[i, 0].imshow(images[i])
+        for h in range(heads):
+            axes[i, h + 1].imshow(images[i])
+            axes[i, h + 1].imshow(  # one cell per patch, stretched over the image
+                maps[i, h],
+                cmap="inferno",
+                alpha=0.7,
+                extent=(0, size, size, 0),
+                interpolation="nearest",
+            )
+            if i == 0:
+                axes[i, h + 1].set_title(f"head {h}", fontsize=8)
+        for ax in axes[i]:
+            ax.axis("off")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+# Config fields that do not change a result (where it ran, which file it read, how it was
+# batched).
+_INCIDENTAL = ("store", "device", "query_batch")
 
 
 def _same(config: dict, wanted) -> bool:
@@ -63,8 +112,12 @@ def _cached(store: Store, kind: str, covers, compute) -> dict:
         try:
             result = json.loads(path.read_text())
         except ValueError:
-            result = {}
-        if result.get("fingerprint") == store.fingerprint and covers(result.get("config", {})):
+            result = None
+        if (
+            isinstance(result, dict)
+            and result.get("fingerprint") == store.fingerprint
+            and covers(result.get("config", {}))
+        ):
             return result
         log.info("%s was computed from another store version or config; recomputing", path)
     result = compute()
@@ -100,8 +153,14 @@ def gather(store: Store, cfg: ReportConfig) -> dict:
     if shots:
         shots_cfg = ShotsConfig(store=s, shots=shots, repeats=cfg.repeats)
 
-        def shots_covers(c: dict) -> bool:
-            return set(shots) <= set(c.get("shots", ())) and c.get("repeats") == cfg.repeats
+        def shots_covers(c: dict) -> bool:  # every budget shown, the same protocol otherwise
+            head = {k: v for k, v in c.items() if k != "probe"}
+            return (
+                set(shots) <= set(c.get("shots", ()))
+                and _same({**head, "shots": list(shots), "probe": None}, shots_cfg)
+                # its probe config records the feature set it resolved; the head, the request
+                and _same({**(c.get("probe") or {}), "features": None}, probe)
+            )
 
         out["shots"] = _cached(store, "shots", shots_covers, lambda: run_shots(shots_cfg))
     if store.num_views > 1:
@@ -378,10 +437,10 @@ def build_report(cfg: ReportConfig) -> Path:
         f'src="data:image/png;base64,{fig_per_class(names, results, class_names)}">',
     ]
     for name, store in zip(names, stores):
-        if not store.backbone_spec.get("attention"):
+        if not (store.backbone_spec.get("attention") or attention_path(store.path).exists()):
             continue
         sections.append(f"<h2>Attention maps: {html.escape(name)}</h2>")
-        saved = read_store_attention(store)  # (images, maps), or why there are none
+        saved = read_attention(store)  # (images, maps), or why there are none
         if isinstance(saved, str):
             sections.append(f'<p class="note">{html.escape(saved)}</p>')
         else:

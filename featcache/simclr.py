@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,6 +30,7 @@ from featcache.device import autocast, keep_freed_memory, resolve_device, resolv
 from featcache.errors import FeatcacheError, WeightsError
 from featcache.knn import knn_evaluate
 from featcache.preprocess import Preprocess, to_rgb
+from featcache.store import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -203,18 +203,10 @@ def embed(encoder: nn.Module, images: torch.Tensor, device, precision, batch: in
 
 
 def _save_checkpoint(path: Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(
-        {k: v.detach().contiguous().cpu() for k, v in tensors.items()},
-        str(tmp),
-        metadata={"featcache": json.dumps(meta)},
-    )
-    fd = os.open(tmp, os.O_RDONLY)
-    os.fsync(fd)
-    os.close(fd)
-    os.replace(tmp, path)
+    cpu = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    write_atomic(path, save(cpu, metadata={"featcache": json.dumps(meta)}))
 
 
 def _load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
@@ -248,6 +240,8 @@ def pretrain(cfg: SimCLRConfig) -> dict:
     start_epoch = 0
     planned = cfg.epochs  # the schedule's epochs (fewer where time_limit sizes it)
     ckpt = out / CHECKPOINT
+    for stale in out.glob(f".{CHECKPOINT}.*.tmp"):  # left by a run killed while saving
+        stale.unlink()
     if ckpt.exists():
         tensors, meta = _load_checkpoint(ckpt)
         if meta["identity"] != json.loads(json.dumps(cfg.identity())):

@@ -3,7 +3,8 @@
 Layout of a finished store (plain h5py/h5ls can read it)::
 
     /                     attrs: format, featcache_version, fingerprint, fields (JSON),
-                                 class_names (JSON), config (JSON), extraction (JSON)
+                                 class_names (JSON), config (JSON), extraction (JSON),
+                                 backbone_spec (JSON: the registry entry it was made with)
     /<split>/ids          (N,) str     stable sample ids
     /<split>/labels       (N,) int64
     /<split>/features/<name>  (N, D) float32
@@ -24,6 +25,7 @@ import io
 import json
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,15 +107,20 @@ def _cleanup_on_failure(tmp: Path, what: str, kept: str = _SHARDS_KEPT):
         raise
 
 
-def write_atomic(path: str | Path, data: str | bytes) -> None:
-    """Write a file whole or not at all (results, reports): a temporary file beside it,
-    fsynced, then renamed over ``path``."""
+def write_atomic(path: str | Path, data: str | bytes, kept: str = "") -> None:
+    """Write a file whole or not at all (shards, specs, results, reports): a temporary file of
+    its own beside it (two writers never share one), fsynced, then renamed over ``path``.
+
+    A full disk is a StoreError; ``kept`` ends its message (what the failure did not lose).
+    """
     path = Path(path)
     if not path.parent.is_dir():
         raise StoreError(f"{path}: directory {path.parent} does not exist")
-    tmp = path.with_name(f".{path.name}.tmp")
-    with _cleanup_on_failure(tmp, f"file {path}", kept=""):
-        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = Path(name)
+    with _cleanup_on_failure(tmp, f"file {path}", kept=kept):
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
         _commit(tmp, path)
 
 
@@ -152,8 +159,8 @@ class ShardedWriter:
 
     def __init__(self, out: Path, fields: dict, overwrite: bool = False):
         self.out = Path(out)
-        self.fields = fields
-        self.fp = fingerprint(fields)
+        self.fields = _versioned(fields)
+        self.fp = fingerprint(self.fields)
         self.overwrite = overwrite
         self.parts = self.out.with_name(self.out.name + ".parts")
         if not self.out.parent.is_dir():
@@ -195,6 +202,21 @@ class ShardedWriter:
         """
         self.parts.mkdir(exist_ok=True)
         path = (self.parts / ("lock" if rank == 0 else f"lock.{rank}")).resolve()
+        self._take_lock(path)
+        if rank != 0:
+            return
+        try:
+            self._check_partial()  # checked again under the lock
+            spec_path = self.parts / "spec.json"
+            recorded = spec_path.exists() and _versioned(json.loads(spec_path.read_text()))
+            if not recorded or fingerprint(recorded) != self.fp:
+                self._clear_shards()  # shards of an unrecorded spec cannot be trusted
+                write_atomic(spec_path, json.dumps(self.fields, sort_keys=True, indent=1))
+        except BaseException:
+            self.close()  # the lock too: a failed begin must not keep the store busy
+            raise
+
+    def _take_lock(self, path: Path) -> None:
         busy = StoreError(
             f"another featcache extraction is writing {self.out} right now; wait for it "
             "or choose another --out"
@@ -214,16 +236,6 @@ class ShardedWriter:
             raise
         _HELD.add(path)
         self._lock_path = path
-        if rank != 0:
-            return
-        self._check_partial()  # checked again under the lock
-        spec_path = self.parts / "spec.json"
-        recorded = _versioned(json.loads(spec_path.read_text())) if spec_path.exists() else None
-        if recorded is None or fingerprint(recorded) != self.fp:
-            self._clear_shards()  # shards of an unrecorded spec cannot be trusted
-            tmp = self.parts / "spec.json.tmp"
-            tmp.write_text(json.dumps(self.fields, sort_keys=True, indent=1))
-            _commit(tmp, spec_path)
 
     def _clear_shards(self) -> None:
         for p in self.parts.iterdir():
@@ -239,17 +251,11 @@ class ShardedWriter:
     def write_shard(
         self, split: str, index: int, ids, labels, arrays: dict, skipped, seconds: float
     ) -> None:
-        final = self.shard_path(split, index)
-        tmp = final.with_suffix(".tmp")
-
         def fill(f: h5py.File) -> None:
             _write_split(f, ids, labels, arrays, skipped)
             f.attrs["seconds"] = seconds
 
-        image = _hdf5_image(fill)
-        with _cleanup_on_failure(tmp, "shard " + final.name):
-            tmp.write_bytes(image)
-            _commit(tmp, final)
+        write_atomic(self.shard_path(split, index), _hdf5_image(fill), kept=_SHARDS_KEPT)
 
     def assemble(self, splits: dict[str, int], meta: dict) -> Path:
         """Concatenate the shards of each split (``splits``: name -> shard count) into the store."""
@@ -269,11 +275,12 @@ class ShardedWriter:
         # The store is about as large as its shards. Checked first, as HDF5 is not to meet a
         # full disk (_hdf5_image); space taken by others meanwhile can still crash it, which
         # loses nothing: the shards stay, and the rerun assembles again.
-        need = sum(
+        shards = sum(
             self.shard_path(split, i).stat().st_size
             for split, n in splits.items()
             for i in range(n)
         )
+        need = int(shards * 1.05) + 2**20  # with its attributes: the config, the fields, ...
         free = shutil.disk_usage(self.out.parent).free
         if need > free:
             raise _disk_full(

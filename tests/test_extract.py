@@ -263,16 +263,20 @@ def test_kill_9_with_its_loader_worker_then_an_immediate_rerun_completes(tmp_pat
     while len(list(parts.glob("train-*.h5"))) < 2 and time.time() < deadline:
         time.sleep(0.02)
     workers = _children(p.pid)
+    assert workers, "no loader worker: the test would prove nothing"
+    for w in workers:  # held still, so that they outlive their parent for sure
+        os.kill(w, signal.SIGSTOP)
     os.kill(p.pid, signal.SIGKILL)
     p.wait()
     # At once, as the rerun will: the lock must have died with the process that took it.
     writer = ShardedWriter(out, json.loads((parts / "spec.json").read_text()))
     try:
+        assert all(_alive(w) for w in workers)
         writer.begin()
-        outlived = [w for w in workers if _alive(w)]
     finally:
         writer.close()
-    assert outlived, "no loader worker outlived its parent: the test proved nothing"
+        for w in workers:
+            os.kill(w, signal.SIGKILL)
     done = len(list(parts.glob("*-*.h5")))
     assert 2 <= done < 18 and not out.exists()  # killed midway: 15 train and 3 test shards
     rerun = start(cmd(out))
@@ -296,6 +300,33 @@ def test_second_extraction_into_the_same_store_is_refused(image_folder, tmp_path
     assert second.returncode == 1 and "another featcache extraction is writing" in log
     assert first.wait(120) == 0
     assert Store(tmp_path / "s.h5").sizes == {"train": 36, "test": 12}
+
+
+def test_a_failed_begin_does_not_keep_the_store_busy(tmp_path, monkeypatch):
+    from featcache import store
+
+    def full(*args, **kwargs):
+        raise StoreError("disk full while writing the file spec.json")
+
+    monkeypatch.setattr(store, "write_atomic", full)
+    with pytest.raises(StoreError, match="disk full"):
+        ShardedWriter(tmp_path / "s.h5", {"spec": 1}).begin()
+    monkeypatch.undo()
+    writer = ShardedWriter(tmp_path / "s.h5", {"spec": 1})
+    writer.begin()  # not "another featcache extraction is writing"
+    writer.close()
+
+
+def test_fields_without_a_feature_version_resume_their_own_partial_work(tmp_path):
+    """An API caller's fields need not carry it: they are version 1, written and read."""
+    first = ShardedWriter(tmp_path / "s.h5", {"spec": 1})
+    first.begin()
+    first.write_shard("train", 0, ["a"], [0], {"features/x": np.zeros((1, 2))}, [], 0.1)
+    first.close()  # as after a crash
+    again = ShardedWriter(tmp_path / "s.h5", {"spec": 1})
+    again.begin()
+    assert again.has_shard("train", 0)
+    again.close()
 
 
 def test_a_second_writer_in_the_same_process_is_refused_until_the_first_closes(tmp_path):

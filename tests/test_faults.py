@@ -1,6 +1,7 @@
 """Crash safety proven with real processes and real signals (kill -9), a full disk (ENOSPC
 injected at the k-th commit) and readers racing a writer. Fault hooks live in tinycli.py."""
 
+import errno
 import os
 import random
 import signal
@@ -185,7 +186,8 @@ def test_a_real_full_disk_inside_hdf5_is_a_clear_error_and_the_rerun_completes(
     _leave_free(small_disk, free)
     r = subprocess.run(_args(image_folder, out), capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
-    assert f"disk full while writing the {where}" in r.stderr
+    what = f"file {out}.parts/train-000001.h5" if where == "shard" else f"store {out}"
+    assert f"disk full while writing the {what}" in r.stderr and "shards finished" in r.stderr
     shards = sorted((small_disk / "s.h5.parts").glob("*-*.h5"))
     assert len(shards) == (1 if where == "shard" else SHARDS)
     for s in shards:  # committed shards are intact
@@ -196,4 +198,66 @@ def test_a_real_full_disk_inside_hdf5_is_a_clear_error_and_the_rerun_completes(
     r = subprocess.run(_args(image_folder, out), capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert f"{len(shards) * 2} resumed from shards" in r.stdout
+    assert_equal_stores(out, ref)
+
+
+def _extract_tiny(folder, out):
+    from featcache.extract import ExtractConfig, extract
+
+    cfg = ExtractConfig(
+        backbone="test-tiny",
+        dataset=f"imagefolder:{folder}",
+        out=str(out),
+        workers=0,
+        batch_size=2,
+        shard_size=2,
+        progress=False,
+    )
+    return extract(cfg)
+
+
+def test_enospc_when_a_shard_is_flushed_loses_nothing(image_folder, tmp_path, monkeypatch):
+    """Where a tmpfs cannot be mounted: the disk fills while the 2nd shard is fsynced (where
+    delayed allocation reports it), in process."""
+    from featcache import store
+    from featcache.errors import StoreError
+
+    ref = _extract_tiny(image_folder, tmp_path / "ref.h5").path
+    fsync = os.fsync
+
+    def full_at_second_shard(fd):
+        if "train-000001.h5." in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        fsync(fd)
+
+    monkeypatch.setattr(store.os, "fsync", full_at_second_shard)
+    out = tmp_path / "s.h5"
+    with pytest.raises(StoreError, match="disk full while writing the file .*train-000001.h5"):
+        _extract_tiny(image_folder, out)
+    parts = tmp_path / "s.h5.parts"
+    assert [p.name for p in sorted(parts.glob("*-*.h5"))] == ["train-000000.h5"]
+    assert not [p for p in parts.iterdir() if p.name.endswith(".tmp")]
+    monkeypatch.setattr(store.os, "fsync", fsync)
+    assert _extract_tiny(image_folder, out).resumed_images == 2
+    assert_equal_stores(out, ref)
+
+
+def test_too_little_space_for_the_store_is_refused_before_hdf5_writes(
+    image_folder, tmp_path, monkeypatch
+):
+    from collections import namedtuple
+
+    from featcache import store
+    from featcache.errors import StoreError
+
+    ref = _extract_tiny(image_folder, tmp_path / "ref.h5").path
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(store.shutil, "disk_usage", lambda path: usage(10**9, 10**9, 50_000))
+    out = tmp_path / "s.h5"
+    with pytest.raises(StoreError, match=r"disk full while writing the store .*needs about"):
+        _extract_tiny(image_folder, out)
+    assert len(list((tmp_path / "s.h5.parts").glob("*-*.h5"))) == SHARDS  # all kept
+    assert not out.exists() and not list(tmp_path.glob(".s.h5.tmp-*"))
+    monkeypatch.undo()
+    assert _extract_tiny(image_folder, out).resumed_images == 48
     assert_equal_stores(out, ref)

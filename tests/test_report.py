@@ -9,6 +9,7 @@ import sys
 from dataclasses import replace
 
 import pytest
+from conftest import make_image_folder
 
 from featcache.extract import ExtractConfig, extract
 from featcache.report import ReportConfig, build_report, result_path
@@ -66,34 +67,97 @@ def _report(stores, out, **kw):
     )
 
 
-def test_attention_maps_are_made_in_stage_1_and_only_read_by_the_report(image_folder, tmp_path):
+@pytest.fixture(scope="module")
+def vit(tmp_path_factory):
+    """A ViT store (random-vits16 on a few images) with its attention maps beside it."""
     from click.testing import CliRunner
 
-    from featcache.attention import attention_path
     from featcache.cli import main
 
+    root = tmp_path_factory.mktemp("vit")
     cfg = ExtractConfig(
         backbone="random-vits16",
-        dataset=f"imagefolder:{image_folder}",
-        out=str(tmp_path / "vit.h5"),
+        dataset=f"imagefolder:{make_image_folder(root / 'images')}",
+        out=str(root / "vit.h5"),
         train_per_class=4,
         test_per_class=2,
         workers=0,
         progress=False,
     )
     store = extract(cfg).path
-    page = _report([store], tmp_path / "r.html").read_text()
-    assert 'alt="attention vit"' not in page
-    assert f"no attention maps yet: run `featcache attention --store {store}`" in page
+    assert "no attention maps yet: run `featcache attention --store" in _page([store], root)
     r = CliRunner().invoke(main, ["attention", "--store", str(store), "--max-images", "2"])
     assert r.exit_code == 0, r.output
     assert "attention maps of 2 test images x 6 heads" in r.output
-    assert attention_path(store).is_file()
-    assert 'alt="attention vit"' in _report([store], tmp_path / "r.html").read_text()
+    return cfg, store
+
+
+def _page(stores, tmp_path, **kw) -> str:
+    return _report(stores, tmp_path / "r.html", **kw).read_text()
+
+
+def test_attention_maps_are_made_in_stage_1_and_only_read_by_the_report(vit, tmp_path):
+    from featcache.report import attention_path
+
+    cfg, made = vit
+    store = shutil.copy(made, tmp_path / "vit.h5")
+    shutil.copy(attention_path(made), attention_path(store))
+    assert 'alt="attention vit"' in _page([store], tmp_path)
+    good = attention_path(store).read_bytes()
+    attention_path(store).write_bytes(b"not a zip")  # a damaged file does not sink the report
+    assert "vit.attention.npz is unreadable" in _page([store], tmp_path)
+    attention_path(store).write_bytes(good)
     # The store is made again with another spec: its old maps are not shown as its own.
-    extract(replace(cfg, test_per_class=3, overwrite=True))
-    page = _report([store], tmp_path / "r.html").read_text()
-    assert "vit.attention.npz belongs to another version of the store" in page
+    extract(replace(cfg, out=str(store), test_per_class=3, overwrite=True))
+    assert "vit.attention.npz belongs to another version of the store" in _page([store], tmp_path)
+
+
+def test_attention_of_a_store_recorded_before_its_registry_entry_was(vit, tmp_path):
+    """Stores from before featcache recorded backbone_spec: stage 1 asks the registry."""
+    import h5py
+    from click.testing import CliRunner
+
+    from featcache.cli import main
+
+    _, made = vit
+    store = shutil.copy(made, tmp_path / "old.h5")
+    with h5py.File(store, "r+") as f:
+        del f.attrs["backbone_spec"]
+    r = CliRunner().invoke(main, ["attention", "--store", str(store), "--max-images", "1"])
+    assert r.exit_code == 0, r.output
+    assert 'alt="attention old"' in _page([store], tmp_path)
+
+
+def test_attention_refuses_maps_from_weights_the_store_was_not_made_with(
+    vit, tmp_path, monkeypatch
+):
+    from click.testing import CliRunner
+
+    from featcache import attention
+    from featcache.cli import main
+
+    monkeypatch.setattr(attention, "weights_identity", lambda spec, weights: "local:other")
+    r = CliRunner().invoke(main, ["attention", "--store", str(vit[1])])
+    assert r.exit_code == 1 and "changed since it was made" in r.output
+
+
+def test_attention_command_line(vit, tmp_path):
+    from click.testing import CliRunner
+
+    from featcache.cli import main
+
+    run = CliRunner().invoke
+    images = vit[0].dataset.removeprefix("imagefolder:") + "/test"
+    assert run(main, ["attention"]).exit_code == 2  # neither --store nor --images
+    r = run(main, ["attention", "--store", str(vit[1]), "--backbone", "dino-vits16"])
+    assert r.exit_code == 2 and "own backbone" in r.output
+    assert run(main, ["attention", "--images", images]).exit_code == 2  # no --backbone/--out
+    assert run(main, ["attention", "--store", str(vit[1]), "--max-images", "0"]).exit_code == 1
+    out = tmp_path / "a.png"
+    args = ["attention", "--backbone", "random-vits16", "--images", images, "--out", str(out)]
+    r = run(main, [*args, "--max-images", "2"])
+    assert r.exit_code == 0, r.output
+    assert "attention maps of 2 images x 6 heads" in r.output and out.stat().st_size > 1000
 
 
 def test_cached_results_are_reused_only_when_their_config_covers_the_report(stores, tmp_path):
@@ -103,32 +167,42 @@ def test_cached_results_are_reused_only_when_their_config_covers_the_report(stor
 
     store = stores[0]
     runner = CliRunner()
-    for kind, option in (("knn", ["--k", "5"]), ("probe", ["--epochs", "2"])):
-        args = [kind, "--store", str(store), *option, "--json", str(result_path(store, kind))]
+    for kind, command, option in (
+        ("knn", "knn", ["--k", "5"]),
+        ("probe", "probe", ["--epochs", "2"]),
+        ("shots", "probe", ["--shots", "1", "--repeats", "1", "--seed", "5"]),
+    ):
+        args = [command, "--store", str(store), *option, "--json", str(result_path(store, kind))]
         assert runner.invoke(main, args).exit_code == 0
     page = _report([store], tmp_path / "r.html", ks=(1, 5)).read_text()
     knn = json.loads(result_path(store, "knn").read_text())
     assert [r["k"] for r in knn["results"]] == [1, 5]  # recomputed with every k shown
     probe = json.loads(result_path(store, "probe").read_text())
     assert probe["config"]["max_epochs"] == 100  # the report's protocol, not the 2-epoch run
+    shots = json.loads(result_path(store, "shots").read_text())
+    assert shots["config"]["seed"] == 0  # its subsets, not those of seed 5
     head = re.findall(r"<th>([^<]*)</th>", page)
     cells = dict(zip(head, re.findall(r"<td>([^<]*)</td>", page)))
     assert float(cells["k-NN k=1"]) >= 0 and float(cells["k-NN k=5"]) >= 0  # no gaps
-    mtime = result_path(store, "knn").stat().st_mtime_ns
-    _report([store], tmp_path / "r.html", ks=(5,))  # covered by the saved k=1,5: reused
-    assert result_path(store, "knn").stat().st_mtime_ns == mtime
+    kinds = ("probe", "knn", "cluster", "shots")
+    mtimes = [result_path(store, k).stat().st_mtime_ns for k in kinds]
+    _report([store], tmp_path / "r.html", ks=(5,))  # all covered (k=5 by k=1,5): all reused
+    assert [result_path(store, k).stat().st_mtime_ns for k in kinds] == mtimes
     assert not list(store.parent.glob(".*.tmp"))  # written whole, then renamed
 
 
-def test_stage_2_never_imports_a_model_a_dataset_or_the_extraction(stores, tmp_path):
-    """Every stage-2 command run in a fresh interpreter, then its imported modules listed."""
+def test_stage_2_never_imports_a_model_a_dataset_or_the_extraction(stores, vit, tmp_path):
+    """A whole report (a ViT store with its attention maps among the stores) and the other
+    stage-2 modules in a fresh interpreter, then its imported modules listed."""
+    every = (*map(str, stores), str(vit[1]))
     code = f"""
 import json, sys
 import featcache.baselines, featcache.cluster, featcache.knn, featcache.metrics
 import featcache.probe, featcache.report, featcache.shots, featcache.store
 from featcache.report import ReportConfig, build_report
-build_report(ReportConfig(stores={tuple(map(str, stores))!r}, out={str(tmp_path / "r.html")!r},
-                          ks=(1,), shots=(1,), repeats=1, tsne_points=6))
+page = build_report(ReportConfig(stores={every!r}, out={str(tmp_path / "r.html")!r},
+                                 ks=(1,), shots=(1,), repeats=1, tsne_points=6)).read_text()
+assert 'alt="attention vit"' in page
 names = ("featcache", "transformers", "timm", "torchvision")
 print(json.dumps(sorted(m for m in sys.modules if m.startswith(names))))
 """
@@ -137,6 +211,8 @@ print(json.dumps(sorted(m for m in sys.modules if m.startswith(names))))
     loaded = set(json.loads(r.stdout.splitlines()[-1]))
     assert "featcache.report" in loaded and "featcache.probe" in loaded
     forbidden = {
+        "featcache.attention",
+        "featcache.augment",
         "featcache.backbones",
         "featcache.datasets",
         "featcache.extract",
