@@ -10,6 +10,10 @@ class UnknownBackboneError(FeatcacheError, KeyError):
         return str(self.args[0])
 
 
+class UnsupportedModelError(FeatcacheError):
+    """A model whose preprocessing or outputs featcache cannot reproduce faithfully."""
+
+
 class WeightsError(FeatcacheError):
     """Weights could not be loaded (hub unreachable, bad --weights path, mismatched tensors)."""
 

@@ -194,7 +194,7 @@ def prepare_splits(cfg: ExtractConfig) -> dict[str, Split]:
 
 def extract(cfg: ExtractConfig) -> ExtractResult:
     """Run the extraction described by ``cfg``; resumes from shards of an interrupted run."""
-    get_spec(cfg.backbone)  # unknown names fail before any data is touched
+    get_spec(cfg.backbone, cfg.weights)  # unknown names fail before any data is touched
     device = rank_device(resolve_device(cfg.device))
     if device.type == "cuda":
         torch.cuda.set_device(device)  # libraries that use the current device use this one

@@ -22,6 +22,8 @@ _PIL_INTERPOLATION = {
     "nearest": Image.Resampling.NEAREST,
 }
 
+INTERPOLATIONS = tuple(_PIL_INTERPOLATION)
+
 # Bumped whenever this module's output for the same input changes (part of the fingerprint).
 # 2: uint8 images are resized as uint8 (rounded and saturated, as PIL's resize does).
 PREPROCESS_VERSION = 2

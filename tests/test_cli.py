@@ -32,15 +32,12 @@ def store(run, image_folder, tmp_path):
 def test_backbones_lists_the_registry(run):
     r = run("backbones")
     assert r.exit_code == 0
-    for name in (
-        "dino-vits16",
-        "vit-b16",
-        "efficientnet-b0",
-        "efficientnet-lite0",
-        "random-vits16",
-    ):
-        assert name in r.output
-    assert "cls_last4:1536" in r.output
+    from featcache.backbones import available_backbones
+
+    for name in available_backbones():
+        assert f"\n{name} " in f"\n{r.output}", name
+    assert "cls_last4:1536" in r.output and "cls_patch:768" in r.output
+    assert "timm:NAME" in r.output and "hf:NAME" in r.output  # the two prefixes, explained
 
 
 def test_extract_probe_knn_info(run, store, tmp_path):
@@ -93,7 +90,7 @@ def test_extract_probe_knn_info(run, store, tmp_path):
     [
         (
             ["extract", "--backbone", "dino-vitz16", "--dataset", "cifar10", "--out", "x.h5"],
-            "valid names: dino-vits16",
+            "did you mean dino-vits16",
         ),
         (
             [

@@ -95,12 +95,13 @@ def _change(field: str, monkeypatch, folder, tmp_path) -> dict:
 
     from tiny_backbone import TINY
 
-    from featcache import backbones, extract
+    from featcache import extract
+    from featcache.backbones import registry
 
     if field == "feature_version":  # the code's features changed
         monkeypatch.setattr(extract, "FEATURE_VERSION", extract.FEATURE_VERSION + 1)
     elif field == "backbone":
-        monkeypatch.setitem(backbones._REGISTRY, "test-tiny-2", replace(TINY, name="test-tiny-2"))
+        monkeypatch.setitem(registry._REGISTRY, "test-tiny-2", replace(TINY, name="test-tiny-2"))
         return {"backbone": "test-tiny-2"}
     elif field == "weights":
         from safetensors.torch import save_file
@@ -108,7 +109,7 @@ def _change(field: str, monkeypatch, folder, tmp_path) -> dict:
         save_file({"w": torch.zeros(1)}, tmp_path / "w.safetensors")
         return {"weights": str(tmp_path / "w.safetensors")}
     elif field == "preprocess":  # the registry entry's normalisation changed
-        monkeypatch.setitem(backbones._REGISTRY, "test-tiny", replace(TINY, mean=(0.4,) * 3))
+        monkeypatch.setitem(registry._REGISTRY, "test-tiny", replace(TINY, mean=(0.4,) * 3))
     elif field == "precision":
         return {"precision": "bf16"}
     elif field == "views":
