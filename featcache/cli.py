@@ -70,19 +70,40 @@ def main(verbose: bool) -> None:
 
 
 @main.command()
+def datasets() -> None:
+    """List the standard datasets and the imagefolder:/csv: forms."""
+    from featcache.datasets import describe
+
+    click.echo(describe())
+
+
+@main.command()
 def backbones() -> None:
-    """List the backbone registry."""
+    """List the named backbones and the timm:/hf: prefixes that reach any other model."""
     from featcache.backbones import describe
 
     click.echo(describe())
 
 
 @main.command()
-@click.option("--backbone", required=True, help="Registry name (see `featcache backbones`).")
-@click.option("--dataset", required=True, help="'cifar10' or 'imagefolder:DIR'.")
+@click.option(
+    "--backbone",
+    required=True,
+    help="A named entry, timm:NAME[.TAG] or hf:REPO (see `featcache backbones`).",
+)
+@click.option(
+    "--dataset",
+    required=True,
+    help="A standard dataset (cifar10, cifar100, ...), imagefolder:DIR or csv:FILE; "
+    "see `featcache datasets`.",
+)
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Store to write.")
 @click.option("--weights", default=None, help="Local weights: directory or .safetensors file.")
-@click.option("--data-root", default=None, help="Where cifar10 lives or is downloaded (data/).")
+@click.option(
+    "--data-root",
+    default=None,
+    help="Where standard datasets lie in torchvision's layout, or are downloaded (data/).",
+)
 @click.option("--splits", default="train,test", show_default=True)
 @click.option("--per-class", type=int, default=None, help="Images per class in every split.")
 @click.option("--train-per-class", type=int, default=None)
@@ -354,9 +375,18 @@ def pretrain() -> None:
 
 
 @pretrain.command()
-@click.option("--dataset", required=True, help="'cifar10' or 'imagefolder:DIR'.")
+@click.option(
+    "--dataset",
+    required=True,
+    help="A standard dataset (cifar10, cifar100, ...), imagefolder:DIR or csv:FILE; "
+    "see `featcache datasets`.",
+)
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory.")
-@click.option("--data-root", default=None)
+@click.option(
+    "--data-root",
+    default=None,
+    help="Where standard datasets lie in torchvision's layout, or are downloaded (data/).",
+)
 @click.option("--arch", type=click.Choice(["resnet18"]), default="resnet18", show_default=True)
 @click.option("--width", type=int, default=64, show_default=True, help="Stage-1 channels.")
 @click.option("--epochs", type=int, default=100, show_default=True)

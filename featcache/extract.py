@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from featcache.augment import Augment, view_uniforms
 from featcache.backbones import BackboneSpec, get_spec, load_backbone, weights_identity
-from featcache.datasets import Split, balanced_subset, load_dataset
+from featcache.datasets import Split, balanced_subset, dataset_identity, load_dataset
 from featcache.device import (
     HeapGuard,
     autocast,
@@ -172,7 +172,7 @@ def fingerprint_fields(
         },
         # Last: these digests change with the subset too, which is the field to report first.
         "dataset": {
-            "kind": "cifar10" if cfg.dataset == "cifar10" else "imagefolder",
+            "kind": dataset_identity(cfg.dataset),
             "splits": {name: s.identity() for name, s in splits.items()},
         },
     }
