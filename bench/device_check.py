@@ -39,8 +39,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import run as bench  # noqa: E402  (bench/run.py: the bare forward, as `make bench` measures it)
 
-from featcache.backbones import available_backbones  # noqa: E402
-from featcache.extract import ExtractConfig, extract  # noqa: E402
+from featcache.backbones import available_backbones, get_spec  # noqa: E402
+from featcache.extraction.extract import ExtractConfig, extract  # noqa: E402
 from featcache.store import Store, write_atomic  # noqa: E402
 
 COSINE_FLOOR = {"fp32": 0.999, "bf16": 0.99}
@@ -51,7 +51,8 @@ PROCESS_TIMEOUT = 240  # seconds for any one featcache process, so that a hang c
 
 @dataclass(frozen=True)
 class Sizes:
-    """Images per check; ``small`` is the CPU rehearsal (under 2 minutes on 2 cores)."""
+    """Images per check; ``small`` is the CPU rehearsal (under 2 minutes on 2 cores, one
+    registry entry per family)."""
 
     registry_per_class: int  # test images per class through every entry
     throughput_per_class: int | None  # per class and split; None: all 60,000
@@ -96,9 +97,21 @@ def _min_cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float((a * b).sum(1).min())
 
 
-def check_registry(device: str, data: Path, work: Path, sizes: Sizes) -> dict:
+def registry_entries(small: bool) -> list[str]:
+    """Every entry; the CPU rehearsal takes one per family (the narrowest), which runs each
+    builder and loading path while the ViT-B-sized checkpoints stay for the GPU run."""
+    names = [n for n in available_backbones() if n != "test-tiny"]  # registered by tests
+    if not small:
+        return names
+    narrowest: dict[str, str] = {}
+    for name in sorted(names, key=lambda n: sum(w for _, w in get_spec(n).features)):
+        narrowest.setdefault(get_spec(name).family, name)
+    return sorted(narrowest.values())
+
+
+def check_registry(device: str, data: Path, work: Path, sizes: Sizes, small: bool) -> dict:
     rows = []
-    for name in available_backbones():
+    for name in registry_entries(small):
         common = dict(
             backbone=name,
             weights=bench.weights_for(name, work / "weights"),
@@ -219,8 +232,8 @@ def check_torchrun(device: str, data: Path, work: Path, sizes: Sizes) -> dict:
 
 
 def check_evaluation(device: str, data: Path, work: Path, sizes: Sizes) -> dict:
-    from featcache.knn import KnnConfig, run_knn
-    from featcache.probe import ProbeConfig, run_probe
+    from featcache.evaluation.knn import KnnConfig, run_knn
+    from featcache.evaluation.probe import ProbeConfig, run_probe
 
     common = dict(
         backbone="efficientnet-lite0",
@@ -243,8 +256,8 @@ def check_evaluation(device: str, data: Path, work: Path, sizes: Sizes) -> dict:
     results = {}
     for role, (store, probe_device) in runs.items():
         path = str(stores[store].path)
-        probe = run_probe(ProbeConfig(store=path, device=probe_device))
-        knn = run_knn(KnnConfig(store=path, ks=ks))
+        probe = run_probe(path, ProbeConfig(device=probe_device))
+        knn = run_knn(path, KnnConfig(ks=ks))
         results[role] = {
             "probe_top1": probe["test"]["top1"],
             **{f"knn_top1_k{r['k']}": r["top1"] for r in knn["results"]},
@@ -348,7 +361,7 @@ def main() -> int:
         "checks": {},
     }
     checks = {
-        "registry": (check_registry, args.device, args.data, args.work, sizes),
+        "registry": (check_registry, args.device, args.data, args.work, sizes, args.small),
         "throughput": (check_throughput, args.device, args.data, args.work, sizes, args.small),
         "torchrun": (check_torchrun, args.device, args.data, args.work, sizes),
         "evaluation": (check_evaluation, args.device, args.data, args.work, sizes),

@@ -110,7 +110,7 @@ def bare_forward(
     ``weights``: as --weights (default: weights_for)."""
     from featcache.backbones import load_backbone
     from featcache.device import autocast, inference_backends
-    from featcache.extract import for_inference
+    from featcache.extraction.extract import for_inference
 
     model, pre = load_backbone(backbone, weights or weights_for(backbone))
     model = for_inference(model, device, torch.channels_last, compile=compile, freeze=True)
@@ -142,7 +142,7 @@ def featcache_end_to_end(
     a per-process constant, not part of the pipeline.
     """
     from featcache.backbones import load_backbone
-    from featcache.extract import ExtractConfig, extract
+    from featcache.extraction.extract import ExtractConfig, extract
 
     load_backbone(backbone, weights_for(backbone))
 
@@ -358,7 +358,7 @@ def big_store() -> Path:
         return store
     run = WORK / "r18w48-init"
     if not (run / "encoder.safetensors").exists():
-        from featcache.simclr import ResNetCifar, SimCLRConfig, export_encoder
+        from featcache.pretraining.simclr import ResNetCifar, SimCLRConfig, export_encoder
 
         run.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(0)
@@ -392,15 +392,15 @@ def _encoder_extract(run: Path, out: Path, *extra: str) -> list[str]:
 
 
 def bench_probe(quick: bool) -> str:
-    from featcache.baselines import sklearn_probe
-    from featcache.probe import DEFAULT_WEIGHT_DECAYS, ProbeConfig, fit_probe
+    from featcache.evaluation.baselines import sklearn_probe
+    from featcache.evaluation.probe import DEFAULT_WEIGHT_DECAYS, ProbeConfig, fit_probe
     from featcache.store import Store
 
     store = Store(big_store())
     tr, te = store.load("train", "pooled"), store.load("test", "pooled")
     if quick:
         tr.features, tr.labels = tr.features[:10000], tr.labels[:10000]
-    cfg = ProbeConfig(store=str(store.path))
+    cfg = ProbeConfig()
     t_fc, r = _timed(lambda: fit_probe(tr.features, tr.labels, te.features, te.labels, 10, cfg))
     n_fit = r["num_fit"]
     # The same grid in scikit-learn's terms: C = 1 / (weight_decay * n); 0 -> no penalty.
@@ -439,7 +439,7 @@ def bench_probe(quick: bool) -> str:
 def bench_knn(quick: bool) -> str:
     from sklearn.neighbors import KNeighborsClassifier
 
-    from featcache.knn import knn_evaluate, l2_normalize
+    from featcache.evaluation.knn import knn_evaluate, l2_normalize
     from featcache.store import Store
 
     store = Store(big_store())
@@ -551,9 +551,9 @@ def bench_precision(quick: bool) -> str:
     The whole 10,000-image test split: bf16 moves a few percent of the k-NN predictions, so
     a 1,000-image split could not resolve a 0.3-point band (one image is 0.1 point).
     """
-    from featcache.extract import ExtractConfig, extract
-    from featcache.knn import KnnConfig, l2_normalize, run_knn, search, weighted_vote
-    from featcache.probe import ProbeConfig, run_probe
+    from featcache.evaluation.knn import KnnConfig, l2_normalize, run_knn, search, weighted_vote
+    from featcache.evaluation.probe import ProbeConfig, run_probe
+    from featcache.extraction.extract import ExtractConfig, extract
     from featcache.store import Store
 
     train_per_class, test_per_class = (20, 20) if quick else (500, None)
@@ -571,8 +571,8 @@ def bench_precision(quick: bool) -> str:
             progress=False,
         )
         extract(cfg)
-        probe = run_probe(ProbeConfig(store=str(out)))["test"]["top1"]
-        knn = run_knn(KnnConfig(store=str(out), ks=(20,)))["results"][0]["top1"]
+        probe = run_probe(out, ProbeConfig())["test"]["top1"]
+        knn = run_knn(out, KnnConfig(ks=(20,)))["results"][0]["top1"]
         rows[precision] = (probe, knn)
         stores[precision] = Store(out)
         print(f"precision {precision}: probe {probe:.2f} knn {knn:.2f}", flush=True)

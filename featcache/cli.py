@@ -44,11 +44,29 @@ def _ints(value: str | None, name: str) -> tuple[int, ...] | None:
         ) from None
 
 
-def _probe_default(name: str):
-    """The probe's defaults live in ProbeConfig only."""
-    from featcache.probe import ProbeConfig
+def _default(method: str, name: str):
+    """A method's default, from its config dataclass (the one place defaults are written);
+    tuples as the CLI's comma-separated text."""
+    import importlib
 
-    return ProbeConfig.__dataclass_fields__[name].default
+    module, cls = _CONFIGS[method]
+    value = getattr(importlib.import_module(module), cls).__dataclass_fields__[name].default
+    return ",".join(map(str, value)) if isinstance(value, tuple) else value
+
+
+_CONFIGS = {
+    "extract": ("featcache.extraction.extract", "ExtractConfig"),
+    "probe": ("featcache.evaluation.probe", "ProbeConfig"),
+    "knn": ("featcache.evaluation.knn", "KnnConfig"),
+    "cluster": ("featcache.evaluation.cluster", "ClusterConfig"),
+    "retrieval": ("featcache.evaluation.retrieval", "RetrievalConfig"),
+    "shots": ("featcache.studies.shots", "ShotsConfig"),
+    "report": ("featcache.studies.report", "ReportConfig"),
+}
+
+
+def _probe_default(name: str):
+    return _default("probe", name)
 
 
 def _write_json(result: dict, path: str | None) -> None:
@@ -104,31 +122,51 @@ def backbones() -> None:
     default=None,
     help="Where standard datasets lie in torchvision's layout, or are downloaded (data/).",
 )
-@click.option("--splits", default="train,test", show_default=True)
+@click.option("--splits", default=_default("extract", "splits"), show_default=True)
 @click.option("--per-class", type=int, default=None, help="Images per class in every split.")
 @click.option("--train-per-class", type=int, default=None)
 @click.option("--test-per-class", type=int, default=None)
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the subsets.")
-@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
-@click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True)
-@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option(
+    "--seed",
+    type=int,
+    default=_default("extract", "seed"),
+    show_default=True,
+    help="Seed of the subsets.",
+)
+@click.option(
+    "--device",
+    type=click.Choice(DEVICES),
+    default=_default("extract", "device"),
+    show_default=True,
+)
+@click.option(
+    "--precision",
+    type=click.Choice(PRECISIONS),
+    default=_default("extract", "precision"),
+    show_default=True,
+)
+@click.option(
+    "--batch-size", type=int, default=_default("extract", "batch_size"), show_default=True
+)
 @click.option(
     "--workers",
     type=int,
     default=None,
     help="Image decoding processes [default: 1 on the CPU, up to 8 with a GPU].",
 )
-@click.option("--shard-size", type=int, default=1024, show_default=True)
+@click.option(
+    "--shard-size", type=int, default=_default("extract", "shard_size"), show_default=True
+)
 @click.option(
     "--views",
     type=int,
-    default=1,
+    default=_default("extract", "views"),
     show_default=True,
     help="Views per training image, the clean one included.",
 )
 @click.option(
     "--augment",
-    default="crop,flip,jitter,rotate",
+    default=_default("extract", "augment"),
     show_default=True,
     help="Augmentations of views 1.. (crop, flip, jitter, rotate, gray).",
 )
@@ -145,8 +183,8 @@ def backbones() -> None:
 @_friendly
 def extract(**kw) -> None:
     """Run a frozen backbone once over a dataset into an HDF5 feature store."""
-    from featcache.extract import ExtractConfig
-    from featcache.extract import extract as run
+    from featcache.extraction.extract import ExtractConfig
+    from featcache.extraction.extract import extract as run
 
     per_class = kw.pop("per_class")
     cfg = ExtractConfig(
@@ -208,13 +246,13 @@ def extract(**kw) -> None:
 @click.option("--patience", type=int, default=_probe_default("patience"), show_default=True)
 @click.option("--batch-size", type=int, default=_probe_default("batch_size"), show_default=True)
 @click.option("--lr", type=float, default=_probe_default("lr"), show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=_probe_default("seed"), show_default=True)
 @click.option(
     "--device", type=click.Choice(DEVICES), default=_probe_default("device"), show_default=True
 )
 @click.option(
     "--views/--no-views",
-    default=True,
+    default=_probe_default("use_views"),
     show_default=True,
     help="Also train on the store's augmented views (extract --views K).",
 )
@@ -229,7 +267,7 @@ def extract(**kw) -> None:
 @click.option(
     "--repeats",
     type=int,
-    default=5,
+    default=_default("shots", "repeats"),
     show_default=True,
     help="Label efficiency: random labelled subsets per budget.",
 )
@@ -238,18 +276,10 @@ def extract(**kw) -> None:
 @_friendly
 def probe(**kw) -> None:
     """Train linear heads on a store's features (weight-decay sweep, early stopping)."""
-    from featcache.probe import DEFAULT_WEIGHT_DECAYS, ProbeConfig, plot_probe, run_probe
+    import featcache.api as api
+    from featcache.evaluation.probe import plot_probe
 
-    wds = DEFAULT_WEIGHT_DECAYS
-    if kw["weight_decays"]:
-        try:
-            wds = tuple(float(v) for v in kw["weight_decays"].split(","))
-        except ValueError:
-            raise click.BadParameter(kw["weight_decays"], param_hint="--weight-decays") from None
-    cfg = ProbeConfig(
-        store=kw["store"],
-        features=kw["features"],
-        weight_decays=wds,
+    options = dict(
         val_fraction=kw["val_fraction"],
         max_epochs=kw["epochs"],
         patience=kw["patience"],
@@ -259,41 +289,48 @@ def probe(**kw) -> None:
         device=kw["device"],
         use_views=kw["views"],
     )
+    if kw["weight_decays"]:
+        try:
+            options["weight_decays"] = tuple(float(v) for v in kw["weight_decays"].split(","))
+        except ValueError:
+            raise click.BadParameter(kw["weight_decays"], param_hint="--weight-decays") from None
     if kw["shots"] or kw["label_fraction"]:
-        return _label_efficiency(cfg, kw)
-    result = run_probe(cfg)
+        return _label_efficiency(options, kw)
+    result = api.probe(kw["store"], features=kw["features"], **options).to_dict()
     _write_json(result, kw["json_out"])
     if kw["plot"]:
         plot_probe(result, kw["plot"])
     t, sel = result["test"], result["selected"]
+    lo, hi = t["top1_ci95"]
     click.echo(
-        f"probe {result['backbone']}/{result['features']}: test top-1 {t['top1']:.2f}%  "
-        f"top-3 {t['top3']:.2f}%  loss {t['loss']:.4f}  (weight decay {sel['weight_decay']:g}, "
-        f"{sel['epochs']} epochs, {result['views']} views/image, {result['seconds']:.1f} s)"
+        f"probe {result['backbone']}/{result['features']}: test top-1 {t['top1']:.2f}% "
+        f"(95% CI {lo:.2f}-{hi:.2f})  top-3 {t['top3']:.2f}%  mean per-class "
+        f"{t['mean_per_class']:.2f}%  loss {t['loss']:.4f}  (weight decay "
+        f"{sel['weight_decay']:g}, {sel['epochs']} epochs, {result['views']} views/image, "
+        f"{result['seconds']:.1f} s)"
     )
 
 
-def _label_efficiency(probe_cfg, kw) -> None:
-    from featcache.shots import ShotsConfig, run_shots
+def _label_efficiency(probe_options: dict, kw) -> None:
+    import featcache.api as api
 
     try:
         fractions = tuple(float(v) for v in (kw["label_fraction"] or "").split(",") if v)
     except ValueError:
         raise click.BadParameter(kw["label_fraction"], param_hint="--label-fraction") from None
-    cfg = ShotsConfig(
-        store=kw["store"],
+    result = api.shots(
+        kw["store"],
         features=kw["features"],
         shots=_ints(kw["shots"], "--shots") or (),
         fractions=fractions,
         repeats=kw["repeats"],
         seed=kw["seed"],
-        probe=probe_cfg,
-    )
-    result = run_shots(cfg)
+        probe=probe_options,
+    ).to_dict()
     _write_json(result, kw["json_out"])
     click.echo(
         f"label efficiency {result['backbone']}/{result['features']} "
-        f"(weight decay {result['weight_decay']:g}, {cfg.repeats} repeats):"
+        f"(weight decay {result['weight_decay']:g}, {kw['repeats']} repeats):"
     )
     for r in result["results"]:
         click.echo(
@@ -308,16 +345,16 @@ def _label_efficiency(probe_cfg, kw) -> None:
 @click.option("--features", default=None, help="Feature set (default: the backbone's first).")
 @click.option("--split", default="test", show_default=True)
 @click.option("--clusters", type=int, default=None, help="Default: the number of classes.")
-@click.option("--restarts", type=int, default=5, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--restarts", type=int, default=_default("cluster", "restarts"), show_default=True)
+@click.option("--seed", type=int, default=_default("cluster", "seed"), show_default=True)
 @click.option("--json", "json_out", default=None, help="Write the result as JSON.")
 @_friendly
 def cluster(**kw) -> None:
     """Label-free check: k-means on the features, scored by NMI, ARI and cluster accuracy."""
-    from featcache.cluster import ClusterConfig, run_cluster
+    import featcache.api as api
 
-    json_out = kw.pop("json_out")
-    result = run_cluster(ClusterConfig(**kw))
+    json_out, features, split = kw.pop("json_out"), kw.pop("features"), kw.pop("split")
+    result = api.cluster(kw.pop("store"), features=features, split=split, **kw).to_dict()
     _write_json(result, json_out)
     click.echo(
         f"k-means {result['backbone']}/{result['features']} ({result['clusters']} clusters, "
@@ -329,25 +366,70 @@ def cluster(**kw) -> None:
 @main.command()
 @click.option("--store", required=True, type=click.Path(dir_okay=False))
 @click.option("--features", default=None, help="Feature set (default: the backbone's first).")
-@click.option("--k", "ks", default="10,20,100,200", show_default=True)
-@click.option("--temperature", type=float, default=0.07, show_default=True)
+@click.option("--k", "ks", default=_default("knn", "ks"), show_default=True)
+@click.option(
+    "--temperature", type=float, default=_default("knn", "temperature"), show_default=True
+)
 @click.option("--json", "json_out", default=None, help="Write the result as JSON.")
 @_friendly
 def knn(**kw) -> None:
     """Weighted k-NN classification of the test split by the train split (faiss)."""
-    from featcache.knn import KnnConfig, run_knn
+    import featcache.api as api
 
-    cfg = KnnConfig(
-        store=kw["store"],
+    result = api.knn(
+        kw["store"],
         features=kw["features"],
         ks=_ints(kw["ks"], "--k"),
         temperature=kw["temperature"],
-    )
-    result = run_knn(cfg)
+    ).to_dict()
     _write_json(result, kw["json_out"])
-    click.echo(f"k-NN {result['backbone']}/{result['features']} (T={cfg.temperature}):")
+    click.echo(f"k-NN {result['backbone']}/{result['features']} (T={kw['temperature']}):")
     for r in result["results"]:
-        click.echo(f"  k={r['k']:<4d} top-1 {r['top1']:.2f}%  top-3 {r['top3']:.2f}%")
+        lo, hi = r["top1_ci95"]
+        click.echo(
+            f"  k={r['k']:<4d} top-1 {r['top1']:.2f}% (95% CI {lo:.2f}-{hi:.2f})  "
+            f"top-3 {r['top3']:.2f}%  mean per-class {r['mean_per_class']:.2f}%"
+        )
+
+
+@main.command()
+@click.option("--store", required=True, type=click.Path(dir_okay=False))
+@click.option("--features", default=None, help="Feature set (default: the backbone's first).")
+@click.option("--recall-at", default=_default("retrieval", "recall_at"), show_default=True)
+@click.option("--json", "json_out", default=None, help="Write the result as JSON.")
+@_friendly
+def retrieval(**kw) -> None:
+    """Retrieval by class: test images query the training gallery, and each other."""
+    import featcache.api as api
+
+    result = api.retrieval(
+        kw["store"], features=kw["features"], recall_at=_ints(kw["recall_at"], "--recall-at")
+    ).to_dict()
+    _write_json(result, kw["json_out"])
+    click.echo(f"retrieval {result['backbone']}/{result['features']} (relevant: same class):")
+    for name, title in (("train_gallery", "test vs train"), ("test_loo", "test leave-one-out")):
+        r = result[name]
+        recall = "  ".join(f"R@{k} {v:.2f}%" for k, v in r["recall"].items())
+        click.echo(f"  {title:18s} mAP {r['map']:.2f}%  mAP@R {r['map_at_r']:.2f}%  {recall}")
+
+
+@main.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--format", "fmt", type=click.Choice(["md", "csv", "json"]), default="md",
+              show_default=True)  # fmt: skip
+@click.option("--out", default=None, help="Write the table to a file (default: print it).")
+@_friendly
+def table(paths, fmt, out) -> None:
+    """One table across stores (their results beside them) or result JSON files."""
+    from featcache.store import write_atomic
+    from featcache.studies.table import collect, render
+
+    text = render(collect(list(paths)), fmt)
+    if out:
+        write_atomic(out, text)
+        click.echo(f"table of {len(paths)} inputs -> {out}")
+    else:
+        click.echo(text, nl=False)
 
 
 @main.command()
@@ -360,11 +442,7 @@ def info(store: str, as_json: bool) -> None:
 
     s = Store(store)
     if as_json:
-        meta = {
-            k: (json.loads(v) if k not in ("format", "fingerprint", "featcache_version") else v)
-            for k, v in s.attrs.items()
-        }
-        click.echo(json.dumps({**meta, "splits": s.splits, "sizes": s.sizes}, indent=1))
+        click.echo(json.dumps(s.info(), indent=1))
     else:
         click.echo(s.describe())
 
@@ -411,8 +489,8 @@ def pretrain() -> None:
 @_friendly
 def simclr(**kw) -> None:
     """SimCLR on a dataset's training images; RUN_DIR then serves as --weights."""
-    from featcache.simclr import SimCLRConfig
-    from featcache.simclr import pretrain as run
+    from featcache.pretraining.simclr import SimCLRConfig
+    from featcache.pretraining.simclr import pretrain as run
 
     result = run(SimCLRConfig(**kw))
     last = result["history"][-1] if result["history"] else {}
@@ -440,8 +518,8 @@ def simclr(**kw) -> None:
 @_friendly
 def attention(store, backbone, weights, images, max_images, out) -> None:
     """The last block's CLS-to-patch attention of every head (DINO's visualisation)."""
-    from featcache.attention import attention_maps, load_images, save_store_attention
-    from featcache.report import plot_attention
+    from featcache.extraction.attention import attention_maps, load_images, save_store_attention
+    from featcache.studies.report import plot_attention
 
     if (store is None) == (not images):
         raise click.UsageError("give either --store S or --images (with --backbone and --out)")
@@ -464,12 +542,17 @@ def attention(store, backbone, weights, images, max_images, out) -> None:
 @main.command()
 @click.argument("stores", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.option("--out", required=True, help="HTML file to write.")
-@click.option("--shots", default="1,5,10", show_default=True, help="Label-efficiency budgets.")
-@click.option("--repeats", type=int, default=3, show_default=True)
+@click.option(
+    "--shots",
+    default=_default("report", "shots"),
+    show_default=True,
+    help="Label-efficiency budgets.",
+)
+@click.option("--repeats", type=int, default=_default("report", "repeats"), show_default=True)
 @_friendly
 def report(stores, out, shots, repeats) -> None:
     """One self-contained HTML page comparing stores (computes missing results)."""
-    from featcache.report import ReportConfig, build_report
+    from featcache.studies.report import ReportConfig, build_report
 
     cfg = ReportConfig(
         stores=tuple(stores), out=out, shots=_ints(shots, "--shots") or (), repeats=repeats

@@ -26,7 +26,7 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import h5py
@@ -375,6 +375,12 @@ def _refuse_foreign_data(f: h5py.File, path: Path) -> None:
         )
 
 
+def result_path(store: str | Path, kind: str) -> Path:
+    """Where a result computed from a store is kept beside it: ``S.probe.json`` for ``S.h5``."""
+    store = Path(store)
+    return store.with_name(f"{store.stem}.{kind}.json")
+
+
 @dataclass
 class Split:
     """Features of one split, loaded into memory."""
@@ -382,6 +388,38 @@ class Split:
     features: np.ndarray  # (N, D) float32
     labels: np.ndarray  # (N,) int64
     ids: list[str]
+
+
+class Features:
+    """One split's features: ``x, y, ids = store.features("train")``. ``x`` is read from the
+    store on first access, so labels and ids alone cost no feature I/O."""
+
+    def __init__(self, store: Store, split: str, name: str, as_torch: bool):
+        self.store, self.split, self.name, self.as_torch = store, split, name, as_torch
+        self._x = None
+        self.y: np.ndarray = store.read(split, "labels")
+        self.ids: list[str] = store.read(split, "ids").tolist()
+
+    @property
+    def x(self):
+        if self._x is None:
+            with h5py.File(self.store.path, "r") as f:
+                x = f[self.split]["features"][self.name][:].astype(np.float32, copy=False)
+            if self.as_torch:
+                import torch
+
+                x = torch.from_numpy(x)
+            self._x = x
+        return self._x
+
+    def __iter__(self):
+        return iter((self.x, self.y, self.ids))
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __repr__(self) -> str:
+        return f"Features({self.store.path.name}, {self.split}, {self.name}, {len(self)} rows)"
 
 
 class Store:
@@ -421,6 +459,25 @@ class Store:
 
     def default_feature(self) -> str:
         return self.fields["backbone"]["default_feature"]
+
+    @property
+    def feature_sets(self) -> list[str]:
+        """The feature sets every split holds (``cls``, ``patch_mean``, ...)."""
+        sets = [set(f) for f in self.splits.values()]
+        return sorted(set.intersection(*sets)) if sets else []
+
+    def features(self, split: str, name: str | None = None, torch: bool = False) -> Features:
+        """One split's features as a record that unpacks as ``x, y, ids``; ``x`` (N, D)
+        float32 is read on first use (as a torch tensor with ``torch=True``)."""
+        name = name or self.default_feature()
+        self.check(split, name)
+        return Features(self, split, name, torch)
+
+    def info(self) -> dict:
+        """The store's metadata, as ``featcache info --json`` prints it."""
+        plain = ("format", "fingerprint", "featcache_version")
+        meta = {k: (v if k in plain else json.loads(v)) for k, v in self.attrs.items()}
+        return {**meta, "splits": self.splits, "sizes": self.sizes}
 
     def check(self, split: str, feature: str | None = None) -> None:
         if split not in self.splits:
@@ -470,8 +527,9 @@ class Store:
         self.check(test, feature)
         return feature, self.load(train, feature), self.load(test, feature)
 
-    def provenance(self, kind: str, feature: str, config: dict) -> dict:
-        """The header of every result computed from this store (probe, k-NN, ...)."""
+    def provenance(self, kind: str, feature: str, config) -> dict:
+        """The header of every result computed from this store (probe, k-NN, ...); ``config``
+        (a method's config dataclass) is recorded as JSON."""
         return {
             "kind": kind,
             "store": str(self.path),
@@ -479,7 +537,7 @@ class Store:
             "backbone": self.fields["backbone"]["name"],
             "features": feature,
             "class_names": self.class_names,
-            "config": config,
+            "config": json.loads(json.dumps(asdict(config))),  # tuples as lists
             "featcache_version": __version__,
         }
 

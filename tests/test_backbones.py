@@ -261,7 +261,7 @@ def test_a_store_from_another_hub_revision_is_refused_naming_weights(
     from safetensors.torch import save_file
 
     from featcache.errors import SpecMismatchError
-    from featcache.extract import ExtractConfig, extract
+    from featcache.extraction.extract import ExtractConfig, extract
 
     served = tmp_path / "model.safetensors"
     save_file(timm.create_model("efficientnet_b0", pretrained=False).state_dict(), served)

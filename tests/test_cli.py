@@ -55,11 +55,11 @@ def test_extract_probe_knn_info(run, store, tmp_path):
     assert r.exit_code == 0, r.output
     p = json.loads((tmp_path / "p.json").read_text())
     assert p["test"]["top1"] == 100.0  # the tiny dataset's classes differ in colour
-    assert set(p["test"]) == {"top1", "top3", "loss"}
+    assert set(p["test"]) == {"top1", "top3", "loss", "mean_per_class", "top1_ci95"}
     assert "weight_decay" in p["selected"] and p["epochs"][0]["train"]["top3"] >= 0
     assert p["views"] == 1
     assert p["fingerprint"] == h5py.File(store, "r").attrs["fingerprint"]
-    assert p["config"]["store"] == str(store)
+    assert p["store"] == str(store) and "store" not in p["config"]  # configs: methods only
     assert (tmp_path / "p.png").stat().st_size > 1000
 
     r = run(

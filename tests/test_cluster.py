@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from featcache.cluster import cluster_accuracy, kmeans
+from featcache.evaluation.cluster import cluster_accuracy, kmeans
 
 
 def test_cluster_accuracy_matches_clusters_to_classes_by_hand():

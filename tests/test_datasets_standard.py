@@ -19,7 +19,7 @@ from PIL import Image
 from featcache.datasets import dataset_identity, load_dataset
 from featcache.datasets.standard import DATASETS, Resource
 from featcache.errors import DatasetError
-from featcache.preprocess import to_rgb
+from featcache.extraction.preprocess import to_rgb
 
 RNG = np.random.default_rng(0)
 
@@ -225,7 +225,7 @@ def test_greyscale_and_photos_of_many_sizes_extract_end_to_end(tmp_path):
     whole extraction; the store's dataset identity names the dataset."""
     import h5py
 
-    from featcache.extract import ExtractConfig, extract
+    from featcache.extraction.extract import ExtractConfig, extract
 
     make_mnist(tmp_path / "data")
     make_food101(tmp_path / "data")

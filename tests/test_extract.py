@@ -14,7 +14,7 @@ import torch
 from conftest import assert_equal_stores, make_image_folder, start, tiny_extract
 
 from featcache.errors import BadImageError, SpecMismatchError, StoreError
-from featcache.extract import ExtractConfig, extract
+from featcache.extraction.extract import ExtractConfig, extract
 from featcache.store import ShardedWriter, Store
 
 
@@ -95,8 +95,8 @@ def _change(field: str, monkeypatch, folder, tmp_path) -> dict:
 
     from tiny_backbone import TINY
 
-    from featcache import extract
     from featcache.backbones import registry
+    from featcache.extraction import extract
 
     if field == "feature_version":  # the code's features changed
         monkeypatch.setattr(extract, "FEATURE_VERSION", extract.FEATURE_VERSION + 1)

@@ -202,7 +202,7 @@ def test_a_real_full_disk_inside_hdf5_is_a_clear_error_and_the_rerun_completes(
 
 
 def _extract_tiny(folder, out):
-    from featcache.extract import ExtractConfig, extract
+    from featcache.extraction.extract import ExtractConfig, extract
 
     cfg = ExtractConfig(
         backbone="test-tiny",

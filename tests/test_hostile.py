@@ -17,7 +17,7 @@ from PIL import Image
 
 from featcache.datasets import load_dataset
 from featcache.errors import BadImageError, DatasetError, StoreError, WeightsError
-from featcache.extract import ExtractConfig, extract
+from featcache.extraction.extract import ExtractConfig, extract
 from featcache.store import Store
 
 

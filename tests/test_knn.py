@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from featcache.knn import KnnConfig, knn_evaluate, l2_normalize, search, weighted_vote
+from featcache.evaluation.knn import KnnConfig, knn_evaluate, l2_normalize, search, weighted_vote
 
 
 def test_vote_on_four_vectors_by_hand():
@@ -58,6 +58,6 @@ def test_k_larger_than_train_set_is_a_clear_error():
 
 def test_config_validates():
     with pytest.raises(ValueError, match="--temperature"):
-        KnnConfig(store="s.h5", temperature=0)
+        KnnConfig(temperature=0)
     with pytest.raises(ValueError, match="--k"):
-        KnnConfig(store="s.h5", ks=(0,))
+        KnnConfig(ks=(0,))

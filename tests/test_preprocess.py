@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from featcache.preprocess import Preprocess, to_rgb
+from featcache.extraction.preprocess import Preprocess, to_rgb
 
 P = Preprocess(
     input_size=224,
@@ -87,7 +87,7 @@ def _bytes_only_on_cpu(monkeypatch):
     """Make the CPU behave like CUDA: no uint8 interpolate kernels (they raise there)."""
     import torch.nn.functional as F
 
-    from featcache import preprocess
+    from featcache.extraction import preprocess
 
     interpolate = F.interpolate
 

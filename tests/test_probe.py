@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from featcache.metrics import topk_accuracy
-from featcache.probe import ProbeConfig, fit_probe, stratified_split
+from featcache.evaluation.metrics import topk_accuracy
+from featcache.evaluation.probe import ProbeConfig, fit_probe, stratified_split
 
 
 def _blobs(n_per_class, classes, dim, scale, seed):
@@ -16,7 +16,7 @@ def _blobs(n_per_class, classes, dim, scale, seed):
 def test_separable_data_is_learned_perfectly():
     x, y = _blobs(40, 4, 8, 0.1, 0)
     xt, yt = _blobs(10, 4, 8, 0.1, 0)
-    cfg = ProbeConfig(store="-", max_epochs=100, weight_decays=(0.0, 1e-3))
+    cfg = ProbeConfig(max_epochs=100, weight_decays=(0.0, 1e-3))
     r = fit_probe(x, y, xt, yt, 4, cfg)
     assert r["test"]["top1"] == 100.0
     assert r["test"]["top3"] == 100.0
@@ -32,7 +32,7 @@ def test_separable_data_is_learned_perfectly():
 def test_strong_weight_decay_loses_on_noisy_data_and_is_not_chosen():
     x, y = _blobs(60, 5, 20, 2.0, 1)
     xt, yt = _blobs(30, 5, 20, 2.0, 2)
-    cfg = ProbeConfig(store="-", max_epochs=40, weight_decays=(1e-4, 10.0))
+    cfg = ProbeConfig(max_epochs=40, weight_decays=(1e-4, 10.0))
     r = fit_probe(x, y, xt, yt, 5, cfg)
     by_wd = {s["weight_decay"]: s["val"]["loss"] for s in r["sweep"]}
     assert by_wd[10.0] > by_wd[1e-4]
@@ -42,11 +42,9 @@ def test_strong_weight_decay_loses_on_noisy_data_and_is_not_chosen():
 def test_heads_trained_together_equal_heads_trained_alone():
     x, y = _blobs(30, 3, 6, 1.0, 3)
     together = fit_probe(
-        x, y, x, y, 3, ProbeConfig(store="-", max_epochs=5, patience=99, weight_decays=(0.0, 1e-2))
+        x, y, x, y, 3, ProbeConfig(max_epochs=5, patience=99, weight_decays=(0.0, 1e-2))
     )
-    alone = fit_probe(
-        x, y, x, y, 3, ProbeConfig(store="-", max_epochs=5, patience=99, weight_decays=(1e-2,))
-    )
+    alone = fit_probe(x, y, x, y, 3, ProbeConfig(max_epochs=5, patience=99, weight_decays=(1e-2,)))
     np.testing.assert_allclose(
         together["sweep"][1]["val"]["loss"], alone["sweep"][0]["val"]["loss"], rtol=1e-4
     )
@@ -69,14 +67,14 @@ def test_topk_accuracy_by_hand():
 
 def test_config_validates():
     with pytest.raises(ValueError, match="--val-fraction"):
-        ProbeConfig(store="s", val_fraction=1.5)
+        ProbeConfig(val_fraction=1.5)
 
 
 def test_views_add_training_rows_but_not_validation_rows():
     x, y = _blobs(30, 3, 6, 1.0, 4)
     rng = np.random.default_rng(0)
     views = x[:, None, :] + rng.normal(scale=5.0, size=(len(x), 2, 6)).astype(np.float32)
-    cfg = ProbeConfig(store="-", max_epochs=10)
+    cfg = ProbeConfig(max_epochs=10)
     with_views = fit_probe(x, y, x, y, 3, cfg, train_views=views)
     without = fit_probe(x, y, x, y, 3, cfg)
     assert with_views["views"] == 3 and without["views"] == 1
@@ -88,13 +86,13 @@ def test_features_that_are_not_finite_are_refused_by_count():
     x, y = _blobs(20, 3, 4, 0.1, 0)
     x[3, 1], x[5, 2] = np.nan, np.inf
     with pytest.raises(ValueError, match="training features hold 2 non-finite values"):
-        fit_probe(x, y, x, y, 3, ProbeConfig(store="-", max_epochs=2))
+        fit_probe(x, y, x, y, 3, ProbeConfig(max_epochs=2))
 
 
 def test_a_sweep_with_no_finite_validation_loss_is_an_error_not_chance_accuracy():
     """It used to return an all-zero head, reported as a chance-level result."""
     x, y = _blobs(20, 3, 4, 0.1, 0)
-    cfg = ProbeConfig(store="-", max_epochs=5, weight_decays=(0.0, 0.1), lr=1e300)
+    cfg = ProbeConfig(max_epochs=5, weight_decays=(0.0, 0.1), lr=1e300)
     with pytest.raises(ValueError, match="no weight decay reached a finite validation loss") as e:
         fit_probe(x, y, x, y, 3, cfg)
     assert "0 from epoch 1, 0.1 from epoch 1" in str(e.value) and "lower --lr" in str(e.value)

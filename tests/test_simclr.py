@@ -12,8 +12,8 @@ import torch.nn.functional as F
 
 from featcache.backbones import load_backbone
 from featcache.errors import FeatcacheError
-from featcache.extract import ExtractConfig, extract
-from featcache.simclr import (
+from featcache.extraction.extract import ExtractConfig, extract
+from featcache.pretraining.simclr import (
     ResNetCifar,
     SimCLRConfig,
     _load_checkpoint,
@@ -83,7 +83,7 @@ def test_a_time_limit_sizes_the_schedule_so_that_it_anneals(image_folder, tmp_pa
 
 
 def test_checkpoints_every_n_epochs_and_at_the_last(image_folder, tmp_path, monkeypatch):
-    from featcache import simclr
+    from featcache.pretraining import simclr
 
     saved, write = [], simclr._save_checkpoint
 
@@ -180,7 +180,7 @@ def test_encoder_round_trips_through_the_registry_into_a_store(image_folder, tmp
     assert store.fields["preprocess"]["input_size"] == 32  # native resolution, no upscaling
     feats = store.load("test", "pooled")
     encoder = load_backbone("simclr-resnet18", out)[0].model
-    from featcache.simclr import load_images
+    from featcache.pretraining.simclr import load_images
 
     images, labels = load_images(f"imagefolder:{image_folder}", None, "test", None, 0, 32)
     direct = embed(encoder, images, torch.device("cpu"), "fp32")

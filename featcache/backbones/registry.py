@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from featcache.errors import UnknownBackboneError, UnsupportedModelError, WeightsError
-from featcache.preprocess import INTERPOLATIONS, Preprocess
+from featcache.extraction.preprocess import INTERPOLATIONS, Preprocess
 
 
 @dataclass(frozen=True)

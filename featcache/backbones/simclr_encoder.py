@@ -17,7 +17,7 @@ def _pooled(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 def _random_encoder(spec: BackboneSpec, root: Path) -> Path:
-    from featcache.simclr import ResNetCifar, SimCLRConfig, export_encoder
+    from featcache.pretraining.simclr import ResNetCifar, SimCLRConfig, export_encoder
 
     path = root / spec.name
     path.mkdir(exist_ok=True)
@@ -29,7 +29,7 @@ def _random_encoder(spec: BackboneSpec, root: Path) -> Path:
 @family("simclr-cifar", random_weights=_random_encoder)
 def _build_simclr(spec: BackboneSpec, weights: Path):
     """An encoder trained by `featcache pretrain simclr`; its width decides the feature width."""
-    from featcache.simclr import ResNetCifar, read_encoder
+    from featcache.pretraining.simclr import ResNetCifar, read_encoder
 
     tensors, meta, path = read_encoder(weights)
     model = ResNetCifar(meta["width"])

@@ -10,22 +10,23 @@ unlabelled data every method may see. Reported: mean and standard deviation of t
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from featcache.device import resolve_device
-from featcache.knn import knn_evaluate
-from featcache.metrics import topk_accuracy
-from featcache.probe import ProbeConfig, curvature, fit_probe, standardise, train_head
+from featcache.evaluation.knn import knn_evaluate
+from featcache.evaluation.metrics import topk_accuracy
+from featcache.evaluation.probe import ProbeConfig, curvature, fit_probe, standardise, train_head
 from featcache.store import Store
 
 
 @dataclass(frozen=True)
 class ShotsConfig:
-    store: str
-    features: str | None = None
+    """Label efficiency's method settings (what it reads is an argument of ``run_shots``)."""
+
     shots: tuple[int, ...] = (1, 5, 10, 100)  # labelled images per class
     fractions: tuple[float, ...] = ()  # fractions of the labelled training split
     repeats: int = 5
@@ -59,25 +60,38 @@ def labelled_subset(labels: np.ndarray, per_class: int, rng: np.random.Generator
     return np.sort(np.concatenate(out))
 
 
-def run_shots(cfg: ShotsConfig) -> dict:
-    store = Store(cfg.store)
-    feature, train, test = store.load_pair(cfg.features)
-    num_classes = len(store.class_names)
-    pcfg = replace(cfg.probe or ProbeConfig(store=cfg.store), store=cfg.store, features=feature)
+def run_shots(store: str | Path | Store, cfg: ShotsConfig, features: str | None = None) -> dict:
+    """Label efficiency on a store's train and test splits; with the store's provenance."""
+    store = store if isinstance(store, Store) else Store(store)
+    feature, train, test = store.load_pair(features)
+    cfg = replace(cfg, probe=cfg.probe or ProbeConfig())
     start = time.perf_counter()
+    result = shots_features(
+        (train.features, train.labels), (test.features, test.labels), len(store.class_names), cfg
+    )
+    return {
+        **store.provenance("shots", feature, cfg),
+        **result,
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def shots_features(train, test, num_classes: int, cfg: ShotsConfig) -> dict:
+    """Label efficiency on (features, labels) pairs: for each budget and repeat, a probe and
+    a k-NN that see only the labelled subset."""
+    (x_train, y_train), (x_test, y_test) = train, test
+    pcfg = cfg.probe or ProbeConfig()
     wd = cfg.weight_decay
     if wd is None:
-        full = fit_probe(
-            train.features, train.labels, test.features, test.labels, num_classes, pcfg
-        )
+        full = fit_probe(x_train, y_train, x_test, y_test, num_classes, pcfg)
         wd = full["selected"]["weight_decay"]
 
     device = resolve_device(pcfg.device)
-    xtr, xte = standardise(train.features.astype(np.float32), test.features.astype(np.float32))
+    xtr, xte = standardise(x_train.astype(np.float32), x_test.astype(np.float32))
     xtr_t = torch.as_tensor(xtr, device=device)
     xte_t = torch.as_tensor(xte, device=device)
     curv = curvature(xtr_t)
-    min_class = int(np.bincount(train.labels).min())
+    min_class = int(np.bincount(y_train).min())
     budgets = [("shots", s, s) for s in cfg.shots]
     budgets += [("fraction", f, max(1, round(f * min_class))) for f in cfg.fractions]
 
@@ -86,22 +100,22 @@ def run_shots(cfg: ShotsConfig) -> dict:
         probe_acc, knn_acc = [], []
         for r in range(cfg.repeats):
             rng = np.random.default_rng([cfg.seed, r, per_class])
-            idx = labelled_subset(train.labels, per_class, rng)
-            y = torch.as_tensor(train.labels[idx], device=device)
+            idx = labelled_subset(y_train, per_class, rng)
+            y = torch.as_tensor(y_train[idx], device=device)
             gen = torch.Generator().manual_seed(cfg.seed + r)
             with torch.no_grad():
                 head, _ = train_head(
                     xtr_t[idx], y, num_classes, wd, pcfg.max_epochs, curv, pcfg, gen
                 )
                 scores = head.logits(xte_t)[0].cpu().numpy()
-            probe_acc.append(topk_accuracy(scores, test.labels, 1))
+            probe_acc.append(topk_accuracy(scores, y_test, 1))
             k = min(cfg.k, len(idx))
             knn_acc.append(
                 knn_evaluate(
-                    train.features[idx],
-                    train.labels[idx],
-                    test.features,
-                    test.labels,
+                    x_train[idx],
+                    y_train[idx],
+                    x_test,
+                    y_test,
                     num_classes,
                     (k,),
                     cfg.temperature,
@@ -120,12 +134,8 @@ def run_shots(cfg: ShotsConfig) -> dict:
                 "knn_top1": knn_acc,
             }
         )
-    config = {**asdict(cfg), "shots": list(cfg.shots), "fractions": list(cfg.fractions)}
-    config["probe"] = asdict(pcfg)
     return {
-        **store.provenance("shots", feature, config),
         "weight_decay": wd,
         "device": str(device),  # where the heads trained (the config may say "auto")
         "results": rows,
-        "seconds": time.perf_counter() - start,
     }

@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from featcache.device import resolve_device
+from featcache.evaluation.metrics import classification_summary
 from featcache.store import Store
 
 TRAIN_CURVE_SAMPLES = 10_000
@@ -29,8 +31,8 @@ DEFAULT_WEIGHT_DECAYS = (0.0, 1e-4, 1e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0)
 
 @dataclass(frozen=True)
 class ProbeConfig:
-    store: str
-    features: str | None = None  # default: the backbone's first feature set
+    """The probe's method settings (what it reads is an argument of ``run_probe``)."""
+
     weight_decays: tuple[float, ...] = DEFAULT_WEIGHT_DECAYS
     # Fraction of each training class held out to choose the weight decay and epoch count.
     val_fraction: float = 0.1
@@ -46,8 +48,6 @@ class ProbeConfig:
     # Where the heads train: "auto" takes the GPU when there is one (the device check compares
     # its numbers with the CPU's).
     device: str = "auto"
-    train_split: str = "train"
-    test_split: str = "test"
     # Train on the augmented views cached in the store too (extract --views K), if any.
     use_views: bool = True
 
@@ -275,12 +275,13 @@ def fit_probe(
         xa_all, ya_all, num_classes, wd, epochs, curv, cfg, gen, monitor=(xa, ya)
     )
     test_logits = final.logits(t(xte))[0]
-    test = _metrics(test_logits[None], t(y_test, torch.long))[0]
-    if not math.isfinite(test["loss"]):
+    loss = _metrics(test_logits[None], t(y_test, torch.long))[0]["loss"]
+    if not math.isfinite(loss):
         raise ValueError(
             f"the head retrained with weight decay {wd:g} for {epochs} epochs diverged (its test "
             "loss is not finite): lower --lr"
         )
+    test = {**classification_summary(test_logits.cpu().numpy(), y_test), "loss": loss}
     pred = test_logits.argmax(1).cpu().numpy()
     per_class = [
         float(100.0 * (pred[y_test == c] == c).mean()) if (y_test == c).any() else float("nan")
@@ -302,10 +303,12 @@ def fit_probe(
     }
 
 
-def run_probe(cfg: ProbeConfig) -> dict:
-    store = Store(cfg.store)
-    feature, train, test = store.load_pair(cfg.features, cfg.train_split, cfg.test_split)
-    views = store.load_views(cfg.train_split, feature) if cfg.use_views else None
+def run_probe(store: str | Path | Store, cfg: ProbeConfig, features: str | None = None) -> dict:
+    """The probe on a store's train and test splits (``features``: the backbone's first set
+    by default); the result carries the store's provenance."""
+    store = store if isinstance(store, Store) else Store(store)
+    feature, train, test = store.load_pair(features)
+    views = store.load_views("train", feature) if cfg.use_views else None
     start = time.perf_counter()
     result = fit_probe(
         train.features,
@@ -317,9 +320,7 @@ def run_probe(cfg: ProbeConfig) -> dict:
         train_views=views,
     )
     return {
-        **store.provenance(
-            "probe", feature, {**asdict(cfg), "weight_decays": list(cfg.weight_decays)}
-        ),
+        **store.provenance("probe", feature, cfg),
         "seconds": time.perf_counter() - start,
         **result,
     }

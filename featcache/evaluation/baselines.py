@@ -7,7 +7,8 @@ plain-numpy weighted k-NN (exp(sim/T) votes) on L2-normalised features. What sti
 lbfgs runs each fit to convergence, where the probe stops each head at its lowest validation
 loss and retrains for that many epochs.
 
-    python -m featcache.baselines STORE.h5 [--features NAME] [--k 20] [--temperature 0.07]
+    python -m featcache.evaluation.baselines STORE.h5 [--features NAME] [--k 20]
+                                                     [--temperature 0.07]
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import numpy as np
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import log_loss
 
-from featcache.probe import ProbeConfig, stratified_split
+from featcache.evaluation.probe import ProbeConfig, stratified_split
 from featcache.store import Store
 
 C_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0)
@@ -70,7 +71,7 @@ def main() -> None:
     store = Store(a.store)
     feat = a.features or store.default_feature()
     tr, te = store.load("train", feat), store.load("test", feat)
-    cfg = ProbeConfig(store=a.store)
+    cfg = ProbeConfig()
     out = {
         "store": a.store,
         "features": feat,

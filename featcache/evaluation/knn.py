@@ -7,24 +7,23 @@ similarity); each neighbour votes for its class with weight exp(sim / T).
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
+from pathlib import Path
 
 import faiss
 import numpy as np
 
-from featcache.metrics import topk_accuracy
+from featcache.evaluation.metrics import classification_summary
 from featcache.store import Store
 
 
 @dataclass(frozen=True)
 class KnnConfig:
-    store: str
-    features: str | None = None  # default: the backbone's first feature set
+    """The k-NN's method settings (what it reads is an argument of ``run_knn``)."""
+
     ks: tuple[int, ...] = (10, 20, 100, 200)
     # DINO's temperature for the vote weights exp(sim / T).
     temperature: float = 0.07
-    train_split: str = "train"
-    test_split: str = "test"
     # Queries searched at once; bounds memory to query_batch x max(k) results.
     query_batch: int = 8192
 
@@ -74,7 +73,8 @@ def knn_evaluate(
     temperature: float,
     query_batch: int = 8192,
 ) -> list[dict]:
-    """top-1 and top-3 (percent) of the weighted k-NN classifier for each k."""
+    """top-1, top-3, mean per-class top-1 and the top-1's 95% bootstrap interval (percent)
+    of the weighted k-NN classifier, for each k."""
     if max(ks) > len(train):
         raise ValueError(
             f"k={max(ks)} exceeds the {len(train)} training samples; pass smaller --k values"
@@ -84,19 +84,14 @@ def knn_evaluate(
     results = []
     for k in sorted(ks):
         scores = weighted_vote(sims[:, :k], neighbour_labels[:, :k], num_classes, temperature)
-        results.append(
-            {
-                "k": k,
-                "top1": topk_accuracy(scores, test_labels, 1),
-                "top3": topk_accuracy(scores, test_labels, min(3, num_classes)),
-            }
-        )
+        results.append({"k": k, **classification_summary(scores, test_labels)})
     return results
 
 
-def run_knn(cfg: KnnConfig) -> dict:
-    store = Store(cfg.store)
-    feature, train, test = store.load_pair(cfg.features, cfg.train_split, cfg.test_split)
+def run_knn(store: str | Path | Store, cfg: KnnConfig, features: str | None = None) -> dict:
+    """The k-NN of a store's test split by its train split; with the store's provenance."""
+    store = store if isinstance(store, Store) else Store(store)
+    feature, train, test = store.load_pair(features)
     start = time.perf_counter()
     results = knn_evaluate(
         train.features,
@@ -109,7 +104,7 @@ def run_knn(cfg: KnnConfig) -> dict:
         cfg.query_batch,
     )
     return {
-        **store.provenance("knn", feature, {**asdict(cfg), "ks": list(cfg.ks)}),
+        **store.provenance("knn", feature, cfg),
         "num_train": len(train.labels),
         "num_test": len(test.labels),
         "seconds": time.perf_counter() - start,

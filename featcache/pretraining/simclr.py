@@ -24,12 +24,12 @@ from PIL import Image
 from torch import nn
 
 from featcache import __version__
-from featcache.augment import N_PARAMS, Augment
 from featcache.datasets import balanced_subset, load_dataset
 from featcache.device import autocast, keep_freed_memory, resolve_device, resolve_precision
 from featcache.errors import FeatcacheError, WeightsError
-from featcache.knn import knn_evaluate
-from featcache.preprocess import Preprocess, to_rgb
+from featcache.evaluation.knn import knn_evaluate
+from featcache.extraction.augment import N_PARAMS, Augment
+from featcache.extraction.preprocess import Preprocess, to_rgb
 from featcache.store import write_atomic
 
 log = logging.getLogger(__name__)

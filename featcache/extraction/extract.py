@@ -21,7 +21,6 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from featcache.augment import Augment, view_uniforms
 from featcache.backbones import BackboneSpec, get_spec, load_backbone, weights_identity
 from featcache.datasets import Split, balanced_subset, dataset_identity, load_dataset
 from featcache.device import (
@@ -37,7 +36,8 @@ from featcache.device import (
     resolve_precision,
 )
 from featcache.errors import BadImageError, DatasetError
-from featcache.preprocess import Preprocess
+from featcache.extraction.augment import Augment, view_uniforms
+from featcache.extraction.preprocess import Preprocess
 from featcache.store import ShardedWriter
 
 log = logging.getLogger(__name__)
@@ -338,6 +338,13 @@ def _run(cfg, model, preprocess, splits, writer: ShardedWriter, device, precisio
     }
     total = sum(len(r) for shards in plan.values() for i, r in enumerate(shards) if dist.owns(i))
     todo = sum(len(r) for shards in pending.values() for _, r in shards)
+    # Every rank's images of this run (for the speed recorded in the store).
+    todo_world = sum(
+        len(r)
+        for name, shards in plan.items()
+        for i, r in enumerate(shards)
+        if not writer.has_shard(name, i)
+    )
     if todo < total:
         log.info("resuming: %d of %d images already extracted", total - todo, total)
 
@@ -356,7 +363,16 @@ def _run(cfg, model, preprocess, splits, writer: ShardedWriter, device, precisio
     meta = {
         "class_names": next(iter(splits.values())).class_names,
         "config": {**asdict(cfg), "splits": list(cfg.splits)},
-        "extraction": {"device": str(device), "precision": precision, "torch": torch.__version__},
+        "extraction": {
+            "device": str(device),
+            "precision": precision,
+            "torch": torch.__version__,
+            # This run's dataset images (all ranks; augmented views not counted) and its wall
+            # time; a resumed run counts only what it extracted itself.
+            "images": todo_world,
+            "seconds": seconds,
+            "images_per_second": todo_world / seconds if todo_world and seconds > 0 else None,
+        },
         "backbone_spec": spec.to_dict(),
     }
     dist.barrier()  # every rank's shards are committed

@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from featcache import __version__
-from featcache.store import Store, write_atomic
+from featcache.store import Store, result_path, write_atomic
+from featcache.studies.table import render, row
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +41,6 @@ class ReportConfig:
     def __post_init__(self):
         if not self.stores:
             raise ValueError("give at least one store")
-
-
-def result_path(store: Path, kind: str) -> Path:
-    return store.with_name(f"{store.stem}.{kind}.json")
 
 
 def attention_path(store: str | Path) -> Path:
@@ -94,19 +91,33 @@ def plot_attention(images: np.ndarray, maps: np.ndarray, path, title: str) -> No
     plt.close(fig)
 
 
-# Config fields that do not change a result (where it ran, which file it read, how it was
-# batched).
-_INCIDENTAL = ("store", "device", "query_batch")
+# Config fields that do not change a result (where it ran, how it was batched).
+_INCIDENTAL = ("device", "query_batch")
 
 
 def _same(config: dict, wanted) -> bool:
     want = json.loads(json.dumps(asdict(wanted)))  # tuples as the JSON's lists
-    return all(config.get(k) == v for k, v in want.items() if k not in _INCIDENTAL)
+    return _covers(config, want)
+
+
+def _covers(config: dict, want: dict) -> bool:
+    """``config`` has every setting of ``want`` but the incidental ones, nested included."""
+    for k, v in want.items():
+        if k in _INCIDENTAL:
+            continue
+        got = config.get(k)
+        if isinstance(v, dict) and isinstance(got, dict):
+            if not _covers(got, v):
+                return False
+        elif got != v:
+            return False
+    return True
 
 
 def _cached(store: Store, kind: str, covers, compute) -> dict:
-    """The result beside the store if it was computed from this store with a config that
-    ``covers`` what the report shows, else computed now and saved there (atomically)."""
+    """The result beside the store if it was computed from this store, on its default feature
+    set, with a config that ``covers`` what the report shows; else computed now and saved
+    there (atomically)."""
     path = result_path(store.path, kind)
     if path.is_file():
         try:
@@ -116,6 +127,7 @@ def _cached(store: Store, kind: str, covers, compute) -> dict:
         if (
             isinstance(result, dict)
             and result.get("fingerprint") == store.fingerprint
+            and result.get("features") == store.default_feature()
             and covers(result.get("config", {}))
         ):
             return result
@@ -127,47 +139,44 @@ def _cached(store: Store, kind: str, covers, compute) -> dict:
 
 def gather(store: Store, cfg: ReportConfig) -> dict:
     """Every result the report shows for one store."""
-    from featcache.cluster import ClusterConfig, run_cluster
-    from featcache.knn import KnnConfig, run_knn
-    from featcache.probe import ProbeConfig, run_probe
-    from featcache.shots import ShotsConfig, run_shots
+    from featcache.evaluation.cluster import ClusterConfig, run_cluster
+    from featcache.evaluation.knn import KnnConfig, run_knn
+    from featcache.evaluation.probe import ProbeConfig, run_probe
+    from featcache.evaluation.retrieval import RetrievalConfig, run_retrieval
+    from featcache.studies.shots import ShotsConfig, run_shots
 
-    s = str(store.path)
     n_train = store.sizes.get("train", 0)
     ks = tuple(k for k in cfg.ks if k <= n_train) or (min(n_train, 1),)
     min_class = int(np.bincount(store.read("train", "labels")).min())
     shots = tuple(k for k in cfg.shots if k <= min_class)
-    probe, knn = ProbeConfig(store=s), KnnConfig(store=s, ks=ks)
-    cluster = ClusterConfig(store=s)
+    probe, knn, cluster = ProbeConfig(), KnnConfig(ks=ks), ClusterConfig()
+    gallery = min(n_train, store.sizes.get("test", 0) - 1)  # the smaller of the two protocols
+    retrieval = RetrievalConfig(recall_at=tuple(k for k in (1, 5, 10) if k <= gallery) or (1,))
 
     def knn_covers(c: dict) -> bool:  # every k the report shows, the same vote otherwise
         return set(ks) <= set(c.get("ks", ())) and _same({**c, "ks": list(ks)}, knn)
 
+    def cached(kind, config, run, covers=None):
+        covers = covers or (lambda c: _same(c, config))
+        return _cached(store, kind, covers, lambda: run(store, config))
+
     out = {
-        "probe": _cached(store, "probe", lambda c: _same(c, probe), lambda: run_probe(probe)),
-        "knn": _cached(store, "knn", knn_covers, lambda: run_knn(knn)),
-        "cluster": _cached(
-            store, "cluster", lambda c: _same(c, cluster), lambda: run_cluster(cluster)
-        ),
+        "probe": cached("probe", probe, run_probe),
+        "knn": cached("knn", knn, run_knn, knn_covers),
+        "cluster": cached("cluster", cluster, run_cluster),
+        "retrieval": cached("retrieval", retrieval, run_retrieval),
     }
     if shots:
-        shots_cfg = ShotsConfig(store=s, shots=shots, repeats=cfg.repeats)
+        shots_cfg = ShotsConfig(shots=shots, repeats=cfg.repeats, probe=probe)
 
         def shots_covers(c: dict) -> bool:  # every budget shown, the same protocol otherwise
-            head = {k: v for k, v in c.items() if k != "probe"}
-            return (
-                set(shots) <= set(c.get("shots", ()))
-                and _same({**head, "shots": list(shots), "probe": None}, shots_cfg)
-                # its probe config records the feature set it resolved; the head, the request
-                and _same({**(c.get("probe") or {}), "features": None}, probe)
+            return set(shots) <= set(c.get("shots", ())) and _same(
+                {**c, "shots": list(shots)}, shots_cfg
             )
 
-        out["shots"] = _cached(store, "shots", shots_covers, lambda: run_shots(shots_cfg))
+        out["shots"] = cached("shots", shots_cfg, run_shots, shots_covers)
     if store.num_views > 1:
-        noviews = ProbeConfig(store=s, use_views=False)
-        out["probe_noviews"] = _cached(
-            store, "probe-noviews", lambda c: _same(c, noviews), lambda: run_probe(noviews)
-        )
+        out["probe-noviews"] = cached("probe-noviews", ProbeConfig(use_views=False), run_probe)
     return out
 
 
@@ -310,72 +319,6 @@ def fig_attention(store: Store, images: np.ndarray, maps: np.ndarray) -> str:
 # Page
 
 
-def _fmt(x, digits=2) -> str:
-    return "&ndash;" if x is None else f"{x:.{digits}f}"
-
-
-def summary_table(names, stores, results, ks) -> str:
-    head = [
-        "store",
-        "backbone / features",
-        "train / test",
-        "probe top-1",
-        "top-3",
-        "loss",
-        "no-views top-1",
-    ]
-    head += [f"k-NN k={k}" for k in ks]
-    head += ["k-means NMI", "ARI", "cluster acc."]
-    shots = sorted(
-        {
-            x["labels_per_class"]
-            for r in results
-            if "shots" in r
-            for x in r["shots"]["results"]
-            if x["kind"] == "shots"
-        }
-    )
-    head += [f"{k}-shot probe" for k in shots] + ["extraction (s)"]
-    rows = []
-    for name, store, r in zip(names, stores, results):
-        p, c = r["probe"], r["cluster"]
-        knn = {x["k"]: x["top1"] for x in r["knn"]["results"]}
-        sh = {
-            x["labels_per_class"]: x
-            for x in r.get("shots", {}).get("results", [])
-            if x["kind"] == "shots"
-        }
-        cells = [
-            html.escape(name),
-            html.escape(f"{p['backbone']} / {p['features']}"),
-            f"{store.sizes.get('train', 0)} / {store.sizes.get('test', 0)}"
-            + (f" ({store.num_views} views)" if store.num_views > 1 else ""),
-            _fmt(p["test"]["top1"]),
-            _fmt(p["test"]["top3"]),
-            _fmt(p["test"]["loss"], 3),
-            _fmt(r["probe_noviews"]["test"]["top1"]) if "probe_noviews" in r else "&ndash;",
-        ]
-        cells += [_fmt(knn.get(k)) for k in ks]
-        cells += [_fmt(c["nmi"]), _fmt(c["ari"]), _fmt(c["accuracy"])]
-        cells += [
-            (
-                f"{sh[k]['probe_top1_mean']:.2f} &plusmn; {sh[k]['probe_top1_std']:.2f}"
-                if k in sh
-                else "&ndash;"
-            )
-            for k in shots
-        ]
-        cells.append(_fmt(store.extraction.get("seconds"), 1))
-        rows.append("<tr>" + "".join(f"<td>{x}</td>" for x in cells) + "</tr>")
-    return (
-        '<table id="summary"><thead><tr>'
-        + "".join(f"<th>{h}</th>" for h in head)
-        + "</tr></thead><tbody>"
-        + "".join(rows)
-        + "</tbody></table>"
-    )
-
-
 _SELF_CHECK = """<script>
 window.addEventListener('load', () => {
   const imgs = Array.from(document.images);
@@ -408,11 +351,12 @@ def build_report(cfg: ReportConfig) -> Path:
 
     sections = [
         "<h2>Summary</h2>",
-        summary_table(names, stores, results, ks),
-        '<p class="note">Accuracies in percent on the test split. Probe: linear head on '
-        "z-scored features, weight decay chosen on a stratified validation split. k-NN: "
-        "weighted vote exp(sim/T). k-means: as many clusters as classes, labels used only "
-        "to score.</p>",
+        render([row(s, r) for s, r in zip(stores, results)], "html", tuple(ks)),
+        '<p class="note">Accuracies in percent on the test split, the same table as '
+        "<code>featcache table</code>. Probe: linear head on z-scored features, weight decay "
+        "chosen on a stratified validation split; 95% bootstrap interval over test images. "
+        "k-NN: weighted vote exp(sim/T). Retrieval: test images against the training "
+        "gallery. k-means: as many clusters as classes, labels used only to score.</p>",
         "<h2>Per-epoch curves of the linear probe</h2>",
         f'<img alt="probe curves" src="data:image/png;base64,{fig_curves(names, results)}">',
         "<h2>k-NN accuracy against k</h2>",

@@ -8,22 +8,22 @@ of clusters to classes, found by the Hungarian algorithm).
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
+from pathlib import Path
 
 import faiss
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
-from featcache.knn import l2_normalize
+from featcache.evaluation.knn import l2_normalize
 from featcache.store import Store
 
 
 @dataclass(frozen=True)
 class ClusterConfig:
-    store: str
-    features: str | None = None
-    split: str = "test"
+    """k-means' method settings (what it reads is an argument of ``run_cluster``)."""
+
     clusters: int | None = None  # default: the number of classes
     iterations: int = 50
     restarts: int = 5  # k-means runs; the one with the lowest objective is kept
@@ -57,19 +57,33 @@ def kmeans(x: np.ndarray, k: int, iterations: int, restarts: int, seed: int) -> 
     return km.index.search(x, 1)[1][:, 0]
 
 
-def run_cluster(cfg: ClusterConfig) -> dict:
-    store = Store(cfg.store)
-    feature = cfg.features or store.default_feature()
-    split = store.load(cfg.split, feature)
-    k = cfg.clusters or len(store.class_names)
-    start = time.perf_counter()
-    assignment = kmeans(split.features, k, cfg.iterations, cfg.restarts, cfg.seed)
+def cluster_features(
+    x: np.ndarray, labels: np.ndarray, cfg: ClusterConfig, num_classes: int | None = None
+) -> dict:
+    """k-means on ``x`` with ``cfg.clusters`` clusters (default: one per class), scored by
+    NMI, ARI and cluster accuracy (percent)."""
+    k = cfg.clusters or num_classes or int(labels.max()) + 1
+    assignment = kmeans(x, k, cfg.iterations, cfg.restarts, cfg.seed)
     return {
-        **store.provenance("cluster", feature, asdict(cfg)),
-        "split": cfg.split,
         "clusters": k,
-        "nmi": float(100 * normalized_mutual_info_score(split.labels, assignment)),
-        "ari": float(100 * adjusted_rand_score(split.labels, assignment)),
-        "accuracy": cluster_accuracy(split.labels, assignment),
+        "nmi": float(100 * normalized_mutual_info_score(labels, assignment)),
+        "ari": float(100 * adjusted_rand_score(labels, assignment)),
+        "accuracy": cluster_accuracy(labels, assignment),
+    }
+
+
+def run_cluster(
+    store: str | Path | Store, cfg: ClusterConfig, features: str | None = None, split="test"
+) -> dict:
+    """k-means on one split of a store (as many clusters as the store has classes)."""
+    store = store if isinstance(store, Store) else Store(store)
+    feature = features or store.default_feature()
+    data = store.load(split, feature)
+    start = time.perf_counter()
+    result = cluster_features(data.features, data.labels, cfg, len(store.class_names))
+    return {
+        **store.provenance("cluster", feature, cfg),
+        "split": split,
+        **result,
         "seconds": time.perf_counter() - start,
     }

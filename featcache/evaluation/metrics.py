@@ -1,0 +1,56 @@
+"""Accuracy helpers shared by probe and k-NN: top-k, mean per class, bootstrap intervals."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def topk_accuracy(scores: np.ndarray, labels: np.ndarray, k: int) -> float:
+    """Percent of rows whose label is among the k highest scores. scores: (N, C), labels: (N,)."""
+    if len(labels) == 0:
+        return float("nan")
+    top = np.argpartition(-scores, kth=k - 1, axis=1)[:, :k] if k < scores.shape[1] else None
+    if top is None:
+        return 100.0
+    return float(100.0 * (top == labels[:, None]).any(axis=1).mean())
+
+
+def mean_per_class_accuracy(pred: np.ndarray, labels: np.ndarray, num_classes: int) -> float:
+    """Percent correct per class, averaged over the classes that the labels hold."""
+    present = [c for c in range(num_classes) if (labels == c).any()]
+    return float(np.mean([100.0 * (pred[labels == c] == c).mean() for c in present]))
+
+
+def bootstrap_interval(
+    correct: np.ndarray, resamples: int = 1000, level: float = 0.95, seed: int = 0
+) -> list[float]:
+    """Percentile bootstrap interval of the accuracy (percent) over the test images.
+
+    ``correct``: (N,) booleans. Each resample draws N images with replacement (numpy's
+    default_rng(seed)); the interval is the (1 - level) / 2 and (1 + level) / 2 quantiles of
+    the resampled accuracies.
+    """
+    rng = np.random.default_rng(seed)
+    hits = np.asarray(correct, dtype=np.float64)
+    accuracy = np.concatenate(  # 100 resamples at a time: memory stays at 100 x N indices
+        [
+            100.0
+            * hits[rng.integers(0, len(hits), size=(min(100, resamples - s), len(hits)))].mean(
+                axis=1
+            )
+            for s in range(0, resamples, 100)
+        ]
+    )
+    tail = (1 - level) / 2
+    return [float(np.quantile(accuracy, tail)), float(np.quantile(accuracy, 1 - tail))]
+
+
+def classification_summary(scores: np.ndarray, labels: np.ndarray) -> dict:
+    """top-1, top-3, mean per-class top-1 and the top-1's 95% bootstrap interval (percent)."""
+    pred = scores.argmax(axis=1)
+    return {
+        "top1": topk_accuracy(scores, labels, 1),
+        "top3": topk_accuracy(scores, labels, min(3, scores.shape[1])),
+        "mean_per_class": mean_per_class_accuracy(pred, labels, scores.shape[1]),
+        "top1_ci95": bootstrap_interval(pred == labels),
+    }
