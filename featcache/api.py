@@ -176,12 +176,16 @@ def probe(store=None, *, train: Pair = None, test: Pair = None, features=None, *
 
 def knn(store=None, *, train: Pair = None, test: Pair = None, features=None, **options):
     """Weighted k-NN classification (faiss) -> ``KnnResult``."""
-    from featcache.evaluation.knn import KnnConfig, knn_evaluate, run_knn
+    from featcache.evaluation.knn import KnnConfig, knn_evaluate, parse_size, run_knn
 
+    if isinstance(options.get("max_memory"), str):  # "2GiB", as on the command line
+        options["max_memory"] = parse_size(options["max_memory"])
     cfg = _config(KnnConfig, options)
     source = _source(store, train, test, features)
     if source is not None:
         return KnnResult.of(run_knn(source, cfg, features))
+    if cfg.max_memory is not None:
+        raise TypeError("max_memory bounds what is read from a store; these features are in memory")
     (xtr, ytr), (xte, yte), num_classes = _in_memory(train, test)
     rows = knn_evaluate(xtr, ytr, xte, yte, num_classes, cfg.ks, cfg.temperature, cfg.query_batch)
     return KnnResult.of({"results": rows})

@@ -180,6 +180,13 @@ def backbones() -> None:
     is_flag=True,
     help="torch.compile the backbone: pays on long runs (compiling takes tens of seconds).",
 )
+@click.option(
+    "--dtype",
+    type=click.Choice(["float32", "float16"]),
+    default=_default("extract", "dtype"),
+    show_default=True,
+    help="How features are stored: float16 halves disk and memory (readers use float32).",
+)
 @_friendly
 def extract(**kw) -> None:
     """Run a frozen backbone once over a dataset into an HDF5 feature store."""
@@ -209,6 +216,7 @@ def extract(**kw) -> None:
         progress=not kw["no_progress"],
         freeze=not kw["no_freeze"],
         compile=kw["compile_model"],
+        dtype=kw["dtype"],
     )
     result = run(cfg)
     if result.images == 0 and result.resumed_images == 0:
@@ -370,6 +378,12 @@ def cluster(**kw) -> None:
 @click.option(
     "--temperature", type=float, default=_default("knn", "temperature"), show_default=True
 )
+@click.option(
+    "--max-memory",
+    default=None,
+    help="Hold at most SIZE of features at once (e.g. 2GiB): the store is read in chunks, "
+    "with exactly the in-memory result.",
+)
 @click.option("--json", "json_out", default=None, help="Write the result as JSON.")
 @_friendly
 def knn(**kw) -> None:
@@ -381,6 +395,7 @@ def knn(**kw) -> None:
         features=kw["features"],
         ks=_ints(kw["ks"], "--k"),
         temperature=kw["temperature"],
+        max_memory=kw["max_memory"],
     ).to_dict()
     _write_json(result, kw["json_out"])
     click.echo(f"k-NN {result['backbone']}/{result['features']} (T={kw['temperature']}):")

@@ -7,7 +7,7 @@ Layout of a finished store (plain h5py/h5ls can read it)::
                                  backbone_spec (JSON: the registry entry it was made with)
     /<split>/ids          (N,) str     stable sample ids
     /<split>/labels       (N,) int64
-    /<split>/features/<name>  (N, D) float32
+    /<split>/features/<name>  (N, D) float32 (float16 with extract --dtype float16)
     /<split>/skipped      (M,) str     unreadable images skipped with --skip-bad (if any)
 
 While extracting, finished work lives in ``<store>.parts/`` as shard files, each written to a
@@ -137,12 +137,22 @@ def _hdf5_image(fill) -> memoryview:
     return buf.getbuffer()  # no copy
 
 
-def _write_split(group: h5py.Group, ids, labels, arrays: dict, skipped) -> None:
+# How features may be stored: float32, or float16 for half the disk and memory (readers
+# compute in float32).
+DTYPES = ("float32", "float16")
+
+
+def storage_dtype(fields: dict) -> str:
+    """The features' dtype in a store of these fingerprint fields (absent: float32)."""
+    return fields.get("dtype", "float32")
+
+
+def _write_split(group: h5py.Group, ids, labels, arrays: dict, skipped, dtype: str) -> None:
     """arrays: per-sample float arrays keyed by path, e.g. ``features/cls`` or ``views/cls``."""
     group.create_dataset("ids", data=np.asarray(ids, dtype=object), dtype=_STR)
     group.create_dataset("labels", data=np.asarray(labels, dtype=np.int64))
     for name, arr in arrays.items():
-        group.create_dataset(name, data=np.asarray(arr, dtype=np.float32))
+        group.create_dataset(name, data=np.asarray(arr, dtype=dtype))
     if len(skipped):
         group.create_dataset("skipped", data=np.asarray(skipped, dtype=object), dtype=_STR)
 
@@ -252,7 +262,7 @@ class ShardedWriter:
         self, split: str, index: int, ids, labels, arrays: dict, skipped, seconds: float
     ) -> None:
         def fill(f: h5py.File) -> None:
-            _write_split(f, ids, labels, arrays, skipped)
+            _write_split(f, ids, labels, arrays, skipped, storage_dtype(self.fields))
             f.attrs["seconds"] = seconds
 
         write_atomic(self.shard_path(split, index), _hdf5_image(fill), kept=_SHARDS_KEPT)
@@ -293,7 +303,8 @@ class ShardedWriter:
             with h5py.File(tmp, "w") as f:
                 for split, n_shards in splits.items():
                     parts = [self.shard_path(split, i) for i in range(n_shards)]
-                    seconds += self._concat(f.create_group(split), parts)
+                    dtype = storage_dtype(self.fields)
+                    seconds += self._concat(f.create_group(split), parts, dtype)
                 f.attrs["format"] = FORMAT
                 f.attrs["featcache_version"] = __version__
                 f.attrs["fingerprint"] = self.fp
@@ -307,7 +318,7 @@ class ShardedWriter:
         return self.out
 
     @staticmethod
-    def _concat(group: h5py.Group, parts: list[Path]) -> float:
+    def _concat(group: h5py.Group, parts: list[Path], dtype: str) -> float:
         sizes, seconds, skipped, shapes = [], 0.0, [], {}
         for p in parts:
             with h5py.File(p, "r") as s:
@@ -322,7 +333,7 @@ class ShardedWriter:
         ids = group.create_dataset("ids", shape=(n,), dtype=_STR)
         labels = group.create_dataset("labels", shape=(n,), dtype=np.int64)
         arrays = {
-            k: group.create_dataset(k, shape=(n, *shape), dtype=np.float32)
+            k: group.create_dataset(k, shape=(n, *shape), dtype=dtype)
             for k, shape in shapes.items()
         }
         start = 0
@@ -496,10 +507,16 @@ class Store:
         with h5py.File(self.path, "r") as f:
             g = f[split]
             return Split(
-                features=g["features"][feature][:],
+                features=g["features"][feature][:].astype(np.float32, copy=False),
                 labels=g["labels"][:],
                 ids=[x.decode() for x in g["ids"][:]],
             )
+
+    def rows(self, split: str, feature: str, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` of a split's features, as float32: a chunk of a store that need
+        not fit in memory."""
+        with h5py.File(self.path, "r") as f:
+            return f[split]["features"][feature][start:stop].astype(np.float32, copy=False)
 
     def read(self, split: str, name: str) -> np.ndarray:
         """One small per-sample dataset of a split (``labels`` or ``ids``) without features."""
@@ -513,7 +530,7 @@ class Store:
         self.check(split, feature)
         with h5py.File(self.path, "r") as f:
             g = f[split]
-            return g["views"][feature][:] if "views" in g else None
+            return g["views"][feature][:].astype(np.float32, copy=False) if "views" in g else None
 
     @property
     def num_views(self) -> int:

@@ -26,12 +26,17 @@ class KnnConfig:
     temperature: float = 0.07
     # Queries searched at once; bounds memory to query_batch x max(k) results.
     query_batch: int = 8192
+    # Bytes of features held at once (None: both splits in memory). The store is then read in
+    # chunks and the top-k of each training chunk merged: exactly the in-memory result.
+    max_memory: int | None = None
 
     def __post_init__(self):
         if not self.ks or min(self.ks) < 1:
             raise ValueError(f"--k needs positive integers, got {self.ks}")
         if self.temperature <= 0:
             raise ValueError(f"--temperature must be positive, got {self.temperature}")
+        if self.max_memory is not None and self.max_memory <= 0:
+            raise ValueError(f"--max-memory must be positive, got {self.max_memory}")
 
 
 def l2_normalize(x: np.ndarray) -> np.ndarray:
@@ -80,7 +85,11 @@ def knn_evaluate(
             f"k={max(ks)} exceeds the {len(train)} training samples; pass smaller --k values"
         )
     sims, idx = search(l2_normalize(train), l2_normalize(test), max(ks), query_batch)
-    neighbour_labels = train_labels[idx]  # (Q, kmax)
+    return vote(sims, train_labels[idx], test_labels, num_classes, ks, temperature)
+
+
+def vote(sims, neighbour_labels, test_labels, num_classes: int, ks, temperature: float):
+    """The summary of each k from the neighbours' similarities and labels (Q, max k)."""
     results = []
     for k in sorted(ks):
         scores = weighted_vote(sims[:, :k], neighbour_labels[:, :k], num_classes, temperature)
@@ -91,22 +100,83 @@ def knn_evaluate(
 def run_knn(store: str | Path | Store, cfg: KnnConfig, features: str | None = None) -> dict:
     """The k-NN of a store's test split by its train split; with the store's provenance."""
     store = store if isinstance(store, Store) else Store(store)
-    feature, train, test = store.load_pair(features)
-    start = time.perf_counter()
-    results = knn_evaluate(
-        train.features,
-        train.labels,
-        test.features,
-        test.labels,
-        len(store.class_names),
-        cfg.ks,
-        cfg.temperature,
-        cfg.query_batch,
-    )
+    if cfg.max_memory is not None:
+        feature = features or store.default_feature()
+        store.check("train", feature), store.check("test", feature)
+        start = time.perf_counter()
+        results = knn_bounded(store, feature, cfg)
+        n_train, n_test = store.sizes["train"], store.sizes["test"]
+    else:
+        feature, train, test = store.load_pair(features)
+        start = time.perf_counter()
+        results = knn_evaluate(
+            train.features,
+            train.labels,
+            test.features,
+            test.labels,
+            len(store.class_names),
+            cfg.ks,
+            cfg.temperature,
+            cfg.query_batch,
+        )
+        n_train, n_test = len(train.labels), len(test.labels)
     return {
         **store.provenance("knn", feature, cfg),
-        "num_train": len(train.labels),
-        "num_test": len(test.labels),
+        "num_train": n_train,
+        "num_test": n_test,
         "seconds": time.perf_counter() - start,
         "results": results,
     }
+
+
+def knn_bounded(store: Store, feature: str, cfg: KnnConfig) -> list[dict]:
+    """The k-NN with at most ``cfg.max_memory`` bytes of features held at once.
+
+    Half the budget holds a chunk of training features, a quarter a chunk of queries (with
+    their running top-k); each query chunk meets every training chunk, and the top-k of each
+    is merged into the running one, so the neighbours are the in-memory search's.
+    """
+    kmax, n_train = max(cfg.ks), store.sizes["train"]
+    if kmax > n_train:
+        raise ValueError(f"k={kmax} exceeds the {n_train} training samples; pass smaller --k")
+    width = store.fields["backbone"]["features"][feature]
+    train_rows = max(kmax, cfg.max_memory // 2 // (4 * width))
+    query_rows = max(1, cfg.max_memory // 4 // (4 * width + 12 * kmax))
+    train_labels = store.read("train", "labels")
+    sims, idx = [], []
+    for q0 in range(0, store.sizes["test"], query_rows):
+        queries = l2_normalize(store.rows("test", feature, q0, q0 + query_rows))
+        best_s = np.full((len(queries), 0), -np.inf, np.float32)
+        best_i = np.zeros((len(queries), 0), np.int64)
+        for t0 in range(0, n_train, train_rows):
+            chunk = l2_normalize(store.rows("train", feature, t0, t0 + train_rows))
+            s, i = search(chunk, queries, min(kmax, len(chunk)), cfg.query_batch)
+            best_s = np.concatenate([best_s, s], axis=1)
+            best_i = np.concatenate([best_i, i + t0], axis=1)
+            # Stable: equal similarities keep the earlier training row first, as faiss does.
+            order = np.argsort(-best_s, axis=1, kind="stable")[:, :kmax]
+            best_s = np.take_along_axis(best_s, order, 1)
+            best_i = np.take_along_axis(best_i, order, 1)
+        sims.append(best_s)
+        idx.append(best_i)
+    sims, idx = np.concatenate(sims), np.concatenate(idx)
+    num_classes = len(store.class_names)
+    return vote(sims, train_labels[idx], store.read("test", "labels"), num_classes, cfg.ks,
+                cfg.temperature)  # fmt: skip
+
+
+def parse_size(text: str) -> int:
+    """Bytes of a size such as ``2GiB``, ``512MiB``, ``1.5GB`` or ``1000000``."""
+    units = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+             "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}  # fmt: skip
+    number = text.strip().lower().rstrip("bikmgt")
+    unit = text.strip().lower()[len(number) :]
+    try:
+        value = float(number) * units[unit]
+    except (ValueError, KeyError):
+        raise ValueError(
+            f"cannot read {text!r} as a size; write e.g. 2GiB, 512MiB or 1e9"
+        ) from None
+    if value < 1:
+        raise ValueError(f"size {text!r} is less than one byte")
+    return int(value)

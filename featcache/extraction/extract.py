@@ -38,7 +38,7 @@ from featcache.device import (
 from featcache.errors import BadImageError, DatasetError
 from featcache.extraction.augment import Augment, view_uniforms
 from featcache.extraction.preprocess import Preprocess
-from featcache.store import ShardedWriter
+from featcache.store import DTYPES, ShardedWriter
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +77,9 @@ class ExtractConfig:
     # tens of seconds, so it pays on long runs only (BENCHMARKS.md, compile section).
     # Batches are padded to batch_size so that one compiled graph serves every batch.
     compile: bool = False
+    # How features are stored: float32, or float16 (half the disk and memory; readers compute
+    # in float32). Part of the fingerprint when not float32.
+    dtype: str = "float32"
 
     def __post_init__(self):
         if self.batch_size < 1:
@@ -88,6 +91,8 @@ class ExtractConfig:
         if self.views < 1:
             raise ValueError(f"--views counts the clean image too: at least 1, got {self.views}")
         Augment.from_ops(self.augment)  # validates the names
+        if self.dtype not in DTYPES:
+            raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
 
 
 @dataclass
@@ -170,6 +175,8 @@ def fingerprint_fields(
             "test_per_class": cfg.test_per_class,
             "seed": cfg.seed,
         },
+        # Only where not float32, so that stores made before the option keep their fingerprint.
+        **({"dtype": cfg.dtype} if cfg.dtype != "float32" else {}),
         # Last: these digests change with the subset too, which is the field to report first.
         "dataset": {
             "kind": dataset_identity(cfg.dataset),
@@ -367,10 +374,10 @@ def _run(cfg, model, preprocess, splits, writer: ShardedWriter, device, precisio
             "device": str(device),
             "precision": precision,
             "torch": torch.__version__,
-            # This run's dataset images (all ranks; augmented views not counted) and its wall
+            # This run's dataset images (all ranks; augmented views not counted) over its wall
             # time; a resumed run counts only what it extracted itself.
-            "images": todo_world,
-            "seconds": seconds,
+            "run_images": todo_world,
+            "run_seconds": seconds,
             "images_per_second": todo_world / seconds if todo_world and seconds > 0 else None,
         },
         "backbone_spec": spec.to_dict(),

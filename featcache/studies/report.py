@@ -91,8 +91,8 @@ def plot_attention(images: np.ndarray, maps: np.ndarray, path, title: str) -> No
     plt.close(fig)
 
 
-# Config fields that do not change a result (where it ran, how it was batched).
-_INCIDENTAL = ("device", "query_batch")
+# Config fields that do not change a result (where it ran, how it was batched or chunked).
+_INCIDENTAL = ("device", "query_batch", "max_memory")
 
 
 def _same(config: dict, wanted) -> bool:

@@ -1,0 +1,99 @@
+"""Stores larger than memory: float16 stores and the k-NN with bounded memory."""
+
+import json
+
+import h5py
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from conftest import make_image_folder, tiny_extract_args
+
+import featcache
+from featcache.cli import main
+from featcache.evaluation.knn import parse_size
+
+
+def _run(*args, code=0):
+    r = CliRunner().invoke(main, [str(a) for a in args])
+    assert r.exit_code == code, r.output
+    return r.output
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return make_image_folder(tmp_path_factory.mktemp("large") / "images", train=30, test=10)
+
+
+@pytest.fixture(scope="module")
+def store(folder, tmp_path_factory):
+    out = tmp_path_factory.mktemp("store") / "s.h5"
+    _run(*tiny_extract_args(folder, out))
+    return out
+
+
+@pytest.mark.parametrize("budget", ["600", "3KiB", "1GiB"])  # a row is 4 x 16 bytes wide
+def test_bounded_knn_equals_the_in_memory_knn(store, budget):
+    in_memory = featcache.knn(store, ks=(1, 5, 20)).to_dict()
+    bounded = featcache.knn(store, ks=(1, 5, 20), max_memory=budget).to_dict()
+    assert bounded["results"] == in_memory["results"]
+    assert bounded["config"]["max_memory"] == parse_size(budget)
+
+
+def test_bounded_knn_merges_chunks_like_one_search():
+    """Random features, chunks of 7 training rows: the same neighbours as one faiss search."""
+    from featcache.evaluation.knn import KnnConfig, knn_bounded, knn_evaluate
+
+    rng = np.random.default_rng(0)
+    xtr, xte = (
+        rng.normal(size=(100, 8)).astype(np.float32),
+        rng.normal(size=(40, 8)).astype(np.float32),
+    )
+    ytr, yte = rng.integers(0, 4, 100), rng.integers(0, 4, 40)
+
+    class Fake:  # the part of Store that knn_bounded reads
+        sizes = {"train": 100, "test": 40}
+        fields = {"backbone": {"features": {"f": 8}}}
+        class_names = list("abcd")
+
+        def rows(self, split, feature, a, b):
+            return (xtr if split == "train" else xte)[a:b]
+
+        def read(self, split, name):
+            return ytr if split == "train" else yte
+
+    cfg = KnnConfig(ks=(1, 3, 7), max_memory=2 * 4 * 8 * 7)  # 7 training rows a chunk
+    want = knn_evaluate(xtr, ytr, xte, yte, 4, cfg.ks, cfg.temperature)
+    assert knn_bounded(Fake(), "f", cfg) == want
+
+
+def test_float16_stores_halve_the_features_and_every_command_reads_them(store, folder, tmp_path):
+    half = tmp_path / "half.h5"
+    _run(*tiny_extract_args(folder, half, "--dtype", "float16"))
+    with h5py.File(half) as f, h5py.File(store) as g:
+        assert f["train/features/pooled"].dtype == np.float16
+        assert g["train/features/pooled"].dtype == np.float32
+        np.testing.assert_allclose(
+            f["train/features/pooled"][:], g["train/features/pooled"][:], rtol=1e-3, atol=1e-3
+        )
+    s = featcache.Store(half)
+    x, _, _ = s.features("train")
+    assert x.dtype == np.float32  # computed in float32
+    assert s.fields["dtype"] == "float16" and "dtype" not in featcache.Store(store).fields
+    for command in (["probe", "--epochs", "3"], ["knn", "--k", "5"], ["cluster"], ["retrieval"]):
+        out = tmp_path / f"half.{command[0]}.json"
+        _run(command[0], "--store", half, *command[1:], "--json", out)
+        assert json.loads(out.read_text())["fingerprint"] == s.fingerprint
+    _run("knn", "--store", half, "--k", "5", "--max-memory", "1KiB")
+    assert "probe top-1" in _run("table", half)
+    # The same command with the other dtype onto the same store: refused, naming the field.
+    out = _run(*tiny_extract_args(folder, half), code=1)
+    assert "field 'dtype' differs" in out
+
+
+def test_sizes_are_read_as_people_write_them():
+    assert parse_size("2GiB") == 2 * 2**30 and parse_size("512MiB") == 512 * 2**20
+    assert parse_size("1.5GB") == 1_500_000_000 and parse_size("1e6") == 10**6
+    with pytest.raises(ValueError, match="cannot read '2 apples' as a size"):
+        parse_size("2 apples")
+    assert "cannot read 'lots' as a size" in _run("knn", "--store", "x.h5", "--max-memory",
+                                                    "lots", code=1)  # fmt: skip
