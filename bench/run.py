@@ -14,7 +14,8 @@ Everything in one run on one machine, so ratios are meaningful on a shared, nois
 
 Results go to stdout and to BENCHMARKS.md (with the command and the machine).
 
-    python bench/run.py [--only extract,precision,compile,probe,knn,scaling] [--quick]
+    python bench/run.py [--only extract,precision,compile,probe,knn,scaling,large] [--quick]
+                         [--json FILE]  # the large section as JSON
 """
 
 from __future__ import annotations
@@ -605,6 +606,86 @@ def bench_precision(quick: bool) -> str:
     )
 
 
+def _measured(cmd: list[str], out: Path) -> dict:
+    """Wall time, peak resident memory and top-1 of one featcache command (its own process)."""
+    t = time.perf_counter()
+    peak = peak_memory_mib(cmd)
+    result = json.loads(out.read_text())
+    top1 = result["test"]["top1"] if "test" in result else result["results"][0]["top1"]
+    return {
+        "seconds": round(time.perf_counter() - t, 2),
+        "peak_rss_bytes": int(peak * 2**20),
+        "top1": top1,
+    }
+
+
+def bench_large(quick: bool, json_path: str | None = None) -> str:
+    """A store of ImageNet-1k's shape (float16), k-NN and probe with and without a bound."""
+    sys.path.insert(0, str(REPO / "bench"))
+    from synthetic import write_synthetic
+
+    scale = 16 if quick else 1
+    rows, test, dim, classes = 1_281_167 // scale, 50_000 // scale, 384, 1000
+    store = WORK / f"large-{rows}.h5"
+    t = time.perf_counter()
+    if not store.exists():
+        write_synthetic(store, rows, test, dim, classes, dtype="float16")
+    written = time.perf_counter() - t
+    feature_bytes = (rows + test) * dim * 2
+    budget = "1GiB"
+    runs = {}
+    epochs = 5 if quick else 3
+    for method, args in (
+        ("knn", ["--k", "20"]),
+        ("probe", ["--weight-decays", "1e-4", "--epochs", str(epochs), "--no-views",
+                   "--device", "cpu"]),
+    ):  # fmt: skip
+        for bounded in (False, True):
+            out = WORK / f"large-{method}-{bounded}.json"
+            cmd = [PY, "-m", "featcache", method, "--store", str(store), *args, "--json", str(out)]
+            cmd += ["--max-memory", budget] if bounded else []
+            runs[method, bounded] = _measured(cmd, out)
+            print(f"large {method} bounded={bounded}: {runs[method, bounded]}", flush=True)
+    report = {
+        "rows": rows,
+        "test_rows": test,
+        "dim": dim,
+        "classes": classes,
+        "feature_bytes": feature_bytes,
+        "max_memory": budget,
+        "write_seconds": round(written, 1),
+    }
+    for method in ("knn", "probe"):
+        bounded, free = runs[method, True], runs[method, False]
+        report[method] = {**bounded, "top1_in_memory": free["top1"], "in_memory": free}
+    if json_path:
+        Path(json_path).write_text(json.dumps(report, indent=1))
+    limit = feature_bytes / 2 + 2**30
+    lines = [
+        f"A synthetic float16 store of {rows:,} x {dim} training and {test:,} test features, "
+        f"{classes} classes (class-conditional Gaussians, `bench/synthetic.py`), "
+        f"{feature_bytes / 2**30:.2f} GiB of features, written in {written:.0f} s. Each run is "
+        f"its own `featcache` process; the probe: one weight decay, {epochs} epochs.",
+        "",
+        "| method | --max-memory | wall (s) | peak RSS (MiB) | top-1 |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for (method, bounded), r in runs.items():
+        lines.append(
+            f"| {method} | {budget if bounded else '-'} | {r['seconds']:.1f} | "
+            f"{r['peak_rss_bytes'] / 2**20:.0f} | {r['top1']:.2f} |"
+        )
+    for method in ("knn", "probe"):
+        b, f = runs[method, True], runs[method, False]
+        lines.append(
+            f"\n{method}: bounded / in-memory wall {b['seconds'] / f['seconds']:.2f}x; bounded "
+            f"peak {b['peak_rss_bytes'] / 2**20:.0f} MiB against the goal's "
+            f"{limit / 2**20:.0f} MiB (half the features + 1 GiB); top-1 "
+            f"{b['top1'] - f['top1']:+.2f} points."
+        )
+    return "\n".join(lines)
+
+
 SECTIONS = {
     "extract": bench_extract,
     "precision": bench_precision,
@@ -612,6 +693,7 @@ SECTIONS = {
     "probe": bench_probe,
     "knn": bench_knn,
     "scaling": bench_scaling,
+    "large": bench_large,
 }
 
 
@@ -621,6 +703,7 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
     p.add_argument("--out", default=str(REPO / "BENCHMARKS.md"))
     p.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
+    p.add_argument("--json", default=None, help="the large section's figures as JSON")
     a = p.parse_args()
     if a.child:
         return child(*a.child)
@@ -638,7 +721,7 @@ def main() -> None:
             "",
             f"## {name}",
             "",
-            SECTIONS[name](a.quick),
+            SECTIONS[name](a.quick, a.json) if name == "large" else SECTIONS[name](a.quick),
             f"\n(section took {time.perf_counter() - t:.0f} s; measured "
             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {machine()})",
         ]

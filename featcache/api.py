@@ -117,7 +117,12 @@ class RetrievalResult(Result):
 
 
 def _config(cls, options: dict):
-    """A method's config from keyword options, naming any option it does not know."""
+    """A method's config from keyword options, naming any option it does not know; a size
+    may be written as on the command line (``max_memory="2GiB"``)."""
+    from featcache.store import parse_size
+
+    if isinstance(options.get("max_memory"), str):
+        options = {**options, "max_memory": parse_size(options["max_memory"])}
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(options) - known)
     if unknown:
@@ -170,16 +175,16 @@ def probe(store=None, *, train: Pair = None, test: Pair = None, features=None, *
     source = _source(store, train, test, features)
     if source is not None:
         return ProbeResult.of(run_probe(source, cfg, features))
+    if cfg.max_memory is not None:
+        raise TypeError("max_memory bounds what is read from a store; these features are in memory")
     (xtr, ytr), (xte, yte), num_classes = _in_memory(train, test)
     return ProbeResult.of(fit_probe(xtr, ytr, xte, yte, num_classes, cfg))
 
 
 def knn(store=None, *, train: Pair = None, test: Pair = None, features=None, **options):
     """Weighted k-NN classification (faiss) -> ``KnnResult``."""
-    from featcache.evaluation.knn import KnnConfig, knn_evaluate, parse_size, run_knn
+    from featcache.evaluation.knn import KnnConfig, knn_evaluate, run_knn
 
-    if isinstance(options.get("max_memory"), str):  # "2GiB", as on the command line
-        options["max_memory"] = parse_size(options["max_memory"])
     cfg = _config(KnnConfig, options)
     source = _source(store, train, test, features)
     if source is not None:

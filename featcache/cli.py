@@ -279,6 +279,11 @@ def extract(**kw) -> None:
     show_default=True,
     help="Label efficiency: random labelled subsets per budget.",
 )
+@click.option(
+    "--max-memory",
+    default=None,
+    help="Hold at most about SIZE of features at once (e.g. 2GiB): the store is read in chunks.",
+)
 @click.option("--json", "json_out", default=None, help="Write the full result as JSON.")
 @click.option("--plot", default=None, help="Write per-epoch curves as PNG.")
 @_friendly
@@ -296,6 +301,7 @@ def probe(**kw) -> None:
         seed=kw["seed"],
         device=kw["device"],
         use_views=kw["views"],
+        max_memory=kw["max_memory"],
     )
     if kw["weight_decays"]:
         try:
@@ -303,7 +309,9 @@ def probe(**kw) -> None:
         except ValueError:
             raise click.BadParameter(kw["weight_decays"], param_hint="--weight-decays") from None
     if kw["shots"] or kw["label_fraction"]:
-        return _label_efficiency(options, kw)
+        if kw["max_memory"]:
+            raise click.UsageError("--max-memory bounds the probe only, not --shots studies")
+        return _label_efficiency({**options, "max_memory": None}, kw)
     result = api.probe(kw["store"], features=kw["features"], **options).to_dict()
     _write_json(result, kw["json_out"])
     if kw["plot"]:

@@ -386,6 +386,23 @@ def _refuse_foreign_data(f: h5py.File, path: Path) -> None:
         )
 
 
+def parse_size(text: str) -> int:
+    """Bytes of a size such as ``2GiB``, ``512MiB``, ``1.5GB`` or ``1000000``."""
+    units = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+             "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}  # fmt: skip
+    number = text.strip().lower().rstrip("bikmgt")
+    unit = text.strip().lower()[len(number) :]
+    try:
+        value = float(number) * units[unit]
+    except (ValueError, KeyError):
+        raise ValueError(
+            f"cannot read {text!r} as a size; write e.g. 2GiB, 512MiB or 1e9"
+        ) from None
+    if value < 1:
+        raise ValueError(f"size {text!r} is less than one byte")
+    return int(value)
+
+
 def result_path(store: str | Path, kind: str) -> Path:
     """Where a result computed from a store is kept beside it: ``S.probe.json`` for ``S.h5``."""
     store = Path(store)

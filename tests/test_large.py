@@ -10,7 +10,7 @@ from conftest import make_image_folder, tiny_extract_args
 
 import featcache
 from featcache.cli import main
-from featcache.evaluation.knn import parse_size
+from featcache.store import parse_size
 
 
 def _run(*args, code=0):
@@ -97,3 +97,45 @@ def test_sizes_are_read_as_people_write_them():
         parse_size("2 apples")
     assert "cannot read 'lots' as a size" in _run("knn", "--store", "x.h5", "--max-memory",
                                                     "lots", code=1)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    """6,000 x 16 training features of 5 classes, in shards of 1,000 rows."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from synthetic import write_synthetic
+
+    path = tmp_path_factory.mktemp("synthetic") / "s.h5"
+    return write_synthetic(path, 6000, 6000, 16, 5, shard_rows=1000, separation=0.5)
+
+
+PROBE = dict(max_epochs=20, weight_decays=(1e-3, 1e-2, 1e-1))
+
+
+def test_a_bounded_probe_lands_within_0_3_points_of_the_in_memory_one(synthetic):
+    in_memory = featcache.probe(synthetic, **PROBE)
+    assert 60 < in_memory.top1 < 95  # a probe with something to learn
+    # A quarter of the training features at once: 15 chunks of 400 rows.
+    bounded = featcache.probe(synthetic, max_memory="100KiB", **PROBE)
+    assert abs(bounded.top1 - in_memory.top1) <= 0.3
+    assert bounded.weight_decay == in_memory.weight_decay
+    # A budget that holds the split: one chunk, the in-memory protocol exactly.
+    whole = featcache.probe(synthetic, max_memory="1GiB", **PROBE)
+    assert (whole.top1, whole.weight_decay, whole.epochs) == (
+        in_memory.top1,
+        in_memory.weight_decay,
+        in_memory.epochs,
+    )
+
+
+def test_the_bounded_probe_from_the_command_line(synthetic, tmp_path):
+    out = tmp_path / "p.json"
+    _run("probe", "--store", synthetic, "--epochs", "3", "--max-memory", "64KiB", "--json", out)
+    result = json.loads(out.read_text())
+    assert result["config"]["max_memory"] == 65536 and result["test"]["top1"] > 40
+    assert "--max-memory bounds the probe only" in _run(
+        "probe", "--store", synthetic, "--shots", "1", "--max-memory", "1GiB", code=2
+    )

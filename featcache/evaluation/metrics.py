@@ -5,14 +5,19 @@ from __future__ import annotations
 import numpy as np
 
 
+def topk_hits(scores: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
+    """Whether each row's label is among its k highest scores. scores: (N, C), labels: (N,)."""
+    if k >= scores.shape[1]:
+        return np.ones(len(labels), bool)
+    top = np.argpartition(-scores, kth=k - 1, axis=1)[:, :k]
+    return (top == labels[:, None]).any(axis=1)
+
+
 def topk_accuracy(scores: np.ndarray, labels: np.ndarray, k: int) -> float:
-    """Percent of rows whose label is among the k highest scores. scores: (N, C), labels: (N,)."""
+    """Percent of rows whose label is among the k highest scores."""
     if len(labels) == 0:
         return float("nan")
-    top = np.argpartition(-scores, kth=k - 1, axis=1)[:, :k] if k < scores.shape[1] else None
-    if top is None:
-        return 100.0
-    return float(100.0 * (top == labels[:, None]).any(axis=1).mean())
+    return float(100.0 * topk_hits(scores, labels, k).mean())
 
 
 def mean_per_class_accuracy(pred: np.ndarray, labels: np.ndarray, num_classes: int) -> float:
@@ -47,10 +52,19 @@ def bootstrap_interval(
 
 def classification_summary(scores: np.ndarray, labels: np.ndarray) -> dict:
     """top-1, top-3, mean per-class top-1 and the top-1's 95% bootstrap interval (percent)."""
-    pred = scores.argmax(axis=1)
+    hit3 = topk_hits(scores, labels, min(3, scores.shape[1]))
+    return summary_from_predictions(scores.argmax(axis=1), hit3, labels, scores.shape[1])
+
+
+def summary_from_predictions(
+    pred: np.ndarray, hit3: np.ndarray, labels: np.ndarray, num_classes: int
+) -> dict:
+    """The same summary from each row's predicted class and whether its label is in its
+    top 3: what a probe scored chunk by chunk keeps."""
+    correct = pred == labels
     return {
-        "top1": topk_accuracy(scores, labels, 1),
-        "top3": topk_accuracy(scores, labels, min(3, scores.shape[1])),
-        "mean_per_class": mean_per_class_accuracy(pred, labels, scores.shape[1]),
-        "top1_ci95": bootstrap_interval(pred == labels),
+        "top1": float(100.0 * correct.mean()),
+        "top3": float(100.0 * np.asarray(hit3).mean()),
+        "mean_per_class": mean_per_class_accuracy(pred, labels, num_classes),
+        "top1_ci95": bootstrap_interval(correct),
     }

@@ -50,6 +50,9 @@ class ProbeConfig:
     device: str = "auto"
     # Train on the augmented views cached in the store too (extract --views K), if any.
     use_views: bool = True
+    # Bytes of features held at once (None: the splits in memory): the store is then read a
+    # chunk of rows at a time (evaluation/streaming.py).
+    max_memory: int | None = None
 
     def __post_init__(self):
         if not 0 < self.val_fraction < 1:
@@ -58,6 +61,8 @@ class ProbeConfig:
             raise ValueError(f"weight decays must be non-negative, got {self.weight_decays}")
         if self.max_epochs < 1 or self.batch_size < 1 or self.lr <= 0:
             raise ValueError("--epochs, --batch-size and --lr must be positive")
+        if self.max_memory is not None and self.max_memory <= 0:
+            raise ValueError(f"--max-memory must be positive, got {self.max_memory}")
 
 
 def _non_finite(a: np.ndarray, rows: int = 65536) -> int:
@@ -117,17 +122,25 @@ class _Heads:
         return torch.einsum("nd,sdc->snc", x, self.W) + self.b[:, None, :]  # (S, N, C)
 
     def epoch(self, x, y, epoch: int, epochs: int, active: torch.Tensor) -> None:
-        n, bs, m = len(y), self.cfg.batch_size, self.cfg.momentum
+        """One epoch over in-memory rows, in an order drawn from the heads' generator."""
+        n, bs = len(y), self.cfg.batch_size
         steps = math.ceil(n / bs)
         order = torch.randperm(n, generator=self.gen).to(x.device)
         onehot = F.one_hot(y, self.W.shape[2]).float()  # (N, C)
-        for step in range(steps):
+        batches = (
+            (x[idx], onehot[idx]) for idx in (order[i * bs : (i + 1) * bs] for i in range(steps))
+        )
+        self.run(batches, steps, epoch, epochs, active)
+
+    def run(self, batches, steps: int, epoch: int, epochs: int, active: torch.Tensor) -> None:
+        """One epoch of ``steps`` minibatches ``(x (B, D), onehot (B, C))`` on the cosine
+        schedule."""
+        m = self.cfg.momentum
+        for step, (xb, onehot_b) in enumerate(batches):
             t = (epoch * steps + step) / (epochs * steps)
             lr = self.step_size * active * 0.5 * (1 + math.cos(math.pi * t))  # (S,)
-            idx = order[step * bs : (step + 1) * bs]
-            xb = x[idx]  # (B, D)
             # Gradient of the mean cross-entropy: x^T (softmax - onehot) / B, per head.
-            err = (self.logits(xb).softmax(-1) - onehot[idx]) / len(idx)  # (S, B, C)
+            err = (self.logits(xb).softmax(-1) - onehot_b) / len(xb)  # (S, B, C)
             gW = torch.einsum("nd,snc->sdc", xb, err) + self.wd[:, None, None] * self.W
             gb = err.sum(1)
             self.vW.mul_(m).add_(gW)
@@ -169,6 +182,59 @@ def standardise(train: np.ndarray, *others: np.ndarray):
     mean = train.mean(0, keepdims=True)
     std = train.std(0, keepdims=True) + 1e-6
     return [(a - mean) / std for a in (train, *others)]
+
+
+def scaled_step(cfg: ProbeConfig, rows: int) -> ProbeConfig:
+    """Early stopping looks once per epoch; when an epoch is only a few steps (small training
+    sets) a full step size moves too far between looks, so it shrinks with the step count."""
+    steps = math.ceil(rows / cfg.batch_size)
+    return replace(cfg, lr=cfg.lr * min(1.0, steps / MIN_FULL_STEPS))
+
+
+def run_sweep(heads: _Heads, cfg: ProbeConfig, epoch_fn, evaluate_fn):
+    """Train every head, each stopped at its lowest validation loss (``patience``).
+
+    ``epoch_fn(epoch, active)`` trains one epoch; ``evaluate_fn()`` returns per-head metrics
+    (train monitor, validation). Returns the sweep's rows, the chosen head (lowest validation
+    loss; ties: the stronger weight decay) and each head's per-epoch curve.
+    """
+    s = len(cfg.weight_decays)
+    best_loss = [math.inf] * s
+    best_epoch = [0] * s
+    diverged: list[int | None] = [None] * s  # first epoch with a non-finite validation loss
+    active = torch.ones(s, device=heads.W.device)
+    curves: list[list[dict]] = [[] for _ in range(s)]
+    for epoch in range(cfg.max_epochs):
+        epoch_fn(epoch, active)
+        train_m, val_m = evaluate_fn()
+        for h in range(s):
+            if not active[h]:
+                continue
+            curves[h].append({"epoch": epoch + 1, "train": train_m[h], "val": val_m[h]})
+            if not math.isfinite(val_m[h]["loss"]) and diverged[h] is None:
+                diverged[h] = epoch + 1
+            if val_m[h]["loss"] < best_loss[h]:
+                best_loss[h], best_epoch[h] = val_m[h]["loss"], epoch + 1
+            elif epoch + 1 - best_epoch[h] >= cfg.patience:
+                active[h] = 0.0
+        if not active.any():
+            break
+    if not any(math.isfinite(v) for v in best_loss):
+        raise ValueError(
+            "no weight decay reached a finite validation loss: "
+            + ", ".join(f"{wd:g} from epoch {e}" for wd, e in zip(cfg.weight_decays, diverged))
+            + "; the steps diverged: lower --lr"
+        )
+    sweep = [
+        {
+            "weight_decay": wd,
+            "best_epoch": best_epoch[h],
+            "val": curves[h][best_epoch[h] - 1]["val"],
+        }
+        for h, wd in enumerate(cfg.weight_decays)
+    ]
+    chosen = min(range(s), key=lambda h: (best_loss[h], -cfg.weight_decays[h]))
+    return sweep, chosen, curves
 
 
 @torch.no_grad()
@@ -222,52 +288,19 @@ def fit_probe(
     xf_all, yf_all = with_views(fit_idx)
 
     # 1. The sweep: all heads on the same batches, each with its own early stopping.
-    s = len(cfg.weight_decays)
     curv = curvature(t(xtr))
-    # Early stopping looks once per epoch; when an epoch is only a few steps (small training
-    # sets) a full step size moves too far between looks, so it shrinks with the step count.
-    steps = math.ceil(len(yf_all) / cfg.batch_size)
-    cfg = replace(cfg, lr=cfg.lr * min(1.0, steps / MIN_FULL_STEPS))
+    cfg = scaled_step(cfg, len(yf_all))
     heads = _Heads(xf.shape[1], num_classes, cfg.weight_decays, curv, cfg, device, gen)
-    best_loss = [math.inf] * s
-    best_epoch = [0] * s
-    diverged: list[int | None] = [None] * s  # first epoch with a non-finite validation loss
-    active = torch.ones(s, device=device)
-    curves: list[list[dict]] = [[] for _ in range(s)]
-    for epoch in range(cfg.max_epochs):
-        heads.epoch(xf_all, yf_all, epoch, cfg.max_epochs, active)
-        train_m, val_m = heads.evaluate(xf, yf), heads.evaluate(xv, yv)
-        for h in range(s):
-            if not active[h]:
-                continue
-            curves[h].append({"epoch": epoch + 1, "train": train_m[h], "val": val_m[h]})
-            if not math.isfinite(val_m[h]["loss"]) and diverged[h] is None:
-                diverged[h] = epoch + 1
-            if val_m[h]["loss"] < best_loss[h]:
-                best_loss[h], best_epoch[h] = val_m[h]["loss"], epoch + 1
-            elif epoch + 1 - best_epoch[h] >= cfg.patience:
-                active[h] = 0.0
-        if not active.any():
-            break
-    if not any(math.isfinite(v) for v in best_loss):
-        raise ValueError(
-            "no weight decay reached a finite validation loss: "
-            + ", ".join(f"{wd:g} from epoch {e}" for wd, e in zip(cfg.weight_decays, diverged))
-            + "; the steps diverged: lower --lr"
-        )
-    sweep = [
-        {
-            "weight_decay": wd,
-            "best_epoch": best_epoch[h],
-            "val": curves[h][best_epoch[h] - 1]["val"],
-        }
-        for h, wd in enumerate(cfg.weight_decays)
-    ]
-    chosen = min(range(s), key=lambda h: (best_loss[h], -cfg.weight_decays[h]))
+    sweep, chosen, curves = run_sweep(
+        heads,
+        cfg,
+        lambda epoch, active: heads.epoch(xf_all, yf_all, epoch, cfg.max_epochs, active),
+        lambda: (heads.evaluate(xf, yf), heads.evaluate(xv, yv)),
+    )
 
     # 2. Retrain the chosen setting on the whole training split: the same schedule, stopped
     #    at the epoch where its validation loss was lowest.
-    wd, epochs = cfg.weight_decays[chosen], best_epoch[chosen]
+    wd, epochs = cfg.weight_decays[chosen], sweep[chosen]["best_epoch"]
     every = slice(None, None, max(1, len(y_train) // TRAIN_CURVE_SAMPLES))
     xa, ya = t(xtr[every]), t(y_train[every], torch.long)
     xa_all, ya_all = with_views(np.arange(len(y_train)))
@@ -307,6 +340,22 @@ def run_probe(store: str | Path | Store, cfg: ProbeConfig, features: str | None 
     """The probe on a store's train and test splits (``features``: the backbone's first set
     by default); the result carries the store's provenance."""
     store = store if isinstance(store, Store) else Store(store)
+    if cfg.max_memory is not None:
+        from featcache.evaluation.streaming import fit_probe_streamed
+
+        feature = features or store.default_feature()
+        store.check("train", feature), store.check("test", feature)
+        if cfg.use_views and store.num_views > 1:
+            raise ValueError(
+                "--max-memory does not train on augmented views: pass --no-views with it"
+            )
+        start = time.perf_counter()
+        result = fit_probe_streamed(store, feature, cfg, cfg.max_memory)
+        return {
+            **store.provenance("probe", feature, cfg),
+            "seconds": time.perf_counter() - start,
+            **result,
+        }
     feature, train, test = store.load_pair(features)
     views = store.load_views("train", feature) if cfg.use_views else None
     start = time.perf_counter()
