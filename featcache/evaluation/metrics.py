@@ -20,10 +20,17 @@ def topk_accuracy(scores: np.ndarray, labels: np.ndarray, k: int) -> float:
     return float(100.0 * topk_hits(scores, labels, k).mean())
 
 
+def per_class_accuracies(pred: np.ndarray, labels: np.ndarray, num_classes: int) -> list[float]:
+    """Percent correct of each class (NaN for a class that the labels do not hold)."""
+    return [
+        float(100.0 * (pred[labels == c] == c).mean()) if (labels == c).any() else float("nan")
+        for c in range(num_classes)
+    ]
+
+
 def mean_per_class_accuracy(pred: np.ndarray, labels: np.ndarray, num_classes: int) -> float:
     """Percent correct per class, averaged over the classes that the labels hold."""
-    present = [c for c in range(num_classes) if (labels == c).any()]
-    return float(np.mean([100.0 * (pred[labels == c] == c).mean() for c in present]))
+    return float(np.nanmean(per_class_accuracies(pred, labels, num_classes)))
 
 
 def bootstrap_interval(

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from featcache.device import resolve_device
-from featcache.evaluation.metrics import classification_summary
+from featcache.evaluation.metrics import classification_summary, per_class_accuracies
 from featcache.store import Store
 
 TRAIN_CURVE_SAMPLES = 10_000
@@ -316,23 +316,27 @@ def fit_probe(
         )
     test = {**classification_summary(test_logits.cpu().numpy(), y_test), "loss": loss}
     pred = test_logits.argmax(1).cpu().numpy()
-    per_class = [
-        float(100.0 * (pred[y_test == c] == c).mean()) if (y_test == c).any() else float("nan")
-        for c in range(num_classes)
-    ]
     return {
         "test": test,
-        "per_class_top1": per_class,
-        "selected": {"weight_decay": wd, "epochs": epochs, "val": sweep[chosen]["val"]},
-        "step_size": cfg.lr,
-        "sweep": sweep,
-        "epochs": curves[chosen],
-        "final_epochs": final_curve,
+        "per_class_top1": per_class_accuracies(pred, y_test, num_classes),
+        **sweep_result(cfg, sweep, chosen, curves, final_curve),
         "views": 1 + (xviews[0].shape[1] if xviews else 0),
         "device": str(device),  # where the heads trained (the config may say "auto")
         "num_fit": len(fit_idx),
         "num_val": len(val_idx),
         "num_test": len(y_test),
+    }
+
+
+def sweep_result(cfg: ProbeConfig, sweep, chosen: int, curves, final_curve) -> dict:
+    """The part of a probe's result that describes its sweep and the retrained head."""
+    wd, epochs = cfg.weight_decays[chosen], sweep[chosen]["best_epoch"]
+    return {
+        "selected": {"weight_decay": wd, "epochs": epochs, "val": sweep[chosen]["val"]},
+        "step_size": cfg.lr,
+        "sweep": sweep,
+        "epochs": curves[chosen],
+        "final_epochs": final_curve,
     }
 
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from featcache.device import resolve_device
-from featcache.evaluation.metrics import summary_from_predictions
+from featcache.evaluation.metrics import per_class_accuracies, summary_from_predictions
 from featcache.evaluation.probe import (
     TRAIN_CURVE_SAMPLES,
     ProbeConfig,
@@ -28,6 +28,7 @@ from featcache.evaluation.probe import (
     run_sweep,
     scaled_step,
     stratified_split,
+    sweep_result,
 )
 from featcache.store import Store
 
@@ -170,19 +171,10 @@ def fit_probe_streamed(store: Store, feature: str, cfg: ProbeConfig, max_memory:
             "loss is not finite): lower --lr"
         )
     pred, hit3 = test.predict(final, device)
-    summary = summary_from_predictions(pred, hit3, y_test, classes)
-    per_class = [
-        float(100.0 * (pred[y_test == c] == c).mean()) if (y_test == c).any() else float("nan")
-        for c in range(classes)
-    ]
     return {
-        "test": {**summary, "loss": loss},
-        "per_class_top1": per_class,
-        "selected": {"weight_decay": wd, "epochs": epochs, "val": sweep[chosen]["val"]},
-        "step_size": cfg.lr,
-        "sweep": sweep,
-        "epochs": curves[chosen],
-        "final_epochs": final_curve,
+        "test": {**summary_from_predictions(pred, hit3, y_test, classes), "loss": loss},
+        "per_class_top1": per_class_accuracies(pred, y_test, classes),
+        **sweep_result(cfg, sweep, chosen, curves, final_curve),
         "views": 1,
         "device": str(device),
         "num_fit": len(fit_idx),
