@@ -43,8 +43,8 @@ def _install_faults():
     if stall == "assemble":
         concat = store.ShardedWriter._concat
 
-        def slow_concat(group, parts):
-            seconds = concat(group, parts)
+        def slow_concat(*args):
+            seconds = concat(*args)
             _stall()
             return seconds
 
