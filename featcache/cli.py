@@ -65,10 +65,6 @@ _CONFIGS = {
 }
 
 
-def _probe_default(name: str):
-    return _default("probe", name)
-
-
 def _write_json(result: dict, path: str | None) -> None:
     from featcache.store import write_atomic
 
@@ -242,25 +238,25 @@ def extract(**kw) -> None:
 @click.option("--features", default=None, help="Feature set (default: the backbone's first).")
 @click.option("--weight-decays", default=None, help="Comma-separated sweep grid.")
 @click.option(
-    "--val-fraction", type=float, default=_probe_default("val_fraction"), show_default=True
+    "--val-fraction", type=float, default=_default("probe", "val_fraction"), show_default=True
 )
 @click.option(
     "--epochs",
     type=int,
-    default=_probe_default("max_epochs"),
+    default=_default("probe", "max_epochs"),
     show_default=True,
     help="Most epochs per head.",
 )
-@click.option("--patience", type=int, default=_probe_default("patience"), show_default=True)
-@click.option("--batch-size", type=int, default=_probe_default("batch_size"), show_default=True)
-@click.option("--lr", type=float, default=_probe_default("lr"), show_default=True)
-@click.option("--seed", type=int, default=_probe_default("seed"), show_default=True)
+@click.option("--patience", type=int, default=_default("probe", "patience"), show_default=True)
+@click.option("--batch-size", type=int, default=_default("probe", "batch_size"), show_default=True)
+@click.option("--lr", type=float, default=_default("probe", "lr"), show_default=True)
+@click.option("--seed", type=int, default=_default("probe", "seed"), show_default=True)
 @click.option(
-    "--device", type=click.Choice(DEVICES), default=_probe_default("device"), show_default=True
+    "--device", type=click.Choice(DEVICES), default=_default("probe", "device"), show_default=True
 )
 @click.option(
     "--views/--no-views",
-    default=_probe_default("use_views"),
+    default=_default("probe", "use_views"),
     show_default=True,
     help="Also train on the store's augmented views (extract --views K).",
 )

@@ -554,11 +554,16 @@ class Store:
         """Views per training image, the clean one included (1: no augmented views)."""
         return int((self.fields.get("views") or {}).get("count", 1))
 
-    def load_pair(self, feature: str | None, train: str = "train", test: str = "test"):
-        """(feature name, train Split, test Split), checking both exist first."""
+    def pair_feature(self, feature: str | None, train: str = "train", test: str = "test") -> str:
+        """The feature set to read (default: the backbone's first), checked in both splits."""
         feature = feature or self.default_feature()
         self.check(train, feature)
         self.check(test, feature)
+        return feature
+
+    def load_pair(self, feature: str | None, train: str = "train", test: str = "test"):
+        """(feature name, train Split, test Split), checking both exist first."""
+        feature = self.pair_feature(feature, train, test)
         return feature, self.load(train, feature), self.load(test, feature)
 
     def provenance(self, kind: str, feature: str, config) -> dict:

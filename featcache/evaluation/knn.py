@@ -101,8 +101,7 @@ def run_knn(store: str | Path | Store, cfg: KnnConfig, features: str | None = No
     """The k-NN of a store's test split by its train split; with the store's provenance."""
     store = store if isinstance(store, Store) else Store(store)
     if cfg.max_memory is not None:
-        feature = features or store.default_feature()
-        store.check("train", feature), store.check("test", feature)
+        feature = store.pair_feature(features)
         start = time.perf_counter()
         results = knn_bounded(store, feature, cfg)
         n_train, n_test = store.sizes["train"], store.sizes["test"]

@@ -347,8 +347,7 @@ def run_probe(store: str | Path | Store, cfg: ProbeConfig, features: str | None 
     if cfg.max_memory is not None:
         from featcache.evaluation.streaming import fit_probe_streamed
 
-        feature = features or store.default_feature()
-        store.check("train", feature), store.check("test", feature)
+        feature = store.pair_feature(features)
         if cfg.use_views and store.num_views > 1:
             raise ValueError(
                 "--max-memory does not train on augmented views: pass --no-views with it"
