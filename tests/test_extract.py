@@ -291,13 +291,16 @@ def test_kill_9_with_its_loader_worker_then_an_immediate_rerun_completes(tmp_pat
 
 def test_second_extraction_into_the_same_store_is_refused(image_folder, tmp_path):
     args = tiny_extract(image_folder, tmp_path / "s.h5", "--batch-size", 2)
-    first = start(args, FEATCACHE_TEST_DELAY="0.2")
+    hold = tmp_path / "hold"
+    hold.touch()  # the first extraction waits at its first batch until the second is refused
+    first = start(args, FEATCACHE_TEST_HOLD=str(hold))
     parts = tmp_path / "s.h5.parts"
     deadline = time.time() + 60
     while not (parts / "spec.json").exists() and time.time() < deadline:
         time.sleep(0.05)
     second = start(args)
     log = second.communicate(timeout=120)[0]
+    hold.unlink()
     assert second.returncode == 1 and "another featcache extraction is writing" in log
     assert first.wait(120) == 0
     assert Store(tmp_path / "s.h5").sizes == {"train": 36, "test": 12}

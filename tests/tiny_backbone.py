@@ -1,7 +1,8 @@
 """A tiny registered backbone for end-to-end tests: a seeded two-layer CNN at 32x32.
 
 ``FEATCACHE_TEST_DELAY`` (seconds per batch) slows it down so that kill tests can strike
-mid-extraction; it exists only in this test module.
+mid-extraction; ``FEATCACHE_TEST_HOLD`` (a path) holds every batch while that file exists, so
+that a test decides when the extraction may go on. Both exist only in this test module.
 """
 
 import os
@@ -39,6 +40,10 @@ def _extract(model, x):
     delay = float(os.environ.get("FEATCACHE_TEST_DELAY", "0"))
     if delay:
         time.sleep(delay)
+    hold = os.environ.get("FEATCACHE_TEST_HOLD")
+    deadline = time.monotonic() + 300
+    while hold and os.path.exists(hold) and time.monotonic() < deadline:
+        time.sleep(0.02)
     return model(x)
 
 
