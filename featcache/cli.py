@@ -12,6 +12,7 @@ import click
 
 from featcache import __version__
 from featcache.device import DEVICES, PRECISIONS
+from featcache.distributed import writes_results
 from featcache.errors import FeatcacheError
 
 
@@ -309,6 +310,8 @@ def probe(**kw) -> None:
             raise click.UsageError("--max-memory bounds the probe only, not --shots studies")
         return _label_efficiency({**options, "max_memory": None}, kw)
     result = api.probe(kw["store"], features=kw["features"], **options).to_dict()
+    if not writes_results():
+        return
     _write_json(result, kw["json_out"])
     if kw["plot"]:
         plot_probe(result, kw["plot"])
@@ -401,6 +404,8 @@ def knn(**kw) -> None:
         temperature=kw["temperature"],
         max_memory=kw["max_memory"],
     ).to_dict()
+    if not writes_results():
+        return
     _write_json(result, kw["json_out"])
     click.echo(f"k-NN {result['backbone']}/{result['features']} (T={kw['temperature']}):")
     for r in result["results"]:

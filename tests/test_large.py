@@ -40,30 +40,29 @@ def test_bounded_knn_equals_the_in_memory_knn(store, budget):
 
 
 def test_bounded_knn_merges_chunks_like_one_search():
-    """Random features, chunks of 7 training rows: the same neighbours as one faiss search."""
-    from featcache.evaluation.knn import KnnConfig, knn_bounded, knn_evaluate
+    """Random features, chunks of 7 training rows: the same neighbours as one faiss search,
+    for all the queries and for a rank's share of them."""
+    from featcache.evaluation.knn import KnnConfig, l2_normalize, neighbours_bounded, search
 
     rng = np.random.default_rng(0)
     xtr, xte = (
         rng.normal(size=(100, 8)).astype(np.float32),
         rng.normal(size=(40, 8)).astype(np.float32),
     )
-    ytr, yte = rng.integers(0, 4, 100), rng.integers(0, 4, 40)
 
-    class Fake:  # the part of Store that knn_bounded reads
+    class Fake:  # the part of Store that neighbours_bounded reads
         sizes = {"train": 100, "test": 40}
         fields = {"backbone": {"features": {"f": 8}}}
-        class_names = list("abcd")
 
         def rows(self, split, feature, a, b):
             return (xtr if split == "train" else xte)[a:b]
 
-        def read(self, split, name):
-            return ytr if split == "train" else yte
-
     cfg = KnnConfig(ks=(1, 3, 7), max_memory=2 * 4 * 8 * 7)  # 7 training rows a chunk
-    want = knn_evaluate(xtr, ytr, xte, yte, 4, cfg.ks, cfg.temperature)
-    assert knn_bounded(Fake(), "f", cfg) == want
+    want_s, want_i = search(l2_normalize(xtr), l2_normalize(xte), 7)
+    for share in (slice(0, 40), slice(13, 29), slice(40, 40)):
+        sims, idx = neighbours_bounded(Fake(), "f", cfg, share)
+        np.testing.assert_array_equal(idx, want_i[share])
+        np.testing.assert_allclose(sims, want_s[share], rtol=0, atol=1e-6)
 
 
 def test_float16_stores_halve_the_features_and_every_command_reads_them(store, folder, tmp_path):

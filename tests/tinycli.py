@@ -1,4 +1,6 @@
-"""`python tests/tinycli.py ARGS` runs the featcache CLI with the tiny test backbone registered.
+"""`python tests/tinycli.py ARGS` runs the featcache CLI with the tiny test backbone registered;
+`ARGS --- ARGS ...` runs several command lines one after another in one process, as a script
+that calls stage after stage would.
 
 Fault injection for the crash tests, by environment variable (test harness only):
     FEATCACHE_TEST_STALL=commit:K   before the K-th commit (temporary file written, not yet
@@ -53,4 +55,13 @@ def _install_faults():
 
 if __name__ == "__main__":
     _install_faults()
-    main()
+    commands, args = [], []
+    for arg in [*sys.argv[1:], "---"]:
+        if arg == "---":
+            commands.append(args)
+            args = []
+        else:
+            args.append(arg)
+    for args in commands[:-1]:
+        main(args, standalone_mode=False)
+    main(commands[-1])

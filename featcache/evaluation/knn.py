@@ -13,6 +13,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from featcache.distributed import Distributed
 from featcache.evaluation.metrics import classification_summary
 from featcache.store import Store
 
@@ -98,58 +99,63 @@ def vote(sims, neighbour_labels, test_labels, num_classes: int, ks, temperature:
 
 
 def run_knn(store: str | Path | Store, cfg: KnnConfig, features: str | None = None) -> dict:
-    """The k-NN of a store's test split by its train split; with the store's provenance."""
+    """The k-NN of a store's test split by its train split; with the store's provenance.
+
+    Under torchrun each rank searches a share of the queries and gathers the others'
+    neighbours, so every rank holds the one-process result (rank 0 writes it).
+    """
     store = store if isinstance(store, Store) else Store(store)
-    if cfg.max_memory is not None:
-        feature = store.pair_feature(features)
-        start = time.perf_counter()
-        results = knn_bounded(store, feature, cfg)
-        n_train, n_test = store.sizes["train"], store.sizes["test"]
-    else:
-        feature, train, test = store.load_pair(features)
-        start = time.perf_counter()
-        results = knn_evaluate(
-            train.features,
-            train.labels,
-            test.features,
-            test.labels,
-            len(store.class_names),
-            cfg.ks,
-            cfg.temperature,
-            cfg.query_batch,
+    feature = store.pair_feature(features)
+    n_train, n_test = store.sizes["train"], store.sizes["test"]
+    if max(cfg.ks) > n_train:
+        raise ValueError(
+            f"k={max(cfg.ks)} exceeds the {n_train} training samples; pass smaller --k values"
         )
-        n_train, n_test = len(train.labels), len(test.labels)
+    dist = Distributed.from_env()
+    start = time.perf_counter()
+    find = neighbours if cfg.max_memory is None else neighbours_bounded
+    parts = dist.all_gather(find(store, feature, cfg, dist.share(n_test)))
+    sims, idx = (np.concatenate(p) for p in zip(*parts))
+    train_labels = store.read("train", "labels")
+    results = vote(sims, train_labels[idx], store.read("test", "labels"),
+                   len(store.class_names), cfg.ks, cfg.temperature)  # fmt: skip
+    seconds = time.perf_counter() - start
     return {
         **store.provenance("knn", feature, cfg),
         "num_train": n_train,
         "num_test": n_test,
-        "seconds": time.perf_counter() - start,
+        "seconds": seconds,
         "results": results,
     }
 
 
-def knn_bounded(store: Store, feature: str, cfg: KnnConfig) -> list[dict]:
-    """The k-NN with at most ``cfg.max_memory`` bytes of features held at once.
+def neighbours(store: Store, feature: str, cfg: KnnConfig, queries: slice):
+    """(sims, indices) of the test rows ``queries`` among the whole train split in memory."""
+    train = l2_normalize(store.load("train", feature).features)
+    test = l2_normalize(store.rows("test", feature, queries.start, queries.stop))
+    return search(train, test, max(cfg.ks), cfg.query_batch)
+
+
+def neighbours_bounded(store: Store, feature: str, cfg: KnnConfig, queries: slice):
+    """The same with at most ``cfg.max_memory`` bytes of features held at once.
 
     Half the budget holds a chunk of training features, a quarter a chunk of queries (with
     their running top-k); each query chunk meets every training chunk, and the top-k of each
     is merged into the running one, so the neighbours are the in-memory search's.
     """
     kmax, n_train = max(cfg.ks), store.sizes["train"]
-    if kmax > n_train:
-        raise ValueError(f"k={kmax} exceeds the {n_train} training samples; pass smaller --k")
     width = store.fields["backbone"]["features"][feature]
     train_rows = max(kmax, cfg.max_memory // 2 // (4 * width))
     query_rows = max(1, cfg.max_memory // 4 // (4 * width + 12 * kmax))
-    train_labels = store.read("train", "labels")
     sims, idx = [], []
-    for q0 in range(0, store.sizes["test"], query_rows):
-        queries = l2_normalize(store.rows("test", feature, q0, q0 + query_rows))
-        best_s = np.full((len(queries), 0), -np.inf, np.float32)
-        best_i = np.zeros((len(queries), 0), np.int64)
+    for q0 in range(queries.start, queries.stop, query_rows):
+        q1 = min(q0 + query_rows, queries.stop)
+        chunk_queries = l2_normalize(store.rows("test", feature, q0, q1))
+        best_s = np.full((len(chunk_queries), 0), -np.inf, np.float32)
+        best_i = np.zeros((len(chunk_queries), 0), np.int64)
         for t0 in range(0, n_train, train_rows):
             chunk = l2_normalize(store.rows("train", feature, t0, t0 + train_rows))
-            s, i = search(chunk, queries, min(kmax, len(chunk)), cfg.query_batch)
+            s, i = search(chunk, chunk_queries, min(kmax, len(chunk)), cfg.query_batch)
             best_s = np.concatenate([best_s, s], axis=1)
             best_i = np.concatenate([best_i, i + t0], axis=1)
             # Stable: equal similarities keep the earlier training row first, as faiss does.
@@ -158,7 +164,6 @@ def knn_bounded(store: Store, feature: str, cfg: KnnConfig) -> list[dict]:
             best_i = np.take_along_axis(best_i, order, 1)
         sims.append(best_s)
         idx.append(best_i)
-    sims, idx = np.concatenate(sims), np.concatenate(idx)
-    num_classes = len(store.class_names)
-    return vote(sims, train_labels[idx], store.read("test", "labels"), num_classes, cfg.ks,
-                cfg.temperature)  # fmt: skip
+    if not sims:  # more ranks than queries
+        return np.zeros((0, kmax), np.float32), np.zeros((0, kmax), np.int64)
+    return np.concatenate(sims), np.concatenate(idx)

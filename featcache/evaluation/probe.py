@@ -20,7 +20,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from featcache.device import resolve_device
+from featcache.device import rank_device, resolve_device
+from featcache.distributed import Distributed
 from featcache.evaluation.metrics import classification_summary, per_class_accuracies
 from featcache.store import Store
 
@@ -169,6 +170,12 @@ def train_head(
     return head, curve
 
 
+def retrain_generator(cfg: ProbeConfig) -> torch.Generator:
+    """The retrain's batch order: its own stream, not the sweep's generator, whose state
+    depends on how long the sweep ran (and so on which heads a rank trained)."""
+    return torch.Generator().manual_seed(cfg.seed + 1)
+
+
 def curvature(x: torch.Tensor, iters: int = 30) -> float:
     """Half the largest eigenvalue of x^T x / n (power iteration): bounds the softmax Hessian."""
     v = torch.ones(x.shape[1], device=x.device) / math.sqrt(x.shape[1])
@@ -191,20 +198,25 @@ def scaled_step(cfg: ProbeConfig, rows: int) -> ProbeConfig:
     return replace(cfg, lr=cfg.lr * min(1.0, steps / MIN_FULL_STEPS))
 
 
-def run_sweep(heads: _Heads, cfg: ProbeConfig, epoch_fn, evaluate_fn):
+def run_sweep(heads: _Heads, cfg: ProbeConfig, epoch_fn, evaluate_fn, dist: Distributed):
     """Train every head, each stopped at its lowest validation loss (``patience``).
 
-    ``epoch_fn(epoch, active)`` trains one epoch; ``evaluate_fn()`` returns per-head metrics
-    (train monitor, validation). Returns the sweep's rows, the chosen head (lowest validation
-    loss; ties: the stronger weight decay) and each head's per-epoch curve.
+    ``heads`` holds this rank's share of ``cfg.weight_decays`` (``dist.share``): all of them
+    in one process. ``epoch_fn(epoch, active)`` trains one epoch; ``evaluate_fn()`` returns
+    per-head metrics (train monitor, validation). Every epoch draws its batch order from the
+    same generator whatever the heads, so a head's path does not depend on its companions.
+    Returns the whole sweep's rows, gathered from every rank, the chosen head (lowest
+    validation loss; ties: the stronger weight decay) and each head's per-epoch curve.
     """
-    s = len(cfg.weight_decays)
+    s = len(heads.wd)
     best_loss = [math.inf] * s
     best_epoch = [0] * s
     diverged: list[int | None] = [None] * s  # first epoch with a non-finite validation loss
     active = torch.ones(s, device=heads.W.device)
     curves: list[list[dict]] = [[] for _ in range(s)]
     for epoch in range(cfg.max_epochs):
+        if not active.any():
+            break
         epoch_fn(epoch, active)
         train_m, val_m = evaluate_fn()
         for h in range(s):
@@ -217,8 +229,8 @@ def run_sweep(heads: _Heads, cfg: ProbeConfig, epoch_fn, evaluate_fn):
                 best_loss[h], best_epoch[h] = val_m[h]["loss"], epoch + 1
             elif epoch + 1 - best_epoch[h] >= cfg.patience:
                 active[h] = 0.0
-        if not active.any():
-            break
+    parts = dist.all_gather((best_loss, best_epoch, diverged, curves))
+    best_loss, best_epoch, diverged, curves = ([x for p in parts for x in p[i]] for i in range(4))
     if not any(math.isfinite(v) for v in best_loss):
         raise ValueError(
             "no weight decay reached a finite validation loss: "
@@ -233,7 +245,7 @@ def run_sweep(heads: _Heads, cfg: ProbeConfig, epoch_fn, evaluate_fn):
         }
         for h, wd in enumerate(cfg.weight_decays)
     ]
-    chosen = min(range(s), key=lambda h: (best_loss[h], -cfg.weight_decays[h]))
+    chosen = min(range(len(sweep)), key=lambda h: (best_loss[h], -cfg.weight_decays[h]))
     return sweep, chosen, curves
 
 
@@ -246,13 +258,16 @@ def fit_probe(
     num_classes: int,
     cfg: ProbeConfig,
     train_views: np.ndarray | None = None,
+    dist: Distributed | None = None,
 ) -> dict:
     """The whole protocol on in-memory features; returns the result dict (no I/O).
 
     ``train_views`` (N, V, D): augmented views of the training images. Heads then train on
     the clean images and all their views; validation and test use clean images only.
+    ``dist``: under torchrun each rank trains a share of the weight decays (``run_sweep``).
     """
-    device = resolve_device(cfg.device)
+    dist = dist or Distributed()
+    device = rank_device(resolve_device(cfg.device))
     for name, a in (("training", x_train), ("test", x_test), ("view", train_views)):
         bad = 0 if a is None else _non_finite(a)
         if bad:
@@ -290,12 +305,14 @@ def fit_probe(
     # 1. The sweep: all heads on the same batches, each with its own early stopping.
     curv = curvature(t(xtr))
     cfg = scaled_step(cfg, len(yf_all))
-    heads = _Heads(xf.shape[1], num_classes, cfg.weight_decays, curv, cfg, device, gen)
+    share = cfg.weight_decays[dist.share(len(cfg.weight_decays))]
+    heads = _Heads(xf.shape[1], num_classes, share, curv, cfg, device, gen)
     sweep, chosen, curves = run_sweep(
         heads,
         cfg,
         lambda epoch, active: heads.epoch(xf_all, yf_all, epoch, cfg.max_epochs, active),
         lambda: (heads.evaluate(xf, yf), heads.evaluate(xv, yv)),
+        dist,
     )
 
     # 2. Retrain the chosen setting on the whole training split: the same schedule, stopped
@@ -305,7 +322,7 @@ def fit_probe(
     xa, ya = t(xtr[every]), t(y_train[every], torch.long)
     xa_all, ya_all = with_views(np.arange(len(y_train)))
     final, final_curve = train_head(
-        xa_all, ya_all, num_classes, wd, epochs, curv, cfg, gen, monitor=(xa, ya)
+        xa_all, ya_all, num_classes, wd, epochs, curv, cfg, retrain_generator(cfg), (xa, ya)
     )
     test_logits = final.logits(t(xte))[0]
     loss = _metrics(test_logits[None], t(y_test, torch.long))[0]["loss"]
@@ -342,40 +359,29 @@ def sweep_result(cfg: ProbeConfig, sweep, chosen: int, curves, final_curve) -> d
 
 def run_probe(store: str | Path | Store, cfg: ProbeConfig, features: str | None = None) -> dict:
     """The probe on a store's train and test splits (``features``: the backbone's first set
-    by default); the result carries the store's provenance."""
+    by default); the result carries the store's provenance.
+
+    Under torchrun each rank trains a share of the weight decays and gathers the others'
+    sweep, so every rank holds the one-process result (rank 0 writes it).
+    """
     store = store if isinstance(store, Store) else Store(store)
+    feature = store.pair_feature(features)
+    if cfg.max_memory is not None and cfg.use_views and store.num_views > 1:
+        raise ValueError("--max-memory does not train on augmented views: pass --no-views with it")
+    dist = Distributed.from_env()
     if cfg.max_memory is not None:
         from featcache.evaluation.streaming import fit_probe_streamed
 
-        feature = store.pair_feature(features)
-        if cfg.use_views and store.num_views > 1:
-            raise ValueError(
-                "--max-memory does not train on augmented views: pass --no-views with it"
-            )
         start = time.perf_counter()
-        result = fit_probe_streamed(store, feature, cfg, cfg.max_memory)
-        return {
-            **store.provenance("probe", feature, cfg),
-            "seconds": time.perf_counter() - start,
-            **result,
-        }
-    feature, train, test = store.load_pair(features)
-    views = store.load_views("train", feature) if cfg.use_views else None
-    start = time.perf_counter()
-    result = fit_probe(
-        train.features,
-        train.labels,
-        test.features,
-        test.labels,
-        len(store.class_names),
-        cfg,
-        train_views=views,
-    )
-    return {
-        **store.provenance("probe", feature, cfg),
-        "seconds": time.perf_counter() - start,
-        **result,
-    }
+        result = fit_probe_streamed(store, feature, cfg, dist)
+    else:
+        train, test = store.load("train", feature), store.load("test", feature)
+        views = store.load_views("train", feature) if cfg.use_views else None
+        start = time.perf_counter()
+        result = fit_probe(train.features, train.labels, test.features, test.labels,
+                           len(store.class_names), cfg, views, dist)  # fmt: skip
+    seconds = time.perf_counter() - start
+    return {**store.provenance("probe", feature, cfg), "seconds": seconds, **result}
 
 
 def plot_probe(result: dict, path: str) -> None:

@@ -18,13 +18,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from featcache.device import resolve_device
+from featcache.device import rank_device, resolve_device
+from featcache.distributed import Distributed
 from featcache.evaluation.metrics import per_class_accuracies, summary_from_predictions
 from featcache.evaluation.probe import (
     TRAIN_CURVE_SAMPLES,
     ProbeConfig,
     _Heads,
     _metrics,
+    retrain_generator,
     run_sweep,
     scaled_step,
     stratified_split,
@@ -119,13 +121,14 @@ def _statistics(rows: _Rows):
 
 
 @torch.no_grad()
-def fit_probe_streamed(store: Store, feature: str, cfg: ProbeConfig, max_memory: int) -> dict:
-    """The probe with at most about ``max_memory`` bytes of features held at once."""
-    device = resolve_device(cfg.device)
+def fit_probe_streamed(store: Store, feature: str, cfg: ProbeConfig, dist: Distributed) -> dict:
+    """The probe with at most about ``cfg.max_memory`` bytes of features held at once;
+    under torchrun each rank trains a share of the weight decays (``probe.run_sweep``)."""
+    device = rank_device(resolve_device(cfg.device))
     gen = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     width = store.fields["backbone"]["features"][feature]
-    chunk = max(cfg.batch_size, max_memory // 4 // (4 * width))  # with room for the copies
+    chunk = max(cfg.batch_size, cfg.max_memory // 4 // (4 * width))  # with room for the copies
     y_train, y_test = store.read("train", "labels"), store.read("test", "labels")
     classes = len(store.class_names)
     everything = np.arange(len(y_train))
@@ -138,7 +141,8 @@ def fit_probe_streamed(store: Store, feature: str, cfg: ProbeConfig, max_memory:
     monitor = _Rows(store, "train", feature, curve_idx, scale, chunk)
 
     cfg = scaled_step(cfg, len(fit_idx))
-    heads = _Heads(width, classes, cfg.weight_decays, curv, cfg, device, gen)
+    share = cfg.weight_decays[dist.share(len(cfg.weight_decays))]
+    heads = _Heads(width, classes, share, curv, cfg, device, gen)
     steps = fit.steps(cfg.batch_size)
     sweep, chosen, curves = run_sweep(
         heads,
@@ -151,12 +155,14 @@ def fit_probe_streamed(store: Store, feature: str, cfg: ProbeConfig, max_memory:
             active,
         ),  # fmt: skip
         lambda: (monitor.evaluate(heads, device), val.evaluate(heads, device)),
+        dist,
     )
 
     wd, epochs = cfg.weight_decays[chosen], sweep[chosen]["best_epoch"]
     whole = _Rows(store, "train", feature, everything, scale, chunk)
     every = everything[:: max(1, len(everything) // TRAIN_CURVE_SAMPLES)]
     whole_monitor = _Rows(store, "train", feature, every, scale, chunk)
+    gen = retrain_generator(cfg)
     final = _Heads(width, classes, (wd,), curv, cfg, device, gen)
     ones, steps, final_curve = torch.ones(1, device=device), whole.steps(cfg.batch_size), []
     for epoch in range(epochs):

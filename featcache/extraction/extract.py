@@ -7,10 +7,8 @@ autocast; finished shards are committed as they complete, so a rerun resumes.
 
 from __future__ import annotations
 
-import datetime
 import functools
 import logging
-import os
 import time
 import warnings
 from collections import defaultdict
@@ -35,6 +33,7 @@ from featcache.device import (
     resolve_device,
     resolve_precision,
 )
+from featcache.distributed import Distributed
 from featcache.errors import BadImageError, DatasetError
 from featcache.extraction.augment import Augment, view_uniforms
 from featcache.extraction.preprocess import Preprocess
@@ -229,56 +228,6 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
         return _run(cfg, model, preprocess, splits, writer, device, precision, dist)
     finally:
         writer.close()
-        dist.close()
-
-
-@dataclass(frozen=True)
-class Distributed:
-    """This process's place under torchrun (rank 0 of 1 without it).
-
-    Ranks take every world-th shard of each split, so their work is disjoint and a shard's
-    contents do not depend on who computed it: the store equals a single-process one.
-    """
-
-    rank: int = 0
-    world: int = 1
-    # Launched by torchrun: a process group exists, also for a single process (whose run
-    # then takes the same path as one rank of many: nccl bound to its GPU, barriers).
-    launched: bool = False
-    # Whether the group was made here (and is destroyed here) rather than by a caller.
-    owns_group: bool = False
-
-    @classmethod
-    def from_env(cls, device: torch.device) -> Distributed:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        if world == 1 and "TORCHELASTIC_RUN_ID" not in os.environ:
-            return cls()
-        import torch.distributed as td
-
-        owns = not td.is_initialized()
-        if owns:
-            timeout = datetime.timedelta(hours=24)
-            if device.type == "cuda":  # bound to this rank's GPU (rank_device)
-                td.init_process_group("nccl", timeout=timeout, device_id=device)
-            else:
-                td.init_process_group("gloo", timeout=timeout)
-        return cls(td.get_rank(), td.get_world_size(), launched=True, owns_group=owns)
-
-    def barrier(self) -> None:
-        if self.launched:
-            import torch.distributed as td
-
-            td.barrier()
-
-    def close(self) -> None:
-        """Destroy the process group made here (nccl warns at exit about one left behind)."""
-        if self.owns_group:
-            import torch.distributed as td
-
-            td.destroy_process_group()
-
-    def owns(self, shard: int) -> bool:
-        return shard % self.world == self.rank
 
 
 class _Frozen(torch.nn.Module):
