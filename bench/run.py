@@ -547,7 +547,8 @@ def bench_scaling(quick: bool) -> str:
 
 
 def bench_precision(quick: bool) -> str:
-    """Reduced precision must not cost accuracy: the same subset extracted in fp32 and bf16.
+    """Reduced precision must not cost accuracy: the same subset extracted in fp32, in bf16,
+    and in fp32 into a float16 store (``extract --dtype float16``: half the disk and memory).
 
     The whole 10,000-image test split: bf16 moves a few percent of the k-NN predictions, so
     a 1,000-image split could not resolve a 0.3-point band (one image is 0.1 point).
@@ -558,9 +559,11 @@ def bench_precision(quick: bool) -> str:
     from featcache.store import Store
 
     train_per_class, test_per_class = (20, 20) if quick else (500, None)
+    variants = {"fp32": ("fp32", "float32"), "bf16": ("bf16", "float32"),
+                "fp32, float16 store": ("fp32", "float16")}  # fmt: skip
     rows, stores = {}, {}
-    for precision in ("fp32", "bf16"):
-        out = WORK / f"precision-lite0-{precision}.h5"
+    for name, (precision, dtype) in variants.items():
+        out = WORK / f"precision-lite0-{precision}-{dtype}.h5"
         out.unlink(missing_ok=True)
         cfg = ExtractConfig(
             backbone="efficientnet-lite0",
@@ -569,41 +572,49 @@ def bench_precision(quick: bool) -> str:
             train_per_class=train_per_class,
             test_per_class=test_per_class,
             precision=precision,
+            dtype=dtype,
             progress=False,
         )
         extract(cfg)
         probe = run_probe(out, ProbeConfig())["test"]["top1"]
         knn = run_knn(out, KnnConfig(ks=(20,)))["results"][0]["top1"]
-        rows[precision] = (probe, knn)
-        stores[precision] = Store(out)
-        print(f"precision {precision}: probe {probe:.2f} knn {knn:.2f}", flush=True)
+        rows[name] = (probe, knn)
+        stores[name] = Store(out)
+        print(f"precision {name}: probe {probe:.2f} knn {knn:.2f}", flush=True)
 
     def knn_predictions(store):
         train, test = store.load("train", "pooled"), store.load("test", "pooled")
         sims, idx = search(l2_normalize(train.features), l2_normalize(test.features), 20)
         return weighted_vote(sims, train.labels[idx], 10, KnnConfig.temperature).argmax(1)
 
-    a, b = (l2_normalize(stores[p].load("test", "pooled").features) for p in ("fp32", "bf16"))
-    cos = (a * b).sum(1)
-    moved = int((knn_predictions(stores["fp32"]) != knn_predictions(stores["bf16"])).sum())
-    (p32, k32), (p16, k16) = rows["fp32"], rows["bf16"]
-    n_train, n_test = len(stores["fp32"].read("train", "labels")), len(a)
-    return "\n".join(
-        [
-            f"efficientnet-lite0 (its real weights), {n_train} CIFAR training images "
-            f"({train_per_class} per class) and {n_test} test images, one store per precision; "
-            "probe and k=20 k-NN test top-1.",
-            "",
-            "| store | probe top-1 | k-NN top-1 |",
-            "| --- | --- | --- |",
-            f"| fp32 | {p32:.2f} | {k32:.2f} |",
-            f"| bf16 | {p16:.2f} | {k16:.2f} |",
-            f"| bf16 - fp32 | {p16 - p32:+.2f} | {k16 - k32:+.2f} |",
-            "",
-            f"Test features, bf16 against fp32: cosine mean {cos.mean():.4f}, min {cos.min():.4f}; "
-            f"k-NN predictions that differ: {moved} of {n_test}.",
-        ]
-    )
+    def test_features(name):
+        return l2_normalize(stores[name].load("test", "pooled").features)
+
+    reference, predicted = test_features("fp32"), knn_predictions(stores["fp32"])
+    n_train, n_test = len(stores["fp32"].read("train", "labels")), len(reference)
+    (p32, k32) = rows["fp32"]
+    lines = [
+        f"efficientnet-lite0 (its real weights), {n_train} CIFAR training images "
+        f"({train_per_class} per class) and {n_test} test images, one store per variant "
+        "(`--precision` of the forward, `--dtype` of the stored features); probe and k=20 "
+        "k-NN test top-1.",
+        "",
+        "| store | probe top-1 | k-NN top-1 | probe - fp32 | k-NN - fp32 |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    lines += [
+        f"| {name} | {p:.2f} | {k:.2f} | {p - p32:+.2f} | {k - k32:+.2f} |"
+        for name, (p, k) in rows.items()
+    ]
+    lines.append("")
+    for name in list(variants)[1:]:
+        cos = (reference * test_features(name)).sum(1)
+        moved = int((knn_predictions(stores[name]) != predicted).sum())
+        lines.append(
+            f"Test features, {name} against fp32: cosine mean {cos.mean():.6f}, min "
+            f"{cos.min():.6f}; k-NN predictions that differ: {moved} of {n_test}."
+        )
+    return "\n".join(lines)
 
 
 def _measured(cmd: list[str], out: Path) -> dict:

@@ -46,14 +46,28 @@ def _ints(value: str | None, name: str) -> tuple[int, ...] | None:
 
 
 def _default(method: str, name: str):
-    """A method's default, from its config dataclass (the one place defaults are written);
-    tuples as the CLI's comma-separated text."""
-    import importlib
+    """A method's default, from its config dataclass (the one place defaults are written),
+    read when first needed: a run or ``--help`` of that command (see ``_Option``), so that the
+    CLI starts without importing every method's libraries. Tuples as comma-separated text."""
 
-    module, cls = _CONFIGS[method]
-    value = getattr(importlib.import_module(module), cls).__dataclass_fields__[name].default
-    return ",".join(map(str, value)) if isinstance(value, tuple) else value
+    def read():
+        import importlib
 
+        module, cls = _CONFIGS[method]
+        value = getattr(importlib.import_module(module), cls).__dataclass_fields__[name].default
+        return ",".join(map(str, value)) if isinstance(value, tuple) else value
+
+    return read
+
+
+class _Option(click.Option):
+    """An option whose default may be a ``_default`` (a callable); its help shows the value."""
+
+    def get_default(self, ctx, call=True):
+        return super().get_default(ctx, call=True)
+
+
+_option = functools.partial(click.option, cls=_Option)
 
 _CONFIGS = {
     "extract": ("featcache.extraction.extract", "ExtractConfig"),
@@ -75,7 +89,7 @@ def _write_json(result: dict, path: str | None) -> None:
 
 @click.group()
 @click.version_option(__version__, prog_name="featcache")
-@click.option("-v", "--verbose", is_flag=True, help="Log progress details.")
+@_option("-v", "--verbose", is_flag=True, help="Log progress details.")
 def main(verbose: bool) -> None:
     """Extract frozen-backbone features once into HDF5; probe and k-NN them in seconds."""
     logging.basicConfig(
@@ -101,83 +115,83 @@ def backbones() -> None:
 
 
 @main.command()
-@click.option(
+@_option(
     "--backbone",
     required=True,
     help="A named entry, timm:NAME[.TAG] or hf:REPO (see `featcache backbones`).",
 )
-@click.option(
+@_option(
     "--dataset",
     required=True,
     help="A standard dataset (cifar10, cifar100, ...), imagefolder:DIR or csv:FILE; "
     "see `featcache datasets`.",
 )
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Store to write.")
-@click.option("--weights", default=None, help="Local weights: directory or .safetensors file.")
-@click.option(
+@_option("--out", required=True, type=click.Path(dir_okay=False), help="Store to write.")
+@_option("--weights", default=None, help="Local weights: directory or .safetensors file.")
+@_option(
     "--data-root",
     default=None,
     help="Where standard datasets lie in torchvision's layout, or are downloaded (data/).",
 )
-@click.option("--splits", default=_default("extract", "splits"), show_default=True)
-@click.option("--per-class", type=int, default=None, help="Images per class in every split.")
-@click.option("--train-per-class", type=int, default=None)
-@click.option("--test-per-class", type=int, default=None)
-@click.option(
+@_option("--splits", default=_default("extract", "splits"), show_default=True)
+@_option("--per-class", type=int, default=None, help="Images per class in every split.")
+@_option("--train-per-class", type=int, default=None)
+@_option("--test-per-class", type=int, default=None)
+@_option(
     "--seed",
     type=int,
     default=_default("extract", "seed"),
     show_default=True,
     help="Seed of the subsets.",
 )
-@click.option(
+@_option(
     "--device",
     type=click.Choice(DEVICES),
     default=_default("extract", "device"),
     show_default=True,
 )
-@click.option(
+@_option(
     "--precision",
     type=click.Choice(PRECISIONS),
     default=_default("extract", "precision"),
     show_default=True,
 )
-@click.option(
+@_option(
     "--batch-size", type=int, default=_default("extract", "batch_size"), show_default=True
 )
-@click.option(
+@_option(
     "--workers",
     type=int,
     default=None,
     help="Image decoding processes [default: 1 on the CPU, up to 8 with a GPU].",
 )
-@click.option(
+@_option(
     "--shard-size", type=int, default=_default("extract", "shard_size"), show_default=True
 )
-@click.option(
+@_option(
     "--views",
     type=int,
     default=_default("extract", "views"),
     show_default=True,
     help="Views per training image, the clean one included.",
 )
-@click.option(
+@_option(
     "--augment",
     default=_default("extract", "augment"),
     show_default=True,
     help="Augmentations of views 1.. (crop, flip, jitter, rotate, gray).",
 )
-@click.option("--skip-bad", is_flag=True, help="Record unreadable images as skipped and go on.")
-@click.option("--overwrite", is_flag=True, help="Replace a store made with another spec.")
-@click.option("--no-progress", is_flag=True, help="No progress bar.")
-@click.option("--no-freeze", is_flag=True, help="Run the eager model (no TorchScript freezing).")
-@click.option(
+@_option("--skip-bad", is_flag=True, help="Record unreadable images as skipped and go on.")
+@_option("--overwrite", is_flag=True, help="Replace a store made with another spec.")
+@_option("--no-progress", is_flag=True, help="No progress bar.")
+@_option("--no-freeze", is_flag=True, help="Run the eager model (no TorchScript freezing).")
+@_option(
     "--compile",
     "compile_model",
     is_flag=True,
     help="torch.compile the backbone: pays on long runs (compiling takes tens of seconds).",
 )
-@click.option(
+@_option(
     "--dtype",
     type=click.Choice(["float32", "float16"]),
     default=_default("extract", "dtype"),
@@ -235,54 +249,54 @@ def extract(**kw) -> None:
 
 
 @main.command()
-@click.option("--store", required=True, type=click.Path(dir_okay=False))
-@click.option("--features", default=None, help="Feature set (default: the backbone's first).")
-@click.option("--weight-decays", default=None, help="Comma-separated sweep grid.")
-@click.option(
+@_option("--store", required=True, type=click.Path(dir_okay=False))
+@_option("--features", default=None, help="Feature set (default: the backbone's first).")
+@_option("--weight-decays", default=None, help="Comma-separated sweep grid.")
+@_option(
     "--val-fraction", type=float, default=_default("probe", "val_fraction"), show_default=True
 )
-@click.option(
+@_option(
     "--epochs",
     type=int,
     default=_default("probe", "max_epochs"),
     show_default=True,
     help="Most epochs per head.",
 )
-@click.option("--patience", type=int, default=_default("probe", "patience"), show_default=True)
-@click.option("--batch-size", type=int, default=_default("probe", "batch_size"), show_default=True)
-@click.option("--lr", type=float, default=_default("probe", "lr"), show_default=True)
-@click.option("--seed", type=int, default=_default("probe", "seed"), show_default=True)
-@click.option(
+@_option("--patience", type=int, default=_default("probe", "patience"), show_default=True)
+@_option("--batch-size", type=int, default=_default("probe", "batch_size"), show_default=True)
+@_option("--lr", type=float, default=_default("probe", "lr"), show_default=True)
+@_option("--seed", type=int, default=_default("probe", "seed"), show_default=True)
+@_option(
     "--device", type=click.Choice(DEVICES), default=_default("probe", "device"), show_default=True
 )
-@click.option(
+@_option(
     "--views/--no-views",
     default=_default("probe", "use_views"),
     show_default=True,
     help="Also train on the store's augmented views (extract --views K).",
 )
-@click.option(
+@_option(
     "--shots", default=None, help="Label efficiency: labelled images per class, e.g. 1,5,10,100."
 )
-@click.option(
+@_option(
     "--label-fraction",
     default=None,
     help="Label efficiency: fractions of the labels, e.g. 0.01,0.1,1.0.",
 )
-@click.option(
+@_option(
     "--repeats",
     type=int,
     default=_default("shots", "repeats"),
     show_default=True,
     help="Label efficiency: random labelled subsets per budget.",
 )
-@click.option(
+@_option(
     "--max-memory",
     default=None,
     help="Hold at most about SIZE of features at once (e.g. 2GiB): the store is read in chunks.",
 )
-@click.option("--json", "json_out", default=None, help="Write the full result as JSON.")
-@click.option("--plot", default=None, help="Write per-epoch curves as PNG.")
+@_option("--json", "json_out", default=None, help="Write the full result as JSON.")
+@_option("--plot", default=None, help="Write per-epoch curves as PNG.")
 @_friendly
 def probe(**kw) -> None:
     """Train linear heads on a store's features (weight-decay sweep, early stopping)."""
@@ -356,13 +370,13 @@ def _label_efficiency(probe_options: dict, kw) -> None:
 
 
 @main.command()
-@click.option("--store", required=True, type=click.Path(dir_okay=False))
-@click.option("--features", default=None, help="Feature set (default: the backbone's first).")
-@click.option("--split", default="test", show_default=True)
-@click.option("--clusters", type=int, default=None, help="Default: the number of classes.")
-@click.option("--restarts", type=int, default=_default("cluster", "restarts"), show_default=True)
-@click.option("--seed", type=int, default=_default("cluster", "seed"), show_default=True)
-@click.option("--json", "json_out", default=None, help="Write the result as JSON.")
+@_option("--store", required=True, type=click.Path(dir_okay=False))
+@_option("--features", default=None, help="Feature set (default: the backbone's first).")
+@_option("--split", default="test", show_default=True)
+@_option("--clusters", type=int, default=None, help="Default: the number of classes.")
+@_option("--restarts", type=int, default=_default("cluster", "restarts"), show_default=True)
+@_option("--seed", type=int, default=_default("cluster", "seed"), show_default=True)
+@_option("--json", "json_out", default=None, help="Write the result as JSON.")
 @_friendly
 def cluster(**kw) -> None:
     """Label-free check: k-means on the features, scored by NMI, ARI and cluster accuracy."""
@@ -379,19 +393,19 @@ def cluster(**kw) -> None:
 
 
 @main.command()
-@click.option("--store", required=True, type=click.Path(dir_okay=False))
-@click.option("--features", default=None, help="Feature set (default: the backbone's first).")
-@click.option("--k", "ks", default=_default("knn", "ks"), show_default=True)
-@click.option(
+@_option("--store", required=True, type=click.Path(dir_okay=False))
+@_option("--features", default=None, help="Feature set (default: the backbone's first).")
+@_option("--k", "ks", default=_default("knn", "ks"), show_default=True)
+@_option(
     "--temperature", type=float, default=_default("knn", "temperature"), show_default=True
 )
-@click.option(
+@_option(
     "--max-memory",
     default=None,
     help="Hold at most SIZE of features at once (e.g. 2GiB): the store is read in chunks, "
     "with exactly the in-memory result.",
 )
-@click.option("--json", "json_out", default=None, help="Write the result as JSON.")
+@_option("--json", "json_out", default=None, help="Write the result as JSON.")
 @_friendly
 def knn(**kw) -> None:
     """Weighted k-NN classification of the test split by the train split (faiss)."""
@@ -417,10 +431,10 @@ def knn(**kw) -> None:
 
 
 @main.command()
-@click.option("--store", required=True, type=click.Path(dir_okay=False))
-@click.option("--features", default=None, help="Feature set (default: the backbone's first).")
-@click.option("--recall-at", default=_default("retrieval", "recall_at"), show_default=True)
-@click.option("--json", "json_out", default=None, help="Write the result as JSON.")
+@_option("--store", required=True, type=click.Path(dir_okay=False))
+@_option("--features", default=None, help="Feature set (default: the backbone's first).")
+@_option("--recall-at", default=_default("retrieval", "recall_at"), show_default=True)
+@_option("--json", "json_out", default=None, help="Write the result as JSON.")
 @_friendly
 def retrieval(**kw) -> None:
     """Retrieval by class: test images query the training gallery, and each other."""
@@ -439,9 +453,9 @@ def retrieval(**kw) -> None:
 
 @main.command()
 @click.argument("paths", nargs=-1, required=True, type=click.Path(dir_okay=False))
-@click.option("--format", "fmt", type=click.Choice(["md", "csv", "json"]), default="md",
+@_option("--format", "fmt", type=click.Choice(["md", "csv", "json"]), default="md",
               show_default=True)  # fmt: skip
-@click.option("--out", default=None, help="Write the table to a file (default: print it).")
+@_option("--out", default=None, help="Write the table to a file (default: print it).")
 @_friendly
 def table(paths, fmt, out) -> None:
     """One table across stores (their results beside them) or result JSON files."""
@@ -458,7 +472,7 @@ def table(paths, fmt, out) -> None:
 
 @main.command()
 @click.argument("store", type=click.Path(dir_okay=False))
-@click.option("--json", "as_json", is_flag=True, help="Print the raw metadata as JSON.")
+@_option("--json", "as_json", is_flag=True, help="Print the raw metadata as JSON.")
 @_friendly
 def info(store: str, as_json: bool) -> None:
     """Print a store's metadata."""
@@ -477,39 +491,39 @@ def pretrain() -> None:
 
 
 @pretrain.command()
-@click.option(
+@_option(
     "--dataset",
     required=True,
     help="A standard dataset (cifar10, cifar100, ...), imagefolder:DIR or csv:FILE; "
     "see `featcache datasets`.",
 )
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory.")
-@click.option(
+@_option("--out", required=True, type=click.Path(file_okay=False), help="Run directory.")
+@_option(
     "--data-root",
     default=None,
     help="Where standard datasets lie in torchvision's layout, or are downloaded (data/).",
 )
-@click.option("--arch", type=click.Choice(["resnet18"]), default="resnet18", show_default=True)
-@click.option("--width", type=int, default=64, show_default=True, help="Stage-1 channels.")
-@click.option("--epochs", type=int, default=100, show_default=True)
-@click.option("--batch-size", type=int, default=512, show_default=True)
-@click.option("--lr", type=float, default=0.06, show_default=True, help="Per 256 images.")
-@click.option("--weight-decay", type=float, default=5e-4, show_default=True)
-@click.option("--warmup-epochs", type=float, default=10, show_default=True)
-@click.option("--temperature", type=float, default=0.5, show_default=True)
-@click.option("--knn-every", type=int, default=10, show_default=True)
-@click.option("--train-per-class", type=int, default=None)
-@click.option("--test-per-class", type=int, default=None)
-@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
-@click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option(
+@_option("--arch", type=click.Choice(["resnet18"]), default="resnet18", show_default=True)
+@_option("--width", type=int, default=64, show_default=True, help="Stage-1 channels.")
+@_option("--epochs", type=int, default=100, show_default=True)
+@_option("--batch-size", type=int, default=512, show_default=True)
+@_option("--lr", type=float, default=0.06, show_default=True, help="Per 256 images.")
+@_option("--weight-decay", type=float, default=5e-4, show_default=True)
+@_option("--warmup-epochs", type=float, default=10, show_default=True)
+@_option("--temperature", type=float, default=0.5, show_default=True)
+@_option("--knn-every", type=int, default=10, show_default=True)
+@_option("--train-per-class", type=int, default=None)
+@_option("--test-per-class", type=int, default=None)
+@_option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
+@_option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True)
+@_option("--seed", type=int, default=0, show_default=True)
+@_option(
     "--time-limit",
     type=float,
     default=None,
     help="Seconds of training: the schedule is sized during warm-up to end within them.",
 )
-@click.option("--checkpoint-every", type=int, default=1, show_default=True, help="Epochs.")
+@_option("--checkpoint-every", type=int, default=1, show_default=True, help="Epochs.")
 @_friendly
 def simclr(**kw) -> None:
     """SimCLR on a dataset's training images; RUN_DIR then serves as --weights."""
@@ -527,18 +541,18 @@ def simclr(**kw) -> None:
 
 
 @main.command()
-@click.option(
+@_option(
     "--store",
     default=None,
     type=click.Path(dir_okay=False),
     help="Map the store's first test images with its own backbone into S.attention.npz "
     "beside it (the report shows them).",
 )
-@click.option("--backbone", default=None, help="With --images: a ViT entry, e.g. dino-vits16.")
-@click.option("--weights", default=None, help="With --images: local weights (dir or file).")
-@click.option("--images", multiple=True, help="Image files or folders to map into --out.")
-@click.option("--max-images", type=int, default=4, show_default=True)
-@click.option("--out", default=None, help="PNG to write.")
+@_option("--backbone", default=None, help="With --images: a ViT entry, e.g. dino-vits16.")
+@_option("--weights", default=None, help="With --images: local weights (dir or file).")
+@_option("--images", multiple=True, help="Image files or folders to map into --out.")
+@_option("--max-images", type=int, default=4, show_default=True)
+@_option("--out", default=None, help="PNG to write.")
 @_friendly
 def attention(store, backbone, weights, images, max_images, out) -> None:
     """The last block's CLS-to-patch attention of every head (DINO's visualisation)."""
@@ -565,14 +579,14 @@ def attention(store, backbone, weights, images, max_images, out) -> None:
 
 @main.command()
 @click.argument("stores", nargs=-1, required=True, type=click.Path(dir_okay=False))
-@click.option("--out", required=True, help="HTML file to write.")
-@click.option(
+@_option("--out", required=True, help="HTML file to write.")
+@_option(
     "--shots",
     default=_default("report", "shots"),
     show_default=True,
     help="Label-efficiency budgets.",
 )
-@click.option("--repeats", type=int, default=_default("report", "repeats"), show_default=True)
+@_option("--repeats", type=int, default=_default("report", "repeats"), show_default=True)
 @_friendly
 def report(stores, out, shots, repeats) -> None:
     """One self-contained HTML page comparing stores (computes missing results)."""

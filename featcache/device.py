@@ -1,19 +1,26 @@
 """Resolving --device and --precision to what this machine offers, and the device-specific
-fast paths, each decided here from what the device supports."""
+fast paths, each decided here from what the device supports.
+
+torch is imported by the functions that use it: the CLI reads ``DEVICES`` and ``PRECISIONS``
+for its options and must start without importing torch.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def resolve_device(device: str) -> torch.device:
+    import torch
+
     if device not in DEVICES and not device.startswith("cuda:"):
         raise ValueError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
     if device == "auto":
@@ -30,6 +37,8 @@ def rank_device(device: torch.device) -> torch.device:
 
     An index is what ``torch.cuda.set_device`` and nccl's ``device_id`` take.
     """
+    import torch
+
     if device.type == "cuda" and device.index is None:
         local = int(os.environ.get("LOCAL_RANK", "0"))
         return torch.device("cuda", local % max(1, torch.cuda.device_count()))
@@ -60,6 +69,8 @@ def resolve_precision(precision: str, device: torch.device, train: bool = False)
     Extraction defaults to fp32 on the CPU because stores are reference features; bf16 is
     faster there on CPUs with native support and available with --precision bf16.
     """
+    import torch
+
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     if precision != "auto":
@@ -164,6 +175,8 @@ def inference_backends(device: torch.device, precision: str):
     keeps 10 mantissa bits; stores are reference features), and cuDNN picks the fastest
     algorithm for the batch shape, which repeats for the whole run. Nothing changes on the CPU.
     """
+    import torch
+
     if device.type != "cuda":
         yield
         return
@@ -181,6 +194,10 @@ def inference_backends(device: torch.device, precision: str):
 
 
 def autocast(device: torch.device, precision: str):
+    import torch
+
     return torch.autocast(
-        device_type=device.type, dtype=DTYPES[precision], enabled=precision != "fp32"
+        device_type=device.type,
+        dtype={"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision],
+        enabled=precision != "fp32",
     )

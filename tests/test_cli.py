@@ -1,6 +1,8 @@
 """The whole CLI through real commands (click's CliRunner), errors included."""
 
 import json
+import subprocess
+import sys
 
 import h5py
 import pytest
@@ -18,6 +20,26 @@ def run():
         return runner.invoke(main, [str(a) for a in args], catch_exceptions=False)
 
     return invoke
+
+
+def test_the_cli_starts_without_the_methods_libraries():
+    """`featcache --help` imports neither torch nor faiss, scikit-learn or h5py: a command
+    imports what it runs when it runs (its --help too, to show the method's defaults)."""
+    code = (
+        "import sys\n"
+        "from featcache.cli import main\n"
+        "try:\n"
+        "    main(['--help'])\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "heavy = ('torch', 'faiss', 'sklearn', 'h5py', 'transformers', 'timm')\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in heavy))\n"
+        "main(['probe', '--help'])\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "[]" in r.stdout.splitlines()
+    assert "--lr FLOAT" in r.stdout and "[default: 0.5]" in r.stdout  # read from ProbeConfig
 
 
 @pytest.fixture
