@@ -156,18 +156,14 @@ def backbones() -> None:
     default=_default("extract", "precision"),
     show_default=True,
 )
-@_option(
-    "--batch-size", type=int, default=_default("extract", "batch_size"), show_default=True
-)
+@_option("--batch-size", type=int, default=_default("extract", "batch_size"), show_default=True)
 @_option(
     "--workers",
     type=int,
     default=None,
     help="Image decoding processes [default: 1 on the CPU, up to 8 with a GPU].",
 )
-@_option(
-    "--shard-size", type=int, default=_default("extract", "shard_size"), show_default=True
-)
+@_option("--shard-size", type=int, default=_default("extract", "shard_size"), show_default=True)
 @_option(
     "--views",
     type=int,
@@ -252,9 +248,7 @@ def extract(**kw) -> None:
 @_option("--store", required=True, type=click.Path(dir_okay=False))
 @_option("--features", default=None, help="Feature set (default: the backbone's first).")
 @_option("--weight-decays", default=None, help="Comma-separated sweep grid.")
-@_option(
-    "--val-fraction", type=float, default=_default("probe", "val_fraction"), show_default=True
-)
+@_option("--val-fraction", type=float, default=_default("probe", "val_fraction"), show_default=True)
 @_option(
     "--epochs",
     type=int,
@@ -396,9 +390,7 @@ def cluster(**kw) -> None:
 @_option("--store", required=True, type=click.Path(dir_okay=False))
 @_option("--features", default=None, help="Feature set (default: the backbone's first).")
 @_option("--k", "ks", default=_default("knn", "ks"), show_default=True)
-@_option(
-    "--temperature", type=float, default=_default("knn", "temperature"), show_default=True
-)
+@_option("--temperature", type=float, default=_default("knn", "temperature"), show_default=True)
 @_option(
     "--max-memory",
     default=None,

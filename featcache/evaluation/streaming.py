@@ -56,9 +56,17 @@ class _Rows:
         ]
         self.chunks = [c for c in self.chunks if len(c[2])]
 
+    def raw(self, start: int, stop: int, pick: np.ndarray) -> np.ndarray:
+        """The selected rows of a chunk, as read (a fresh float32 array)."""
+        x = self.store.rows(self.split, self.feature, start, stop)
+        return x[pick] if len(pick) < len(x) else x
+
     def read(self, start: int, stop: int, pick: np.ndarray, device):
-        x = self.store.rows(self.split, self.feature, start, stop)[pick]
-        x = torch.as_tensor((x - self.mean) / self.std, dtype=torch.float32, device=device)
+        """The selected rows of a chunk, standardised, and their labels, on ``device``."""
+        x = self.raw(start, stop, pick)
+        x -= self.mean  # in place: a chunk is held once, not once per operation
+        x /= self.std
+        x = torch.as_tensor(x, dtype=torch.float32, device=device)
         y = torch.as_tensor(self.labels[start:stop][pick], dtype=torch.long, device=device)
         return x, y
 
@@ -106,12 +114,13 @@ class _Rows:
 def _statistics(rows: _Rows):
     """Mean and std (as ``probe.standardise``) of the training features, and the curvature
     bound (half the largest eigenvalue of the z-scored second-moment matrix), in one pass."""
-    total, s, ss = 0, None, None
+    total, s, ss = 0, 0.0, 0.0
     for start, stop, pick in rows.chunks:
-        x = rows.store.rows(rows.split, rows.feature, start, stop)[pick].astype(np.float64)
-        s = x.sum(0) if s is None else s + x.sum(0)
-        ss = x.T @ x if ss is None else ss + x.T @ x
-        total += len(x)
+        chunk = rows.raw(start, stop, pick)
+        for i in range(0, len(chunk), EVAL_ROWS):  # in float64 a slice at a time
+            x = chunk[i : i + EVAL_ROWS].astype(np.float64)
+            s, ss = s + x.sum(0), ss + x.T @ x
+        total += len(chunk)
     mean = s / total
     second = ss / total - np.outer(mean, mean)  # covariance
     std = np.sqrt(np.clip(np.diag(second), 0, None)) + 1e-6
