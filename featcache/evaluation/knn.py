@@ -40,20 +40,29 @@ class KnnConfig:
             raise ValueError(f"--max-memory must be positive, got {self.max_memory}")
 
 
-def l2_normalize(x: np.ndarray) -> np.ndarray:
+def l2_normalize(x: np.ndarray, copy: bool = True) -> np.ndarray:
+    """Rows scaled to unit length, as float32; ``copy=False`` scales a float32 ``x`` in place
+    (for arrays read from a store, which no one else holds)."""
     x = np.ascontiguousarray(x, dtype=np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    norms = np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    if copy:
+        return x / norms
+    x /= norms
+    return x
 
 
 def search(train: np.ndarray, queries: np.ndarray, k: int, query_batch: int = 8192):
-    """Exact inner-product search: (sims (Q, k) descending, indices (Q, k))."""
-    index = faiss.IndexFlatIP(train.shape[1])
-    index.add(train)
+    """Exact inner-product search: (sims (Q, k) descending, indices (Q, k)).
+
+    faiss's brute-force kernel on the arrays as they are: an IndexFlatIP would hold a copy of
+    ``train`` (the search an index runs is this same kernel).
+    """
+    train = np.ascontiguousarray(train, dtype=np.float32)
     sims = np.empty((len(queries), k), np.float32)
     idx = np.empty((len(queries), k), np.int64)
     for s in range(0, len(queries), query_batch):
-        sims[s : s + query_batch], idx[s : s + query_batch] = index.search(
-            queries[s : s + query_batch], k
+        sims[s : s + query_batch], idx[s : s + query_batch] = faiss.knn(
+            queries[s : s + query_batch], train, k, metric=faiss.METRIC_INNER_PRODUCT
         )
     return sims, idx
 
@@ -131,8 +140,8 @@ def run_knn(store: str | Path | Store, cfg: KnnConfig, features: str | None = No
 
 def neighbours(store: Store, feature: str, cfg: KnnConfig, queries: slice):
     """(sims, indices) of the test rows ``queries`` among the whole train split in memory."""
-    train = l2_normalize(store.load("train", feature).features)
-    test = l2_normalize(store.rows("test", feature, queries.start, queries.stop))
+    train = l2_normalize(store.load("train", feature).features, copy=False)
+    test = l2_normalize(store.rows("test", feature, queries.start, queries.stop), copy=False)
     return search(train, test, max(cfg.ks), cfg.query_batch)
 
 
@@ -150,11 +159,11 @@ def neighbours_bounded(store: Store, feature: str, cfg: KnnConfig, queries: slic
     sims, idx = [], []
     for q0 in range(queries.start, queries.stop, query_rows):
         q1 = min(q0 + query_rows, queries.stop)
-        chunk_queries = l2_normalize(store.rows("test", feature, q0, q1))
+        chunk_queries = l2_normalize(store.rows("test", feature, q0, q1), copy=False)
         best_s = np.full((len(chunk_queries), 0), -np.inf, np.float32)
         best_i = np.zeros((len(chunk_queries), 0), np.int64)
         for t0 in range(0, n_train, train_rows):
-            chunk = l2_normalize(store.rows("train", feature, t0, t0 + train_rows))
+            chunk = l2_normalize(store.rows("train", feature, t0, t0 + train_rows), copy=False)
             s, i = search(chunk, chunk_queries, min(kmax, len(chunk)), cfg.query_batch)
             best_s = np.concatenate([best_s, s], axis=1)
             best_i = np.concatenate([best_i, i + t0], axis=1)

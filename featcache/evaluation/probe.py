@@ -127,9 +127,10 @@ class _Heads:
         n, bs = len(y), self.cfg.batch_size
         steps = math.ceil(n / bs)
         order = torch.randperm(n, generator=self.gen).to(x.device)
-        onehot = F.one_hot(y, self.W.shape[2]).float()  # (N, C)
-        batches = (
-            (x[idx], onehot[idx]) for idx in (order[i * bs : (i + 1) * bs] for i in range(steps))
+        classes = self.W.shape[2]
+        batches = (  # one-hot per batch: (N, C) would be 5 GB for ImageNet-1k's train split
+            (x[idx], F.one_hot(y[idx], classes).float())
+            for idx in (order[i * bs : (i + 1) * bs] for i in range(steps))
         )
         self.run(batches, steps, epoch, epochs, active)
 
