@@ -171,6 +171,7 @@ def neighbours_bounded(store: Store, feature: str, cfg: KnnConfig, queries: slic
             order = np.argsort(-best_s, axis=1, kind="stable")[:, :kmax]
             best_s = np.take_along_axis(best_s, order, 1)
             best_i = np.take_along_axis(best_i, order, 1)
+            del chunk  # not held while the next chunk is read
         sims.append(best_s)
         idx.append(best_i)
     if not sims:  # more ranks than queries
