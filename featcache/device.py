@@ -153,7 +153,7 @@ def native_uint8_resize(device: torch.device) -> bool:
     """Whether ``interpolate`` has uint8 bilinear/bicubic kernels on this device.
 
     The CPU only (pytorch PRs 90771 and 103252); CUDA raises "not implemented for 'Byte'".
-    Elsewhere images are resized in float, then rounded and clamped as the uint8 kernels do.
+    Elsewhere preprocess.resize_uint8 does their integer arithmetic (the same images).
     """
     return device.type == "cpu"
 

@@ -60,8 +60,8 @@ def test_device_upscale_interpolates_with_the_entry_mode_and_never_pads():
         assert y.shape == (2, 3, 224, 224) and y.dtype == torch.float32
         pixels = y * (0.25 * 255) + 0.5 * 255
         reference = F.interpolate(x.float(), size=(224, 224), mode=mode, align_corners=False)
-        # Within one grey level of the float interpolation, bicubic's saturated overshoots
-        # (its horizontal pass is kept in 0..255) aside.
+        # Within one grey level of the float interpolation (uint8 rounds), bicubic's saturated
+        # overshoots (its horizontal pass is kept in 0..255) aside.
         inside = (reference >= 0) & (reference <= 255)
         if mode == "bilinear":
             assert (pixels - reference).abs().max() <= 1 + 1e-3
@@ -116,10 +116,11 @@ def test_uint8_kernels_are_used_only_where_they_exist():
     assert not native_uint8_resize(torch.device("cuda"))
 
 
-@pytest.mark.parametrize("interpolation", ["bicubic", "bilinear"])
-def test_float_resize_path_matches_the_uint8_path(monkeypatch, interpolation):
-    """Where uint8 kernels are missing (CUDA), the float path gives the same images to within
-    one grey level, rounded and clamped like the uint8 kernels (bicubic overshoots 0..255)."""
+@pytest.mark.parametrize("interpolation", ["bicubic", "bilinear", "nearest"])
+def test_devices_without_uint8_kernels_make_the_same_images(monkeypatch, interpolation):
+    """Where uint8 kernels are missing (CUDA), the images are the CPU kernels' bit for bit:
+    a real network's features move by up to 1% (cosine 0.9906 for Lite0 on CIFAR) when 15% of
+    the pixels are off by one grey level, as the float interpolation left them."""
     q = Preprocess(224, interpolation, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), crop_pct=0.875)
     rng = np.random.default_rng(0)
     x = torch.from_numpy(rng.integers(0, 256, (3, 3, 32, 32), dtype=np.uint8))
@@ -127,11 +128,22 @@ def test_float_resize_path_matches_the_uint8_path(monkeypatch, interpolation):
     native = q(x)
     _bytes_only_on_cpu(monkeypatch)
     portable = q(x)
-    grey = 1 / (0.25 * 255)  # one grey level after normalisation
-    assert portable.dtype == torch.float32 and portable.shape == native.shape
-    assert (portable - native).abs().max() <= grey + 1e-5
-    # Both are rounded and saturated: pixel values are integers in 0..255.
-    pixels = portable * 0.25 * 255 + 0.5 * 255
-    torch.testing.assert_close(pixels, pixels.round(), atol=1e-3, rtol=0)
-    assert pixels.min() >= -1e-3 and pixels.max() <= 255 + 1e-3
+    assert portable.dtype == torch.float32 and torch.equal(portable, native)
     assert x.dtype == torch.uint8  # the caller's batch is untouched
+
+
+@pytest.mark.parametrize("interpolation", ["bicubic", "bilinear"])
+@pytest.mark.parametrize(
+    "shape, size",
+    [((32, 32), (224, 224)), ((28, 28), (224, 224)), ((96, 96), (518, 518)), ((1, 1), (5, 5)),
+     ((7, 3), (13, 13)), ((24, 40), (224, 100)), ((224, 224), (32, 32)), ((32, 32), (32, 64))],
+)  # fmt: skip
+def test_resize_uint8_is_the_cpu_kernel(interpolation, shape, size):
+    """Up, down, non-square and one-axis resizes, with saturated pixels (bicubic overshoots)."""
+    from featcache.extraction.preprocess import resize_uint8
+
+    rng = np.random.default_rng(1)
+    x = torch.from_numpy(rng.integers(0, 256, (4, 3, *shape), dtype=np.uint8))
+    x[0] = torch.from_numpy(np.where(rng.random((3, *shape)) < 0.5, 0, 255).astype(np.uint8))
+    expected = F.interpolate(x, size=size, mode=interpolation, align_corners=False)
+    assert torch.equal(resize_uint8(x, size, interpolation), expected.float())

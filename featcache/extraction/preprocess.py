@@ -7,6 +7,8 @@ of the shorter side and centre crop on the CPU while loading, so that they can b
 
 from __future__ import annotations
 
+import functools
+import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -26,7 +28,8 @@ INTERPOLATIONS = tuple(_PIL_INTERPOLATION)
 
 # Bumped whenever this module's output for the same input changes (part of the fingerprint).
 # 2: uint8 images are resized as uint8 (rounded and saturated, as PIL's resize does).
-PREPROCESS_VERSION = 2
+# 3: devices without uint8 kernels (CUDA) resize with the CPU kernels' integer arithmetic.
+PREPROCESS_VERSION = 3
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -84,9 +87,10 @@ class Preprocess:
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, h, w) images in [0, 255] on any device -> normalised float32 (B, 3, S, S).
 
-        uint8 batches are resized as uint8, like PIL's resize (rounded, saturated), where the
-        device has those kernels (several times faster than in float), and elsewhere in float
-        to the same images within one grey level. Float batches (augmented views) stay float.
+        uint8 batches are resized as uint8, like PIL's resize (rounded, saturated): by torch's
+        uint8 kernels where the device has them (the CPU), elsewhere by the same integer
+        arithmetic (``resize_uint8``), so that every device makes the same images, bit for bit.
+        Float batches (augmented views) stay float.
         """
         size = (self.input_size, self.input_size)
         x = images
@@ -95,11 +99,10 @@ class Preprocess:
                 x = self._resize(x, size).clamp_(0, 255)
             elif native_uint8_resize(x.device):
                 x = self._resize(x, size)
+            elif self.interpolation == "nearest":
+                x = self._resize(x.float(), size)  # copies pixels: exact in float
             else:
-                # As the uint8 kernels do: a horizontal pass saturated to 0..255 (they keep it
-                # in uint8; bicubic overshoots), then a vertical one, rounded and saturated.
-                x = self._resize(x.float(), (x.shape[-2], size[1])).clamp_(0, 255)
-                x = self._resize(x, size).round_().clamp_(0, 255)
+                x = resize_uint8(x, size, self.interpolation)
         # A fresh float tensor (never the caller's), normalised in place.
         x = x.float() if x.dtype == torch.uint8 or x is not images else x.clone()
         mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1) * 255
@@ -109,3 +112,77 @@ class Preprocess:
     def _resize(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         corners = False if self.interpolation != "nearest" else None
         return F.interpolate(x, size=size, mode=self.interpolation, align_corners=corners)
+
+
+# torch's CPU uint8 resize (antialias off), for devices without it. Its weights are computed in
+# float64 as for float images, then rounded to int16 at a precision of p bits; each axis (width
+# first) is then out = clamp((sum(pixel * weight) + 2**(p-1)) >> p, 0, 255) in integers.
+# After aten/src/ATen/native/cpu/UpSampleKernel.cpp (_compute_indices_min_size_weights,
+# _compute_index_ranges_int16_weights).
+
+
+def _bilinear(x: float) -> float:
+    x = abs(x)
+    return 1.0 - x if x < 1.0 else 0.0
+
+
+def _bicubic(x: float, a: float = -0.75) -> float:
+    x = abs(x)
+    if x < 1.0:
+        return ((a + 2) * x - (a + 3)) * x * x + 1
+    if x < 2.0:
+        return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+    return 0.0
+
+
+_FILTERS = {"bilinear": (_bilinear, 2), "bicubic": (_bicubic, 4)}
+
+
+@functools.lru_cache(maxsize=32)
+def uint8_resize_weights(in_size: int, out_size: int, interpolation: str) -> tuple[np.ndarray, int]:
+    """One axis of the uint8 resize: an (out_size, in_size) matrix of the kernels' int16
+    weights (as float64) and their precision in bits."""
+    filter_fn, taps = _FILTERS[interpolation]
+    scale = in_size / out_size
+    support = taps // 2
+    weights = np.zeros((out_size, in_size))
+    wt_max = 0.0
+    for i in range(out_size):
+        src = scale * (i + 0.5) - 0.5
+        if taps == 2 and src < 0:
+            src = 0.0
+        index = min(math.floor(np.float32(src)), in_size - 1)  # the kernels' floorf
+        lam = min(max(src - index, 0.0), 1.0)
+        for j in range(taps):
+            # Taps outside the image add to the border pixel's weight (as float images clamp).
+            k = min(max(index - support + 1 + j, 0), in_size - 1)
+            weights[i, k] += filter_fn(j + 1 - support - lam)
+            wt_max = max(wt_max, weights[i, k])
+    precision = 0
+    while precision < 22 and int(0.5 + wt_max * (1 << (precision + 1))) < (1 << 15):
+        precision += 1
+    scaled = weights * (1 << precision)
+    return np.trunc(scaled + np.where(scaled < 0, -0.5, 0.5)), precision  # half away from 0
+
+
+def resize_uint8(images: torch.Tensor, size: tuple[int, int], interpolation: str) -> torch.Tensor:
+    """(B, C, h, w) uint8 -> float32 (B, C, *size) holding the uint8 images that torch's CPU
+    kernel makes (``F.interpolate(..., antialias=False)``), on any device.
+
+    Each axis is one matrix product in float64: its products and sums are integers far below
+    2**53, so they are exact in any order, and so is the shift (a power-of-two division).
+    """
+    x = images.to(torch.float64)
+
+    def axis(x: torch.Tensor, n_in: int, n_out: int, last: bool) -> torch.Tensor:
+        if n_in == n_out:
+            return x  # as the kernels: an axis of the same size is copied
+        w, precision = uint8_resize_weights(n_in, n_out, interpolation)
+        w = torch.from_numpy(w).to(x.device)
+        x = x @ w.T if last else w @ x
+        half = (1 << precision) >> 1
+        return x.add_(half).mul_(2.0**-precision).floor_().clamp_(0, 255)
+
+    x = axis(x, images.shape[-1], size[1], last=True)
+    x = axis(x, images.shape[-2], size[0], last=False)
+    return x.float()
