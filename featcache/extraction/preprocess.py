@@ -139,9 +139,9 @@ _FILTERS = {"bilinear": (_bilinear, 2), "bicubic": (_bicubic, 4)}
 
 
 @functools.lru_cache(maxsize=32)
-def uint8_resize_weights(in_size: int, out_size: int, interpolation: str) -> tuple[np.ndarray, int]:
-    """One axis of the uint8 resize: an (out_size, in_size) matrix of the kernels' int16
-    weights (as float64) and their precision in bits."""
+def uint8_resize_weights(in_size: int, out_size: int, interpolation: str) -> np.ndarray:
+    """One axis of the uint8 resize: the kernels' int16 weights over 2**p, an (out_size,
+    in_size) float64 matrix W, so that the axis is floor(W @ pixels + 0.5) clamped to 0..255."""
     filter_fn, taps = _FILTERS[interpolation]
     scale = in_size / out_size
     support = taps // 2
@@ -162,27 +162,24 @@ def uint8_resize_weights(in_size: int, out_size: int, interpolation: str) -> tup
     while precision < 22 and int(0.5 + wt_max * (1 << (precision + 1))) < (1 << 15):
         precision += 1
     scaled = weights * (1 << precision)
-    return np.trunc(scaled + np.where(scaled < 0, -0.5, 0.5)), precision  # half away from 0
+    rounded = np.trunc(scaled + np.where(scaled < 0, -0.5, 0.5))  # half away from zero
+    return rounded / (1 << precision)
 
 
 def resize_uint8(images: torch.Tensor, size: tuple[int, int], interpolation: str) -> torch.Tensor:
     """(B, C, h, w) uint8 -> float32 (B, C, *size) holding the uint8 images that torch's CPU
     kernel makes (``F.interpolate(..., antialias=False)``), on any device.
 
-    Each axis is one matrix product in float64: its products and sums are integers far below
-    2**53, so they are exact in any order, and so is the shift (a power-of-two division).
+    Each axis is one matrix product in float64: its terms and their sums are multiples of
+    2**-p whose numerators (int16 weight times pixel, summed) stay far below 2**53, so they
+    are exact in any order, and the kernels' rounding shift is floor(x + 0.5).
     """
     x = images.to(torch.float64)
-
-    def axis(x: torch.Tensor, n_in: int, n_out: int, last: bool) -> torch.Tensor:
+    for dim, n_out in ((-1, size[1]), (-2, size[0])):  # width first, as the kernels
+        n_in = x.shape[dim]
         if n_in == n_out:
-            return x  # as the kernels: an axis of the same size is copied
-        w, precision = uint8_resize_weights(n_in, n_out, interpolation)
-        w = torch.from_numpy(w).to(x.device)
-        x = x @ w.T if last else w @ x
-        half = (1 << precision) >> 1
-        return x.add_(half).mul_(2.0**-precision).floor_().clamp_(0, 255)
-
-    x = axis(x, images.shape[-1], size[1], last=True)
-    x = axis(x, images.shape[-2], size[0], last=False)
+            continue  # as the kernels: an axis of the same size is copied
+        w = torch.from_numpy(uint8_resize_weights(n_in, n_out, interpolation)).to(x.device)
+        x = x @ w.T if dim == -1 else w @ x
+        x.add_(0.5).floor_().clamp_(0, 255)
     return x.float()
