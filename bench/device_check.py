@@ -7,7 +7,8 @@
    random checkpoint) at 224 in bf16 with `featcache extract`, beside the bare forward on ready
    tensors on the same device. Goal: featcache's extraction rate (its own clock: first batch to
    last shard committed) >= 0.8x the bare forward's, in under 5 s; the process's wall time
-   (start to finished store: interpreter, imports, model load and assembly too) is reported;
+   (start to finished store: interpreter, imports, model load and assembly too) is reported,
+   and the rate of each stage alone (loader, preprocessing, forward step: pipeline_parts);
 3. torchrun: `torchrun --nproc_per_node 1` (nccl on a GPU) makes the single process's store;
 4. evaluation: a Lite0 store extracted on the device and probed there, against a Lite0 store
    extracted and probed on the CPU: probe and k-NN top-1 within 0.2 points (and the device's
@@ -24,6 +25,7 @@ finished; the exit status is 1 if any check failed.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import subprocess
@@ -181,6 +183,7 @@ def check_throughput(device: str, data: Path, work: Path, sizes: Sizes, small: b
     bare, _ = bench.bare_forward(
         "dino-vits16", images, sizes.batch, precision, torch.device(device), weights=weights
     )
+    parts = pipeline_parts(device, data, weights, sizes, precision)
     result = {
         "images": images,
         "precision": precision,
@@ -190,6 +193,7 @@ def check_throughput(device: str, data: Path, work: Path, sizes: Sizes, small: b
         "process_images_per_s": round(images / wall, 1),
         "bare_images_per_s": round(bare, 1),
         "ratio": round(rate / bare, 3),
+        "parts_images_per_s": parts,
     }
     if small:  # a handful of images times start-up, not the pipeline: goals not applied
         result["goal"] = "not applied (SMALL)"
@@ -200,6 +204,61 @@ def check_throughput(device: str, data: Path, work: Path, sizes: Sizes, small: b
             images == 60_000 and rate >= THROUGHPUT_RATIO * bare and seconds < THROUGHPUT_SECONDS
         )
     return result
+
+
+def pipeline_parts(device: str, data: Path, weights, sizes: Sizes, precision: str) -> dict:
+    """images/s of each stage of featcache's extraction alone, to tell which one limits it:
+    its loader (decoding, default workers, no model), its preprocessing on the device (uint8
+    batches already there), and its forward step on decoded batches (copy to the device,
+    preprocessing, model, features back)."""
+    from featcache.backbones import load_backbone
+    from featcache.device import default_workers, inference_backends
+    from featcache.extraction import extract as ex
+
+    dev = torch.device(device)
+    per_class = sizes.throughput_per_class
+    cfg = ex.ExtractConfig(
+        backbone="dino-vits16", dataset=f"imagefolder:{data}", out="-", splits=("train",),
+        train_per_class=per_class if per_class is not None else 2000,  # 20,000 images
+    )  # fmt: skip
+    model, preprocess = load_backbone("dino-vits16", weights)
+    loader = torch.utils.data.DataLoader(
+        ex._Images(ex.prepare_splits(cfg)["train"], preprocess),
+        batch_size=sizes.batch,
+        num_workers=default_workers(dev),
+        collate_fn=ex._collate,
+        pin_memory=dev.type == "cuda",
+    )
+    sync = torch.cuda.synchronize if dev.type == "cuda" else lambda: None
+    start, batches = time.perf_counter(), []
+    for _, groups, _ in loader:
+        batches.append([g for _, g in groups])
+    images = sum(len(g) for b in batches for g in b)
+    rates = {"loader": images / (time.perf_counter() - start)}
+
+    model = ex.for_inference(model, dev, torch.channels_last, compile=False, freeze=True)
+    forward = functools.partial(
+        ex._forward, model, preprocess, device=dev, precision=precision,
+        memory_format=torch.channels_last, pad_to=None,
+    )  # fmt: skip
+    with inference_backends(dev, precision):
+        on_device = [[g.to(dev) for g in b] for b in batches[:4]]
+        for _ in range(2):  # a warm-up pass, then the timed one
+            sync()
+            start = time.perf_counter()
+            with torch.inference_mode():
+                for b in on_device:
+                    for g in b:
+                        preprocess(g)
+            sync()
+            seconds = time.perf_counter() - start
+        rates["preprocess"] = sum(len(g) for b in on_device for g in b) / seconds
+        forward(batches[0])  # warm-up
+        start = time.perf_counter()
+        for b in batches:
+            forward(b)
+        rates["forward_step"] = images / (time.perf_counter() - start)
+    return {k: round(v, 1) for k, v in rates.items()}
 
 
 def check_torchrun(device: str, data: Path, work: Path, sizes: Sizes) -> dict:
@@ -311,7 +370,8 @@ def _summary(name: str, r: dict) -> str:
             f"{r['images']} images, {r['precision']}: extraction {r['extraction_seconds']:.2f} s "
             f"({r['extraction_images_per_s']:.0f}/s), process {r['process_seconds']:.1f} s "
             f"({r['process_images_per_s']:.0f}/s); bare forward {r['bare_images_per_s']:.0f}/s; "
-            f"extraction/bare {r['ratio']:.2f} (goal: {r['goal']})"
+            f"extraction/bare {r['ratio']:.2f} (goal: {r['goal']}); alone: "
+            + ", ".join(f"{k} {v:.0f}/s" for k, v in r["parts_images_per_s"].items())
         )
     if name == "torchrun":
         return (

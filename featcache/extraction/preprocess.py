@@ -166,6 +166,11 @@ def uint8_resize_weights(in_size: int, out_size: int, interpolation: str) -> np.
     return rounded / (1 << precision)
 
 
+@functools.lru_cache(maxsize=32)
+def _weights_on(device: torch.device, n_in: int, n_out: int, interpolation: str) -> torch.Tensor:
+    return torch.from_numpy(uint8_resize_weights(n_in, n_out, interpolation)).to(device)
+
+
 def resize_uint8(images: torch.Tensor, size: tuple[int, int], interpolation: str) -> torch.Tensor:
     """(B, C, h, w) uint8 -> float32 (B, C, *size) holding the uint8 images that torch's CPU
     kernel makes (``F.interpolate(..., antialias=False)``), on any device.
@@ -179,7 +184,7 @@ def resize_uint8(images: torch.Tensor, size: tuple[int, int], interpolation: str
         n_in = x.shape[dim]
         if n_in == n_out:
             continue  # as the kernels: an axis of the same size is copied
-        w = torch.from_numpy(uint8_resize_weights(n_in, n_out, interpolation)).to(x.device)
+        w = _weights_on(x.device, n_in, n_out, interpolation)
         x = x @ w.T if dim == -1 else w @ x
         x.add_(0.5).floor_().clamp_(0, 255)
     return x.float()
