@@ -147,6 +147,12 @@ def storage_dtype(fields: dict) -> str:
     return fields.get("dtype", "float32")
 
 
+def as_float32(dataset: h5py.Dataset, rows: slice = slice(None)) -> np.ndarray:
+    """Rows of a feature dataset as float32, converted by HDF5 while it reads: a float16 store
+    is never also held in its stored dtype (1.5x the float32 array's memory)."""
+    return dataset.astype(np.float32)[rows]
+
+
 def _write_split(group: h5py.Group, ids, labels, arrays: dict, skipped, dtype: str) -> None:
     """arrays: per-sample float arrays keyed by path, e.g. ``features/cls`` or ``views/cls``."""
     group.create_dataset("ids", data=np.asarray(ids, dtype=object), dtype=_STR)
@@ -432,7 +438,7 @@ class Features:
     def x(self):
         if self._x is None:
             with h5py.File(self.store.path, "r") as f:
-                x = f[self.split]["features"][self.name][:].astype(np.float32, copy=False)
+                x = as_float32(f[self.split]["features"][self.name])
             if self.as_torch:
                 import torch
 
@@ -524,7 +530,7 @@ class Store:
         with h5py.File(self.path, "r") as f:
             g = f[split]
             return Split(
-                features=g["features"][feature][:].astype(np.float32, copy=False),
+                features=as_float32(g["features"][feature]),
                 labels=g["labels"][:],
                 ids=[x.decode() for x in g["ids"][:]],
             )
@@ -533,7 +539,7 @@ class Store:
         """Rows ``start:stop`` of a split's features, as float32: a chunk of a store that need
         not fit in memory."""
         with h5py.File(self.path, "r") as f:
-            return f[split]["features"][feature][start:stop].astype(np.float32, copy=False)
+            return as_float32(f[split]["features"][feature], slice(start, stop))
 
     def read(self, split: str, name: str) -> np.ndarray:
         """One small per-sample dataset of a split (``labels`` or ``ids``) without features."""
@@ -547,7 +553,7 @@ class Store:
         self.check(split, feature)
         with h5py.File(self.path, "r") as f:
             g = f[split]
-            return g["views"][feature][:].astype(np.float32, copy=False) if "views" in g else None
+            return as_float32(g["views"][feature]) if "views" in g else None
 
     @property
     def num_views(self) -> int:

@@ -41,9 +41,9 @@ EVAL_ROWS = 4096
 class _Rows:
     """Selected rows of one split, read from the store a chunk at a time and z-scored."""
 
-    def __init__(self, store: Store, split: str, feature: str, rows: np.ndarray, scale, chunk):
+    def __init__(self, store: Store, split: str, feature: str, labels, rows, scale, chunk):
         self.store, self.split, self.feature = store, split, feature
-        self.labels = store.read(split, "labels")
+        self.labels = labels  # the split's, shared by its row sets
         self.mean, self.std = scale
         self.device = None
         n = store.sizes[split]
@@ -59,7 +59,14 @@ class _Rows:
     def raw(self, start: int, stop: int, pick: np.ndarray) -> np.ndarray:
         """The selected rows of a chunk, as read (a fresh float32 array)."""
         x = self.store.rows(self.split, self.feature, start, stop)
-        return x[pick] if len(pick) < len(x) else x
+        if len(pick) == len(x):
+            return x
+        # Gathered in place, a slice at a time, rather than into a second array: pick is
+        # increasing, so pick[j] >= j and no row is overwritten before it is read.
+        for i in range(0, len(pick), EVAL_ROWS):
+            part = pick[i : i + EVAL_ROWS]
+            x[i : i + len(part)] = x[part]
+        return x[: len(pick)]
 
     def read(self, start: int, stop: int, pick: np.ndarray, device):
         """The selected rows of a chunk, standardised, and their labels, on ``device``."""
@@ -141,13 +148,17 @@ def fit_probe_streamed(store: Store, feature: str, cfg: ProbeConfig, dist: Distr
     y_train, y_test = store.read("train", "labels"), store.read("test", "labels")
     classes = len(store.class_names)
     everything = np.arange(len(y_train))
-    scale, curv = _statistics(_Rows(store, "train", feature, everything, (0.0, 1.0), chunk))
+
+    def rows(split, selected, scale):
+        return _Rows(store, split, feature, y_test if split == "test" else y_train, selected,
+                     scale, chunk)  # fmt: skip
+
+    scale, curv = _statistics(rows("train", everything, (0.0, 1.0)))
     fit_idx, val_idx = stratified_split(y_train, cfg.val_fraction, cfg.seed)
-    fit = _Rows(store, "train", feature, fit_idx, scale, chunk)
-    val = _Rows(store, "train", feature, val_idx, scale, chunk)
+    fit, val = rows("train", fit_idx, scale), rows("train", val_idx, scale)
     # Training curves on a fixed subset of at most TRAIN_CURVE_SAMPLES fit rows, as in memory.
     curve_idx = fit_idx[:: max(1, len(fit_idx) // TRAIN_CURVE_SAMPLES)]
-    monitor = _Rows(store, "train", feature, curve_idx, scale, chunk)
+    monitor = rows("train", curve_idx, scale)
 
     cfg = scaled_step(cfg, len(fit_idx))
     share = cfg.weight_decays[dist.share(len(cfg.weight_decays))]
@@ -168,9 +179,10 @@ def fit_probe_streamed(store: Store, feature: str, cfg: ProbeConfig, dist: Distr
     )
 
     wd, epochs = cfg.weight_decays[chosen], sweep[chosen]["best_epoch"]
-    whole = _Rows(store, "train", feature, everything, scale, chunk)
-    every = everything[:: max(1, len(everything) // TRAIN_CURVE_SAMPLES)]
-    whole_monitor = _Rows(store, "train", feature, every, scale, chunk)
+    whole = rows("train", everything, scale)
+    whole_monitor = rows(
+        "train", everything[:: max(1, len(everything) // TRAIN_CURVE_SAMPLES)], scale
+    )
     gen = retrain_generator(cfg)
     final = _Heads(width, classes, (wd,), curv, cfg, device, gen)
     ones, steps, final_curve = torch.ones(1, device=device), whole.steps(cfg.batch_size), []
@@ -178,7 +190,7 @@ def fit_probe_streamed(store: Store, feature: str, cfg: ProbeConfig, dist: Distr
         batches = whole.batches(gen, cfg.batch_size, classes, device)
         final.run(batches, steps, epoch, cfg.max_epochs, ones)
         final_curve.append({"epoch": epoch + 1, "train": whole_monitor.evaluate(final, device)[0]})
-    test = _Rows(store, "test", feature, np.arange(len(y_test)), scale, chunk)
+    test = rows("test", np.arange(len(y_test)), scale)
     loss = test.evaluate(final, device)[0]["loss"]
     if not math.isfinite(loss):
         raise ValueError(
