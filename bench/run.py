@@ -648,17 +648,31 @@ def bench_large(quick: bool, json_path: str | None = None) -> str:
     budget = "1GiB"
     runs = {}
     epochs = 5 if quick else 3
-    for method, args in (
-        ("knn", ["--k", "20"]),
-        ("probe", ["--weight-decays", "1e-4", "--epochs", str(epochs), "--no-views",
-                   "--device", "cpu"]),
-    ):  # fmt: skip
+    methods = {
+        "knn": ["--k", "20"],
+        "probe": ["--weight-decays", "1e-4", "--epochs", str(epochs), "--no-views",
+                  "--device", "cpu"],
+    }  # fmt: skip
+
+    def measure(method: str, store: Path, bounded: bool) -> dict:
+        out = WORK / f"large-{method}-{bounded}.json"
+        cmd = [PY, "-m", "featcache", method, "--store", str(store), *methods[method]]
+        cmd += ["--json", str(out)] + (["--max-memory", budget] if bounded else [])
+        result = _measured(cmd, out)
+        print(f"large {method} {store.name} bounded={bounded}: {result}", flush=True)
+        return result
+
+    for method in methods:
         for bounded in (False, True):
-            out = WORK / f"large-{method}-{bounded}.json"
-            cmd = [PY, "-m", "featcache", method, "--store", str(store), *args, "--json", str(out)]
-            cmd += ["--max-memory", budget] if bounded else []
-            runs[method, bounded] = _measured(cmd, out)
-            print(f"large {method} bounded={bounded}: {runs[method, bounded]}", flush=True)
+            runs[method, bounded] = measure(method, store, bounded)
+    # Time against training rows: the bounded runs on 1/8, 1/4 and 1/2 of them (same test rows).
+    scaling = []
+    for part in (8, 4, 2):
+        smaller = WORK / f"large-{rows // part}-{test}.h5"
+        if not smaller.exists():
+            write_synthetic(smaller, rows // part, test, dim, classes, dtype="float16")
+        scaling.append({"rows": rows // part, **{m: measure(m, smaller, True) for m in methods}})
+    scaling.append({"rows": rows, **{m: runs[m, True] for m in methods}})
     report = {
         "rows": rows,
         "test_rows": test,
@@ -671,6 +685,7 @@ def bench_large(quick: bool, json_path: str | None = None) -> str:
     for method in ("knn", "probe"):
         bounded, free = runs[method, True], runs[method, False]
         report[method] = {**bounded, "top1_in_memory": free["top1"], "in_memory": free}
+    report["scaling"] = scaling
     if json_path:
         Path(json_path).write_text(json.dumps(report, indent=1))
     limit = feature_bytes / 2 + 2**30
@@ -696,6 +711,21 @@ def bench_large(quick: bool, json_path: str | None = None) -> str:
             f"{limit / 2**20:.0f} MiB (half the features + 1 GiB); top-1 "
             f"{b['top1'] - f['top1']:+.2f} points."
         )
+    lines += [
+        "",
+        f"Time against training rows, `--max-memory {budget}`, the same {test:,} test rows:",
+        "",
+        "| training rows | knn wall (s) | knn s per 100k rows | probe wall (s) | "
+        "probe s per 100k rows |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for r in scaling:
+        lines.append(
+            f"| {r['rows']:,} | " + " | ".join(
+                f"{r[m]['seconds']:.1f} | {1e5 * r[m]['seconds'] / r['rows']:.2f}"
+                for m in methods
+            ) + " |"
+        )  # fmt: skip
     return "\n".join(lines)
 
 
