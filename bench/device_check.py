@@ -208,9 +208,10 @@ def check_throughput(device: str, data: Path, work: Path, sizes: Sizes, small: b
 
 def pipeline_parts(device: str, data: Path, weights, sizes: Sizes, precision: str) -> dict:
     """images/s of each stage of featcache's extraction alone, to tell which one limits it:
-    its loader (decoding, default workers, no model), its preprocessing on the device (uint8
-    batches already there), and its forward step on decoded batches (copy to the device,
-    preprocessing, model, features back)."""
+    its loader (decoding with the default workers, their start included; no model), its
+    preprocessing on the device (4 uint8 batches already there, after a warm-up pass), and its
+    forward step on decoded batches (copy to the device, preprocessing, model, features
+    back)."""
     from featcache.backbones import load_backbone
     from featcache.device import default_workers, inference_backends
     from featcache.extraction import extract as ex
@@ -219,7 +220,7 @@ def pipeline_parts(device: str, data: Path, weights, sizes: Sizes, precision: st
     per_class = sizes.throughput_per_class
     cfg = ex.ExtractConfig(
         backbone="dino-vits16", dataset=f"imagefolder:{data}", out="-", splits=("train",),
-        train_per_class=per_class if per_class is not None else 2000,  # 20,000 images
+        train_per_class=per_class if per_class is not None else 2000,  # 20,000 of CIFAR-10
     )  # fmt: skip
     model, preprocess = load_backbone("dino-vits16", weights)
     loader = torch.utils.data.DataLoader(

@@ -713,19 +713,24 @@ def bench_large(quick: bool, json_path: str | None = None) -> str:
         )
     lines += [
         "",
-        f"Time against training rows, `--max-memory {budget}`, the same {test:,} test rows:",
+        f"Time against training rows, `--max-memory {budget}`, the same {test:,} test rows; "
+        "per 100k rows: the added seconds over the added rows from the scale above (the "
+        "process's start and the test rows' fixed cost cancel):",
         "",
-        "| training rows | knn wall (s) | knn s per 100k rows | probe wall (s) | "
-        "probe s per 100k rows |",
+        "| training rows | knn wall (s) | knn s per 100k more rows | probe wall (s) | "
+        "probe s per 100k more rows |",
         "| --- | --- | --- | --- | --- |",
     ]
-    for r in scaling:
-        lines.append(
-            f"| {r['rows']:,} | " + " | ".join(
-                f"{r[m]['seconds']:.1f} | {1e5 * r[m]['seconds'] / r['rows']:.2f}"
-                for m in methods
-            ) + " |"
-        )  # fmt: skip
+    for prev, r in zip([None, *scaling], scaling):
+        cells = []
+        for m in methods:
+            cells.append(f"{r[m]['seconds']:.1f}")
+            if prev is None:
+                cells.append("-")
+            else:
+                added = (r[m]["seconds"] - prev[m]["seconds"]) / (r["rows"] - prev["rows"])
+                cells.append(f"{1e5 * added:.2f}")
+        lines.append(f"| {r['rows']:,} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

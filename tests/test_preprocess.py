@@ -138,12 +138,15 @@ def test_devices_without_uint8_kernels_make_the_same_images(monkeypatch, interpo
     [((32, 32), (224, 224)), ((28, 28), (224, 224)), ((96, 96), (518, 518)), ((1, 1), (5, 5)),
      ((7, 3), (13, 13)), ((24, 40), (224, 100)), ((224, 224), (32, 32)), ((32, 32), (32, 64))],
 )  # fmt: skip
-def test_resize_uint8_is_the_cpu_kernel(interpolation, shape, size):
-    """Up, down, non-square and one-axis resizes, with saturated pixels (bicubic overshoots)."""
-    from featcache.extraction.preprocess import resize_uint8
+def test_resize_uint8_is_the_cpu_kernel(monkeypatch, interpolation, shape, size):
+    """Up, down, non-square and one-axis resizes, with saturated pixels (bicubic overshoots);
+    the whole batch at once and one image at a time (its bound on float64 elements)."""
+    from featcache.extraction import preprocess
 
     rng = np.random.default_rng(1)
     x = torch.from_numpy(rng.integers(0, 256, (4, 3, *shape), dtype=np.uint8))
     x[0] = torch.from_numpy(np.where(rng.random((3, *shape)) < 0.5, 0, 255).astype(np.uint8))
-    expected = F.interpolate(x, size=size, mode=interpolation, align_corners=False)
-    assert torch.equal(resize_uint8(x, size, interpolation), expected.float())
+    expected = F.interpolate(x, size=size, mode=interpolation, align_corners=False).float()
+    assert torch.equal(preprocess.resize_uint8(x, size, interpolation), expected)
+    monkeypatch.setattr(preprocess, "_RESIZE_ELEMENTS", 1)
+    assert torch.equal(preprocess.resize_uint8(x, size, interpolation), expected)

@@ -57,12 +57,14 @@ class _Rows:
         self.chunks = [c for c in self.chunks if len(c[2])]
 
     def raw(self, start: int, stop: int, pick: np.ndarray) -> np.ndarray:
-        """The selected rows of a chunk, as read (a fresh float32 array)."""
+        """The selected rows of a chunk, as read: a fresh float32 array (or the first rows of
+        one, holding the chunk's memory)."""
         x = self.store.rows(self.split, self.feature, start, stop)
         if len(pick) == len(x):
             return x
         # Gathered in place, a slice at a time, rather than into a second array: pick is
-        # increasing, so pick[j] >= j and no row is overwritten before it is read.
+        # strictly increasing (flatnonzero), so pick[j] >= j and no row is overwritten
+        # before it is read.
         for i in range(0, len(pick), EVAL_ROWS):
             part = pick[i : i + EVAL_ROWS]
             x[i : i + len(part)] = x[part]
@@ -149,9 +151,10 @@ def fit_probe_streamed(store: Store, feature: str, cfg: ProbeConfig, dist: Distr
     classes = len(store.class_names)
     everything = np.arange(len(y_train))
 
+    labels = {"train": y_train, "test": y_test}
+
     def rows(split, selected, scale):
-        return _Rows(store, split, feature, y_test if split == "test" else y_train, selected,
-                     scale, chunk)  # fmt: skip
+        return _Rows(store, split, feature, labels[split], selected, scale, chunk)
 
     scale, curv = _statistics(rows("train", everything, (0.0, 1.0)))
     fit_idx, val_idx = stratified_split(y_train, cfg.val_fraction, cfg.seed)

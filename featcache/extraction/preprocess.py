@@ -28,7 +28,8 @@ INTERPOLATIONS = tuple(_PIL_INTERPOLATION)
 
 # Bumped whenever this module's output for the same input changes (part of the fingerprint).
 # 2: uint8 images are resized as uint8 (rounded and saturated, as PIL's resize does).
-# 3: devices without uint8 kernels (CUDA) resize with the CPU kernels' integer arithmetic.
+# 3: devices without uint8 kernels (CUDA) resize with the CPU kernels' integer arithmetic
+#    (the CPU's images are unchanged, but one version covers every device's output).
 PREPROCESS_VERSION = 3
 
 
@@ -163,12 +164,18 @@ def uint8_resize_weights(in_size: int, out_size: int, interpolation: str) -> np.
         precision += 1
     scaled = weights * (1 << precision)
     rounded = np.trunc(scaled + np.where(scaled < 0, -0.5, 0.5))  # half away from zero
-    return rounded / (1 << precision)
+    weights = rounded / (1 << precision)
+    weights.setflags(write=False)  # cached: shared by every caller
+    return weights
 
 
 @functools.lru_cache(maxsize=32)
 def _weights_on(device: torch.device, n_in: int, n_out: int, interpolation: str) -> torch.Tensor:
-    return torch.from_numpy(uint8_resize_weights(n_in, n_out, interpolation)).to(device)
+    return torch.tensor(uint8_resize_weights(n_in, n_out, interpolation), device=device)
+
+
+# float64 elements of a resize held at once (512 MiB): batches are resized a slice at a time.
+_RESIZE_ELEMENTS = 2**26
 
 
 def resize_uint8(images: torch.Tensor, size: tuple[int, int], interpolation: str) -> torch.Tensor:
@@ -179,12 +186,17 @@ def resize_uint8(images: torch.Tensor, size: tuple[int, int], interpolation: str
     2**-p whose numerators (int16 weight times pixel, summed) stay far below 2**53, so they
     are exact in any order, and the kernels' rounding shift is floor(x + 0.5).
     """
-    x = images.to(torch.float64)
-    for dim, n_out in ((-1, size[1]), (-2, size[0])):  # width first, as the kernels
-        n_in = x.shape[dim]
-        if n_in == n_out:
-            continue  # as the kernels: an axis of the same size is copied
-        w = _weights_on(x.device, n_in, n_out, interpolation)
-        x = x @ w.T if dim == -1 else w @ x
-        x.add_(0.5).floor_().clamp_(0, 255)
-    return x.float()
+    out = torch.empty(*images.shape[:-2], *size, device=images.device)
+    *_, c, h, w = images.shape
+    step = max(1, _RESIZE_ELEMENTS // (c * max(h, size[0]) * max(w, size[1])))
+    for i in range(0, len(images), step):
+        x = images[i : i + step].to(torch.float64)
+        for dim, n_out in ((-1, size[1]), (-2, size[0])):  # width first, as the kernels
+            n_in = x.shape[dim]
+            if n_in == n_out:
+                continue  # as the kernels: an axis of the same size is copied
+            weights = _weights_on(x.device, n_in, n_out, interpolation)
+            x = x @ weights.T if dim == -1 else weights @ x
+            x.add_(0.5).floor_().clamp_(0, 255)
+        out[i : i + step] = x
+    return out
