@@ -23,6 +23,7 @@ import fcntl
 import hashlib
 import io
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -147,10 +148,21 @@ def storage_dtype(fields: dict) -> str:
     return fields.get("dtype", "float32")
 
 
+_READ_VALUES = 2**22  # float16 values read at once by as_float32
+
+
 def as_float32(dataset: h5py.Dataset, rows: slice = slice(None)) -> np.ndarray:
-    """Rows of a feature dataset as float32, converted by HDF5 while it reads: a float16 store
-    is never also held in its stored dtype (1.5x the float32 array's memory)."""
-    return dataset.astype(np.float32)[rows]
+    """Rows of a feature dataset as float32. A float16 store is read into the float32 array
+    4M values at a time, never held whole in its stored dtype too (1.5x the memory); faster
+    than one read and a conversion, and than HDF5's own conversion."""
+    if dataset.dtype == np.float32:
+        return dataset[rows]
+    start, stop, _ = rows.indices(len(dataset))
+    out = np.empty((max(0, stop - start), *dataset.shape[1:]), np.float32)
+    step = max(1, _READ_VALUES // max(1, math.prod(dataset.shape[1:])))
+    for i in range(start, stop, step):
+        out[i - start : min(i + step, stop) - start] = dataset[i : min(i + step, stop)]
+    return out
 
 
 def _write_split(group: h5py.Group, ids, labels, arrays: dict, skipped, dtype: str) -> None:

@@ -90,6 +90,24 @@ def test_float16_stores_halve_the_features_and_every_command_reads_them(store, f
     assert "field 'dtype' differs" in out
 
 
+@pytest.mark.parametrize("values_at_once", [2**22, 1, 70])  # the whole, a row, 2 rows of 35
+def test_float16_rows_read_as_float32_in_pieces(tmp_path, monkeypatch, values_at_once):
+    from featcache import store
+
+    monkeypatch.setattr(store, "_READ_VALUES", values_at_once)
+    rng = np.random.default_rng(0)
+    half = (rng.normal(size=(101, 5, 7)) * 1e3).astype(np.float16)
+    half[0, 0, :4] = [np.inf, -np.inf, 65504, 6e-8]  # the extremes, a subnormal
+    with h5py.File(tmp_path / "t.h5", "w") as f:
+        f["h"], f["s"], f["e"] = half, half.astype(np.float32), half[:0]
+        for rows in (slice(None), slice(3, 98), slice(99, 500), slice(7, 7)):
+            want = half[rows].astype(np.float32)
+            for name in ("h", "s"):
+                got = store.as_float32(f[name], rows)
+                assert got.dtype == np.float32 and np.array_equal(got, want), (name, rows)
+        assert store.as_float32(f["e"]).shape == (0, 5, 7)
+
+
 def test_sizes_are_read_as_people_write_them():
     assert parse_size("2GiB") == 2 * 2**30 and parse_size("512MiB") == 512 * 2**20
     assert parse_size("1.5GB") == 1_500_000_000 and parse_size("1e6") == 10**6
