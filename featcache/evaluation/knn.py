@@ -40,11 +40,17 @@ class KnnConfig:
             raise ValueError(f"--max-memory must be positive, got {self.max_memory}")
 
 
+NORM_ROWS = 65536  # rows whose norms are taken at once
+
+
 def l2_normalize(x: np.ndarray, copy: bool = True) -> np.ndarray:
     """Rows scaled to unit length, as float32; ``copy=False`` scales a float32 ``x`` in place
     (for arrays read from a store, which no one else holds)."""
     x = np.ascontiguousarray(x, dtype=np.float32)
-    norms = np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    norms = np.empty((len(x), 1), np.float32)
+    for i in range(0, len(x), NORM_ROWS):  # norm squares its input: a slice's copy at a time
+        norms[i : i + NORM_ROWS] = np.linalg.norm(x[i : i + NORM_ROWS], axis=1, keepdims=True)
+    np.maximum(norms, 1e-12, out=norms)
     if copy:
         return x / norms
     x /= norms

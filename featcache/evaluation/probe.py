@@ -187,9 +187,13 @@ def curvature(x: torch.Tensor, iters: int = 30) -> float:
 
 
 def standardise(train: np.ndarray, *others: np.ndarray):
+    """New arrays z-scored with the training rows' mean and std (one copy each)."""
     mean = train.mean(0, keepdims=True)
     std = train.std(0, keepdims=True) + 1e-6
-    return [(a - mean) / std for a in (train, *others)]
+    out = [a - mean for a in (train, *others)]
+    for a in out:
+        a /= std
+    return out
 
 
 def scaled_step(cfg: ProbeConfig, rows: int) -> ProbeConfig:
@@ -279,18 +283,21 @@ def fit_probe(
     gen = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     xtr, xte, *xviews = standardise(
-        x_train.astype(np.float32),
-        x_test.astype(np.float32),
-        *([train_views.astype(np.float32)] if train_views is not None else []),
+        np.asarray(x_train, np.float32),
+        np.asarray(x_test, np.float32),
+        *([np.asarray(train_views, np.float32)] if train_views is not None else []),
     )
     fit_idx, val_idx = stratified_split(y_train, cfg.val_fraction, cfg.seed)
 
     def t(a, dtype=torch.float32):
         return torch.as_tensor(a, dtype=dtype, device=device)
 
-    def with_views(idx):  # training rows: the clean images, then every view of them
+    def with_views(idx=None):  # training rows (None: all): the clean images, then their views
         if not xviews:
+            if idx is None:  # the split itself, not a copy
+                return t(xtr), t(y_train, torch.long)
             return t(xtr[idx]), t(y_train[idx], torch.long)
+        idx = np.arange(len(y_train)) if idx is None else idx
         v = xviews[0][idx]  # (n, V, D)
         x = np.concatenate([xtr[idx], v.reshape(-1, v.shape[-1])])
         y = np.concatenate([y_train[idx], np.repeat(y_train[idx], v.shape[1])])
@@ -319,9 +326,10 @@ def fit_probe(
     # 2. Retrain the chosen setting on the whole training split: the same schedule, stopped
     #    at the epoch where its validation loss was lowest.
     wd, epochs = cfg.weight_decays[chosen], sweep[chosen]["best_epoch"]
+    xf_all = yf_all = None  # the fit rows' copy, released before the whole split's
     every = slice(None, None, max(1, len(y_train) // TRAIN_CURVE_SAMPLES))
     xa, ya = t(xtr[every]), t(y_train[every], torch.long)
-    xa_all, ya_all = with_views(np.arange(len(y_train)))
+    xa_all, ya_all = with_views()
     final, final_curve = train_head(
         xa_all, ya_all, num_classes, wd, epochs, curv, cfg, retrain_generator(cfg), (xa, ya)
     )
