@@ -208,7 +208,7 @@ def check_throughput(device: str, data: Path, work: Path, sizes: Sizes, small: b
 
 def pipeline_parts(device: str, data: Path, weights, sizes: Sizes, precision: str) -> dict:
     """images/s of each stage of featcache's extraction alone, to tell which one limits it:
-    its loader (decoding with the default workers, their start included; no model), its
+    its loader (``image_loader`` with the default workers, their start included; no model), its
     preprocessing on the device (4 uint8 batches already there, after a warm-up pass), and its
     forward step on decoded batches (copy to the device, preprocessing, model, features
     back)."""
@@ -223,13 +223,10 @@ def pipeline_parts(device: str, data: Path, weights, sizes: Sizes, precision: st
         train_per_class=per_class if per_class is not None else 2000,  # 20,000 of CIFAR-10
     )  # fmt: skip
     model, preprocess = load_backbone("dino-vits16", weights)
-    loader = torch.utils.data.DataLoader(
-        ex._Images(ex.prepare_splits(cfg)["train"], preprocess),
-        batch_size=sizes.batch,
-        num_workers=default_workers(dev),
-        collate_fn=ex._collate,
-        pin_memory=dev.type == "cuda",
-    )
+    split = ex.prepare_splits(cfg)["train"]
+    order = list(range(len(split)))
+    batches = [order[i : i + sizes.batch] for i in range(0, len(order), sizes.batch)]
+    loader = ex.image_loader(split, preprocess, batches, default_workers(dev), dev)
     sync = torch.cuda.synchronize if dev.type == "cuda" else lambda: None
     start, batches = time.perf_counter(), []
     for _, groups, _ in loader:

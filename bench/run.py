@@ -657,12 +657,12 @@ def bench_large(quick: bool, json_path: str | None = None) -> str:
                   "--device", "cpu"],
     }  # fmt: skip
 
-    def measure(method: str, store: Path, bounded: bool) -> dict:
+    def measure(method: str, path: Path, bounded: bool) -> dict:
         out = WORK / f"large-{method}-{bounded}.json"
-        cmd = [PY, "-m", "featcache", method, "--store", str(store), *methods[method]]
+        cmd = [PY, "-m", "featcache", method, "--store", str(path), *methods[method]]
         cmd += ["--json", str(out)] + (["--max-memory", budget] if bounded else [])
         result = _measured(cmd, out)
-        print(f"large {method} {store.name} bounded={bounded}: {result}", flush=True)
+        print(f"large {method} {path.name} bounded={bounded}: {result}", flush=True)
         return result
 
     for method in methods:

@@ -143,6 +143,20 @@ def _collate(items):
     return order, stacked, errors
 
 
+def image_loader(split: Split, preprocess: Preprocess, batches, workers: int, device):
+    """Batches ``(order, [(positions, uint8 (b, 3, h, w))], errors)`` of a split's images,
+    decoded by ``workers`` processes, in the order of ``batches`` (lists of indices)."""
+    return torch.utils.data.DataLoader(
+        _Images(split, preprocess),
+        batch_sampler=batches,
+        num_workers=workers,
+        collate_fn=_collate,
+        pin_memory=device.type == "cuda",
+        prefetch_factor=4 if workers else None,
+        persistent_workers=False,
+    )
+
+
 # Bumped whenever this code's features for the same inputs change: part of the fingerprint, so
 # that stores and shards of an older version are refused.
 FEATURE_VERSION = 1
@@ -356,15 +370,7 @@ def _extract_split(cfg, split, shards, model, preprocess, writer, device, precis
     batches = [
         list(r[i : i + cfg.batch_size]) for _, r in shards for i in range(0, len(r), cfg.batch_size)
     ]
-    loader = torch.utils.data.DataLoader(
-        _Images(split, preprocess),
-        batch_sampler=batches,
-        num_workers=cfg.workers,
-        collate_fn=_collate,
-        pin_memory=device.type == "cuda",
-        prefetch_factor=4 if cfg.workers else None,
-        persistent_workers=False,
-    )
+    loader = image_loader(split, preprocess, batches, cfg.workers, device)
     n_views = cfg.views if split.name == "train" else 1  # test splits stay clean
     augment = Augment.from_ops(cfg.augment) if n_views > 1 else None
     empty = {f"features/{k}": (0, w) for k, w in model.spec.features}
