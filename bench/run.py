@@ -2,6 +2,8 @@
 
 Everything in one run on one machine, so ratios are meaningful on a shared, noisy box:
 
+- pipeline and resize: featcache's own cost with a near-free backbone, beside its loader and
+  its preprocessing alone; and every way it has had of resizing (bench/pipeline.py);
 - extraction images/s on CIFAR images at 224: (a) featcache end to end (dataset to finished
   store), (b) the bare forward on ready-made tensors at the same precision and memory layout,
   (c) the naive pipeline (per-image PIL resize, transformers' image processor, fp32 forward);
@@ -14,7 +16,8 @@ Everything in one run on one machine, so ratios are meaningful on a shared, nois
 
 Results go to stdout and to BENCHMARKS.md (with the command and the machine).
 
-    python bench/run.py [--only extract,precision,compile,probe,knn,scaling,large] [--quick]
+    python bench/run.py [--only pipeline,resize,extract,precision,compile,probe,knn,scaling,large]
+                        [--quick]
                          [--json FILE]  # the large section as JSON
 """
 
@@ -62,6 +65,18 @@ def machine() -> str:
     return (
         f"{cpu}, {os.cpu_count()} cores, {gpu}; Python {platform.python_version()}, "
         f"torch {torch.__version__}"
+    )
+
+
+def commit() -> str:
+    """The checked-out commit, with ``+changes`` when the working tree differs from it."""
+
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout
+
+    head = git("rev-parse", "--short", "HEAD").strip() or "unknown"
+    return head + (
+        "+changes" if git("status", "--porcelain", "--untracked-files=no").strip() else ""
     )
 
 
@@ -739,7 +754,21 @@ def bench_large(quick: bool, json_path: str | None = None) -> str:
     return "\n".join(lines)
 
 
+def bench_pipeline(quick: bool) -> str:
+    import pipeline
+
+    return pipeline.bench_pipeline(quick, cifar(), WORK)
+
+
+def bench_resize(quick: bool) -> str:
+    import pipeline
+
+    return pipeline.bench_resize(quick, cifar())
+
+
 SECTIONS = {
+    "pipeline": bench_pipeline,
+    "resize": bench_resize,
     "extract": bench_extract,
     "precision": bench_precision,
     "compile": bench_compile,
@@ -776,7 +805,9 @@ def main() -> None:
             "",
             SECTIONS[name](a.quick, a.json) if name == "large" else SECTIONS[name](a.quick),
             f"\n(section took {time.perf_counter() - t:.0f} s; measured "
-            f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {machine()})",
+            f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {machine()}, at commit "
+            f"{commit()}; command `python bench/run.py --only {name}"
+            f"{' --quick' if a.quick else ''}`)",
         ]
     text = "\n".join(parts) + "\n"
     out = Path(a.out)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from featcache.store import ShardedWriter
+from featcache.store import ShardedWriter, SplitLayout
 
 
 def write_synthetic(
@@ -41,22 +41,20 @@ def write_synthetic(
         "dataset": {"kind": "synthetic", "rows": {"train": train, "test": test}, "seed": seed},
         **({"dtype": dtype} if dtype != "float32" else {}),
     }
+    sizes = {"train": train, "test": test}
     writer = ShardedWriter(path, fields, overwrite=True)
-    writer.begin()
+    writer.begin(
+        {split: SplitLayout(n, 14, {"features/x": (dim,)}) for split, n in sizes.items()},
+        {"class_names": [f"class{c}" for c in range(classes)], "backbone_spec": {}},
+    )
     shards = {}
-    for s, (split, n) in enumerate((("train", train), ("test", test))):
-        shards[split] = -(-n // shard_rows)
-        for i, start in enumerate(range(0, n, shard_rows)):
+    for s, (split, n) in enumerate(sizes.items()):
+        shards[split] = [range(a, min(a + shard_rows, n)) for a in range(0, n, shard_rows)]
+        for i, r in enumerate(shards[split]):
             rng = np.random.default_rng([seed, s, i])
-            rows = min(shard_rows, n - start)
-            labels = rng.integers(0, classes, rows)
-            x = separation * centres[labels] + rng.normal(size=(rows, dim)).astype(np.float32)
-            ids = [f"{split}/{start + j:08d}" for j in range(rows)]
-            writer.write_shard(split, i, ids, labels, {"features/x": x}, [], 0.0)
-    meta = {
-        "class_names": [f"class{c}" for c in range(classes)],
-        "config": {"dataset": "synthetic", "dtype": dtype},
-        "extraction": {},
-        "backbone_spec": {},
-    }
+            labels = rng.integers(0, classes, len(r))
+            x = separation * centres[labels] + rng.normal(size=(len(r), dim)).astype(np.float32)
+            ids = [f"{split}/{j:08d}" for j in r]
+            writer.write_shard(split, i, r.start, ids, labels, {"features/x": x}, [], 0.0)
+    meta = {"config": {"dataset": "synthetic", "dtype": dtype}, "extraction": {}}
     return writer.assemble(shards, meta)

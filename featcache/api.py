@@ -119,7 +119,7 @@ class RetrievalResult(Result):
 def _config(cls, options: dict):
     """A method's config from keyword options, naming any option it does not know; a size
     may be written as on the command line (``max_memory="2GiB"``)."""
-    from featcache.store import parse_size
+    from featcache.io import parse_size
 
     if isinstance(options.get("max_memory"), str):
         options = {**options, "max_memory": parse_size(options["max_memory"])}

@@ -81,7 +81,7 @@ _CONFIGS = {
 
 
 def _write_json(result: dict, path: str | None) -> None:
-    from featcache.store import write_atomic
+    from featcache.io import write_atomic
 
     if path is not None:
         write_atomic(path, json.dumps(result, indent=1))
@@ -194,11 +194,15 @@ def backbones() -> None:
     show_default=True,
     help="How features are stored: float16 halves disk and memory (readers use float32).",
 )
+@_option("--json", "json_out", default=None, help="Write the result, phases timed, as JSON.")
 @_friendly
 def extract(**kw) -> None:
     """Run a frozen backbone once over a dataset into an HDF5 feature store."""
+    from featcache.extraction.clock import PhaseClock
     from featcache.extraction.extract import ExtractConfig
     from featcache.extraction.extract import extract as run
+
+    clock = PhaseClock.since_process_start()
 
     per_class = kw.pop("per_class")
     cfg = ExtractConfig(
@@ -225,7 +229,9 @@ def extract(**kw) -> None:
         compile=kw["compile_model"],
         dtype=kw["dtype"],
     )
-    result = run(cfg)
+    result = run(cfg, clock)
+    if writes_results():
+        _write_json(result.to_dict(), kw["json_out"])
     if result.images == 0 and result.resumed_images == 0:
         click.echo(f"{result.path} is already complete (same fingerprint); nothing to do")
         return
@@ -451,7 +457,7 @@ def retrieval(**kw) -> None:
 @_friendly
 def table(paths, fmt, out) -> None:
     """One table across stores (their results beside them) or result JSON files."""
-    from featcache.store import write_atomic
+    from featcache.io import write_atomic
     from featcache.studies.table import collect, render
 
     text = render(collect(list(paths)), fmt)

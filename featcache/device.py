@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -149,13 +150,43 @@ class HeapGuard:
             release_freed_memory()
 
 
-def native_uint8_resize(device: torch.device) -> bool:
-    """Whether ``interpolate`` has uint8 bilinear/bicubic kernels on this device.
+def resize_kernel(device: torch.device) -> str:
+    """Who makes PIL's resized images on ``device`` (featcache.preprocessing), each exact:
+    ``pil``, PIL itself on threads (the CPU); ``triton``, fused kernels doing PIL's int32
+    arithmetic (CUDA, where Triton is installed, as with every CUDA build of torch);
+    ``torch``, float64 products, on any other device."""
+    if device.type == "cpu":
+        return "pil"
+    if device.type == "cuda":
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            return "torch"
+        return "triton"
+    return "torch"
 
-    The CPU only (pytorch PRs 90771 and 103252); CUDA raises "not implemented for 'Byte'".
-    Elsewhere preprocess.resize_uint8 does their integer arithmetic (the same images).
-    """
-    return device.type == "cpu"
+
+def pads_batches(device: torch.device) -> bool:
+    """Whether the last batch of a run is padded to the batch size: on a GPU, where cuDNN and
+    cuBLAS autotune for each new shape (and a padded row costs nothing measurable); on the
+    CPU a padded row costs as much as a real one."""
+    return device.type == "cuda"
+
+
+def start_device(device: torch.device) -> threading.Thread:
+    """Make CUDA's context and load cuDNN in a thread, while the caller lists the dataset and
+    loads the model; ``join()`` it before the device is used. A finished thread elsewhere."""
+    import torch
+
+    def init():
+        if device.type == "cuda":
+            x = torch.zeros(1, 1, 8, 8, device=device)
+            torch.nn.functional.conv2d(x, torch.zeros(1, 1, 3, 3, device=device))
+            torch.cuda.synchronize(device)
+
+    thread = threading.Thread(target=init, name="featcache-device", daemon=True)
+    thread.start()
+    return thread
 
 
 def freezing_pays(device: torch.device) -> bool:

@@ -34,6 +34,10 @@ class BadImageError(DatasetError):
         self.reason = reason
 
 
+class OutputError(FeatcacheError):
+    """An output path cannot be written (its folder does not exist, ...)."""
+
+
 class StoreError(FeatcacheError):
     """A store is missing, incomplete, mismatched or lacks what was asked."""
 

@@ -161,6 +161,8 @@ def test_the_entry_comes_from_the_repo_configs(repo, expected, tmp_path):
     [  # ConvNeXt crops below 384 only; above, it resizes to the size
         (dict(PROCESSORS["facebook/convnext-tiny-224"], size=384), (384, "bicubic", 1.0)),
         (dict(PROCESSORS["facebook/dinov2-small"], resample=2), (224, "bilinear", 224 / 256)),
+        # PIL's every filter is reproduced exactly (featcache.preprocessing.pil)
+        (dict(PROCESSORS["facebook/dinov2-small"], resample=1), (224, "lanczos", 224 / 256)),
     ],
 )
 def test_preprocessing_follows_the_processor(config, expected):
@@ -172,7 +174,7 @@ def test_preprocessing_follows_the_processor(config, expected):
 
 @pytest.mark.parametrize(
     "change, named",
-    [(dict(resample=1), "lanczos"), (dict(crop_size={"height": 224, "width": 160}), "224x160")],
+    [(dict(resample=6), "6"), (dict(crop_size={"height": 224, "width": 160}), "224x160")],
 )
 def test_preprocessing_featcache_cannot_reproduce_is_refused(change, named):
     from featcache.backbones.hf_models import processor_preprocess

@@ -19,7 +19,7 @@ from PIL import Image
 from featcache.datasets import dataset_identity, load_dataset
 from featcache.datasets.standard import DATASETS, Resource
 from featcache.errors import DatasetError
-from featcache.extraction.preprocess import to_rgb
+from featcache.preprocessing import to_rgb
 
 RNG = np.random.default_rng(0)
 

@@ -11,7 +11,7 @@ import zipfile
 import pytest
 from conftest import REPO, SHARED_CIFAR, make_image_folder
 
-CHECKS = {"registry", "throughput", "torchrun", "evaluation"}
+CHECKS = {"registry", "pixels", "throughput", "torchrun", "evaluation", "compile"}
 
 
 @pytest.fixture
@@ -53,7 +53,12 @@ def test_the_cpu_rehearsal_runs_every_check_and_passes(ten_classes, tmp_path):
     assert {entries[name].family for name, _ in seen} == {s.family for s in entries.values()}
     assert seen == {(n, f) for n, _ in seen for f, _ in entries[n].features}
     assert all(row["images"] == 10 for row in report["checks"]["registry"]["rows"])
-    assert report["checks"]["throughput"]["images"] == 20
+    throughput = report["checks"]["throughput"]
+    assert throughput["images"] == 20 and throughput["run_over_bare"] > 0
+    assert set(throughput["phases"]) == {"startup", "dataset", "model", "device", "run",
+                                         "assembly", "total"}  # fmt: skip
+    pixels = report["checks"]["pixels"]["rows"]  # CUDA's kernels, in Triton's interpreter
+    assert {r["kernel"] for r in pixels} == {"triton"} and all(r["equal"] for r in pixels)
     assert set(report["checks"]["evaluation"]["top1"]) == {
         "cpu",
         "device",

@@ -15,7 +15,7 @@ from conftest import assert_equal_stores, make_image_folder, start, tiny_extract
 
 from featcache.errors import BadImageError, SpecMismatchError, StoreError
 from featcache.extraction.extract import ExtractConfig, extract
-from featcache.store import ShardedWriter, Store
+from featcache.store import ShardedWriter, SplitLayout, Store
 
 
 def _cfg(folder, out, **kw):
@@ -166,7 +166,9 @@ def test_a_store_recorded_before_fields_carried_their_version_is_still_complete(
 
 
 def test_missing_out_directory_is_a_clear_error(image_folder, tmp_path):
-    with pytest.raises(StoreError, match="does not exist; create it first"):
+    from featcache.errors import OutputError
+
+    with pytest.raises(OutputError, match="does not exist; create it first"):
         extract(_cfg(image_folder, tmp_path / "no" / "s.h5"))
 
 
@@ -193,9 +195,9 @@ def test_crash_then_rerun_resumes_from_shards_with_equal_features(image_folder, 
     finally:
         tiny_backbone.FAIL_AFTER = None
     assert not out.exists()
-    assert sorted(p.name for p in (tmp_path / "s.h5.parts").glob("*.h5")) == [
-        "train-000000.h5",
-        "train-000001.h5",
+    assert sorted(p.name for p in (tmp_path / "s.h5.parts").glob("*.done")) == [
+        "train-000000.done",
+        "train-000001.done",
     ]
     res = extract(_cfg(image_folder, out))
     assert res.resumed_images == 16 and res.images == 32
@@ -216,11 +218,11 @@ def test_kill_9_midway_then_rerun_resumes_with_equal_features(image_folder, tmp_
     parts = tmp_path / "s.h5.parts"
     p = start(cmd(out), FEATCACHE_TEST_DELAY="0.15")
     deadline = time.time() + 120
-    while len(list(parts.glob("train-*.h5"))) < 2 and time.time() < deadline:
+    while len(list(parts.glob("train-*.done"))) < 2 and time.time() < deadline:
         time.sleep(0.05)
     os.kill(p.pid, signal.SIGKILL)
     p.wait()
-    done = sorted(x.name for x in parts.glob("*-*.h5"))
+    done = sorted(x.name for x in parts.glob("*.done"))
     assert 2 <= len(done) < 6 and not out.exists()  # killed midway, store not there yet
 
     rerun = start(cmd(out))
@@ -261,7 +263,7 @@ def test_kill_9_with_its_loader_worker_then_an_immediate_rerun_completes(tmp_pat
     out, parts = tmp_path / "s.h5", tmp_path / "s.h5.parts"
     p = start(cmd(out))
     deadline = time.time() + 300
-    while len(list(parts.glob("train-*.h5"))) < 2 and time.time() < deadline:
+    while len(list(parts.glob("train-*.done"))) < 2 and time.time() < deadline:
         time.sleep(0.02)
     workers = _children(p.pid)
     assert workers, "no loader worker: the test would prove nothing"
@@ -278,7 +280,7 @@ def test_kill_9_with_its_loader_worker_then_an_immediate_rerun_completes(tmp_pat
         writer.close()
         for w in workers:
             os.kill(w, signal.SIGKILL)
-    done = len(list(parts.glob("*-*.h5")))
+    done = len(list(parts.glob("*.done")))
     assert 2 <= done < 18 and not out.exists()  # killed midway: 15 train and 3 test shards
     rerun = start(cmd(out))
     log = rerun.communicate(timeout=300)[0]
@@ -306,43 +308,48 @@ def test_second_extraction_into_the_same_store_is_refused(image_folder, tmp_path
     assert Store(tmp_path / "s.h5").sizes == {"train": 36, "test": 12}
 
 
+LAYOUT = {"train": SplitLayout(rows=1, id_bytes=1, arrays={"features/x": (2,)})}
+
+
 def test_a_failed_begin_does_not_keep_the_store_busy(tmp_path, monkeypatch):
-    from featcache import store
+    from featcache import io
 
     def full(*args, **kwargs):
         raise StoreError("disk full while writing the file spec.json")
 
-    monkeypatch.setattr(store, "write_atomic", full)
+    monkeypatch.setattr(io, "write_atomic", full)
     with pytest.raises(StoreError, match="disk full"):
-        ShardedWriter(tmp_path / "s.h5", {"spec": 1}).begin()
+        ShardedWriter(tmp_path / "s.h5", {"spec": 1}).begin(LAYOUT)
     monkeypatch.undo()
     writer = ShardedWriter(tmp_path / "s.h5", {"spec": 1})
-    writer.begin()  # not "another featcache extraction is writing"
+    writer.begin(LAYOUT)  # not "another featcache extraction is writing"
     writer.close()
 
 
 def test_fields_without_a_feature_version_resume_their_own_partial_work(tmp_path):
     """An API caller's fields need not carry it: they are version 1, written and read."""
     first = ShardedWriter(tmp_path / "s.h5", {"spec": 1})
-    first.begin()
-    first.write_shard("train", 0, ["a"], [0], {"features/x": np.zeros((1, 2))}, [], 0.1)
+    first.begin(LAYOUT, {"class_names": ["a"]})
+    first.write_shard("train", 0, 0, ["a"], [0], {"features/x": np.ones((1, 2))}, [], 0.1)
     first.close()  # as after a crash
     again = ShardedWriter(tmp_path / "s.h5", {"spec": 1})
-    again.begin()
-    assert again.has_shard("train", 0)
-    again.close()
+    again.begin(LAYOUT)
+    assert again.has_shard("train", 0, range(0, 1))
+    again.assemble({"train": [range(0, 1)]}, {})
+    assert Store(tmp_path / "s.h5").read("train", "ids").tolist() == ["a"]
+    np.testing.assert_array_equal(Store(tmp_path / "s.h5").load("train", "x").features, 1)
 
 
 def test_a_second_writer_in_the_same_process_is_refused_until_the_first_closes(tmp_path):
     first = ShardedWriter(tmp_path / "s.h5", {"spec": 1})
-    first.begin()
+    first.begin(LAYOUT)
     try:
         with pytest.raises(StoreError, match="another featcache extraction is writing"):
-            ShardedWriter(tmp_path / "s.h5", {"spec": 1}).begin()
+            ShardedWriter(tmp_path / "s.h5", {"spec": 1}).begin(LAYOUT)
     finally:
         first.close()
     again = ShardedWriter(tmp_path / "s.h5", {"spec": 1})
-    again.begin()
+    again.begin(LAYOUT)
     again.close()
 
 

@@ -10,7 +10,7 @@ from conftest import make_image_folder, tiny_extract_args
 
 import featcache
 from featcache.cli import main
-from featcache.store import parse_size
+from featcache.io import parse_size
 
 
 def _run(*args, code=0):
@@ -93,8 +93,9 @@ def test_float16_stores_halve_the_features_and_every_command_reads_them(store, f
 @pytest.mark.parametrize("values_at_once", [2**22, 1, 70])  # the whole, a row, 2 rows of 35
 def test_float16_rows_read_as_float32_in_pieces(tmp_path, monkeypatch, values_at_once):
     from featcache import store
+    from featcache.store import reader
 
-    monkeypatch.setattr(store, "_READ_VALUES", values_at_once)
+    monkeypatch.setattr(reader, "_READ_VALUES", values_at_once)
     rng = np.random.default_rng(0)
     half = (rng.normal(size=(101, 5, 7)) * 1e3).astype(np.float16)
     half[0, 0, :4] = [np.inf, -np.inf, 65504, 6e-8]  # the extremes, a subnormal

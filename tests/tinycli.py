@@ -5,7 +5,8 @@ that calls stage after stage would.
 Fault injection for the crash tests, by environment variable (test harness only):
     FEATCACHE_TEST_STALL=commit:K   before the K-th commit (temporary file written, not yet
                                     renamed): touch $FEATCACHE_TEST_MARK, then sleep
-    FEATCACHE_TEST_STALL=assemble   halfway through assembling the store: the same
+    FEATCACHE_TEST_STALL=assemble   while publishing the store (its attributes written, the
+                                    file not yet renamed): the same
     FEATCACHE_TEST_ENOSPC=K         the K-th commit fails with ENOSPC (disk full)
 """
 
@@ -19,8 +20,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import tiny_backbone  # noqa: E402,F401  (registers test-tiny)
 
-from featcache import store  # noqa: E402
+from featcache import io  # noqa: E402
 from featcache.cli import main  # noqa: E402
+from featcache.store import writer  # noqa: E402
 
 
 def _stall():
@@ -31,7 +33,7 @@ def _stall():
 def _install_faults():
     stall = os.environ.get("FEATCACHE_TEST_STALL", "")
     enospc = int(os.environ.get("FEATCACHE_TEST_ENOSPC", "0"))
-    commit, calls = store._commit, [0]
+    commit, calls = io.commit, [0]
 
     def faulty_commit(tmp, final):
         calls[0] += 1
@@ -41,16 +43,15 @@ def _install_faults():
             raise OSError(errno.ENOSPC, "No space left on device (injected)", str(tmp))
         commit(tmp, final)
 
-    store._commit = faulty_commit
+    io.commit = faulty_commit
     if stall == "assemble":
-        concat = store.ShardedWriter._concat
+        write_run_attrs = writer.ShardedWriter._write_run_attrs
 
-        def slow_concat(*args):
-            seconds = concat(*args)
+        def slow_write_run_attrs(self, meta):
+            write_run_attrs(self, meta)
             _stall()
-            return seconds
 
-        store.ShardedWriter._concat = staticmethod(slow_concat)
+        writer.ShardedWriter._write_run_attrs = slow_write_run_attrs
 
 
 if __name__ == "__main__":

@@ -117,6 +117,7 @@ def _dinov2(size: str, width: int, heads: int) -> BackboneSpec:
             layerscale_value=1.0,
         ),
         crop_pct=224 / 256,
+        recipe="transformers",
         description=f"DINOv2 ViT-{size[0].upper()}/14 (Oquab et al. 2023), cls_patch: its "
         "linear protocol",
         needs_download=True,
@@ -146,6 +147,7 @@ register(
             projection_dim=512,
         ),
         crop_pct=1.0,
+        recipe="transformers",
         description="OpenAI CLIP ViT-B/16 image tower (Radford et al. 2021); embed: projected",
         needs_download=True,
     )

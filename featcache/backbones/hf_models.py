@@ -392,6 +392,7 @@ def _resolve(repo: str, weights: Path | None) -> BackboneSpec:
         description=f"transformers {t.model_class} from {repo}",
         needs_download=True,
         cpu_freeze=t.features == "pooled",
+        recipe="transformers",
         **processor_preprocess(processor, f"hf:{repo}"),
     )
 

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from featcache.errors import UnknownBackboneError, UnsupportedModelError, WeightsError
-from featcache.extraction.preprocess import INTERPOLATIONS, Preprocess
+from featcache.preprocessing import INTERPOLATIONS, Preprocess
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,9 @@ class BackboneSpec:
     arch: dict = field(default_factory=dict, hash=False)
     # Fraction of the resized image kept by the centre crop for large photos (timm's crop_pct).
     crop_pct: float = 0.875
+    # Whose eval transform large photos get, to the pixel: "torchvision" (timm's and DINO's
+    # Resize + CenterCrop) or "transformers" (the image processors); they round the crop apart.
+    recipe: str = "torchvision"
     # One line shown by `featcache backbones`.
     description: str = ""
     # Whether the weights must come from the network unless --weights is given.
@@ -75,6 +78,7 @@ class BackboneSpec:
             mean=self.mean,
             std=self.std,
             crop_pct=self.crop_pct,
+            recipe=self.recipe,
         )
 
     def to_dict(self) -> dict:

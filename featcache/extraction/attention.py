@@ -19,8 +19,9 @@ from PIL import Image
 from featcache.backbones import get_spec, load_backbone, weights_identity
 from featcache.datasets import IMAGE_EXTENSIONS, load_dataset
 from featcache.errors import FeatcacheError
-from featcache.extraction.preprocess import to_rgb
-from featcache.store import Store, write_atomic
+from featcache.io import write_atomic
+from featcache.preprocessing import to_rgb
+from featcache.store import Store
 from featcache.studies.report import attention_path
 
 

@@ -1,13 +1,14 @@
 """Stage 1: run a frozen backbone once over a dataset into an HDF5 store.
 
-uint8 images are decoded by loader workers, moved to the device as uint8, upscaled there by
-interpolation and normalised per the registry; the backbone runs in inference mode under
-autocast; finished shards are committed as they complete, so a rerun resumes.
+uint8 images of every split are decoded by one set of loader workers, moved to the device as
+uint8, resized there as PIL resizes and normalised per the registry; the backbone runs in
+inference mode under autocast at one batch shape; a shard's features stay on the device
+until its last batch, then leave it in one copy and are written by a thread (shards.py), so
+a rerun resumes from the shards committed. Every phase is timed (clock.py).
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
 import warnings
@@ -28,16 +29,20 @@ from featcache.device import (
     freezing_pays,
     inference_backends,
     keep_freed_memory,
+    pads_batches,
     rank_device,
     release_freed_memory,
     resolve_device,
     resolve_precision,
+    start_device,
 )
 from featcache.distributed import Distributed
 from featcache.errors import BadImageError, DatasetError
 from featcache.extraction.augment import Augment, view_uniforms
-from featcache.extraction.preprocess import Preprocess
-from featcache.store import DTYPES, ShardedWriter
+from featcache.extraction.clock import PhaseClock
+from featcache.extraction.shards import Shard, ShardSink
+from featcache.preprocessing import Preprocess
+from featcache.store import DTYPES, ShardedWriter, SplitLayout
 
 log = logging.getLogger(__name__)
 
@@ -98,37 +103,44 @@ class ExtractConfig:
 class ExtractResult:
     path: Path
     images: int  # images run through the backbone in this call (0 if already complete)
-    seconds: float
+    seconds: float  # the run clock: first batch submitted to the last shard committed
     resumed_images: int = 0  # images found in shards from an earlier run
     skipped: dict[str, list[str]] = field(default_factory=dict)
     forward_images: int = 0  # images through the backbone, augmented views included
+    phases: dict[str, float] = field(default_factory=dict)  # clock.PHASES and total, seconds
 
     @property
     def images_per_second(self) -> float:
-        """Backbone throughput: forward images (views included) per second."""
+        """Backbone throughput: forward images (views included) per second of the run."""
         return self.forward_images / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        """What ``extract --json`` writes."""
+        return {**asdict(self), "path": str(self.path), "images_per_second": self.images_per_second}
 
 
 class _Images(torch.utils.data.Dataset):
-    """Decodes split images to uint8 arrays; errors travel back as values, not exceptions."""
+    """Decodes images of several splits, keyed (split, index), to uint8 arrays; errors travel
+    back as values, not exceptions."""
 
-    def __init__(self, split: Split, preprocess: Preprocess):
-        self.split, self.preprocess = split, preprocess
+    def __init__(self, splits: dict[str, Split], preprocess: Preprocess):
+        self.splits, self.preprocess = splits, preprocess
 
     def __len__(self) -> int:
-        return len(self.split)
+        return sum(len(s) for s in self.splits.values())
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, key: tuple[str, int]):
+        split, i = key
         try:
-            return i, self.preprocess.prepare(self.split.load(i)), None
+            return key, self.preprocess.prepare(self.splits[split].load(i)), None
         except BadImageError as exc:
-            return i, None, (exc.path, exc.reason)
+            return key, None, (exc.path, exc.reason)
 
 
 def _collate(items):
     """Group a batch by image shape so each group stacks; errors are passed along."""
-    order = [i for i, _, _ in items]
-    errors = [(i, e) for i, _, e in items if e is not None]
+    order = [key for key, _, _ in items]
+    errors = [(key, e) for key, _, e in items if e is not None]
     groups = defaultdict(list)
     for pos, (_, arr, _) in enumerate(items):
         if arr is not None:
@@ -143,11 +155,12 @@ def _collate(items):
     return order, stacked, errors
 
 
-def image_loader(split: Split, preprocess: Preprocess, batches, workers: int, device):
-    """Batches ``(order, [(positions, uint8 (b, 3, h, w))], errors)`` of a split's images,
-    decoded by ``workers`` processes, in the order of ``batches`` (lists of indices)."""
+def image_loader(splits: dict[str, Split], preprocess: Preprocess, batches, workers: int, device):
+    """Batches ``(order, [(positions, uint8 (b, 3, h, w))], errors)`` of images of several
+    splits, decoded by ``workers`` processes (started once for every split), in the order of
+    ``batches`` (lists of (split, index) keys)."""
     return torch.utils.data.DataLoader(
-        _Images(split, preprocess),
+        _Images(splits, preprocess),
         batch_sampler=batches,
         num_workers=workers,
         collate_fn=_collate,
@@ -212,18 +225,25 @@ def prepare_splits(cfg: ExtractConfig) -> dict[str, Split]:
     return splits
 
 
-def extract(cfg: ExtractConfig) -> ExtractResult:
-    """Run the extraction described by ``cfg``; resumes from shards of an interrupted run."""
+def extract(cfg: ExtractConfig, clock: PhaseClock | None = None) -> ExtractResult:
+    """Run the extraction described by ``cfg``; resumes from shards of an interrupted run.
+
+    ``clock`` times its phases (``featcache extract`` passes one that started with the
+    process); they are recorded in the store, returned, and logged (``-v``).
+    """
+    clock = clock or PhaseClock()
     get_spec(cfg.backbone, cfg.weights)  # unknown names fail before any data is touched
     device = rank_device(resolve_device(cfg.device))
     if device.type == "cuda":
         torch.cuda.set_device(device)  # libraries that use the current device use this one
+    device_ready = start_device(device)  # CUDA's context is made while the model loads
     precision = resolve_precision(cfg.precision, device)
     if cfg.workers is None:
         cfg = replace(cfg, workers=default_workers(device))
     if device.type == "cpu":
         keep_freed_memory()
     splits = prepare_splits(cfg)
+    clock.mark("dataset")
     # Loaded before any file is made (a failed load leaves nothing behind); the loaded spec
     # is the one fingerprinted, as weights may refine it (e.g. a SimCLR encoder's width).
     model, preprocess = load_backbone(cfg.backbone, cfg.weights)
@@ -233,15 +253,31 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
         log.info("%s is already complete with the same fingerprint; nothing to do", cfg.out)
         return ExtractResult(Path(cfg.out), images=0, seconds=0.0)
     dist = Distributed.from_env(device)
+    layout = {name: _layout(cfg, model.spec, name, s) for name, s in splits.items()}
+    attrs = {
+        "class_names": next(iter(splits.values())).class_names,
+        "backbone_spec": model.spec.to_dict(),
+    }
     try:
         if dist.rank == 0:
-            writer.begin()
-        dist.barrier()  # rank 0 has recorded the spec
+            writer.begin(layout, attrs)
+        dist.barrier()  # rank 0 has recorded the spec and made the temporary store
         if dist.rank != 0:
-            writer.begin(dist.rank)
-        return _run(cfg, model, preprocess, splits, writer, device, precision, dist)
+            writer.begin(layout, attrs, dist.rank)
+        clock.mark("model")
+        device_ready.join()
+        return _run(cfg, model, preprocess, splits, writer, device, precision, dist, clock)
     finally:
         writer.close()
+
+
+def _layout(cfg: ExtractConfig, spec: BackboneSpec, name: str, split: Split) -> SplitLayout:
+    """What the store holds for one split: features, and views of training images."""
+    arrays = {f"features/{k}": (w,) for k, w in spec.features}
+    if name == "train" and cfg.views > 1:
+        arrays |= {f"views/{k}": (cfg.views - 1, w) for k, w in spec.features}
+    id_bytes = max((len(i.encode()) for i in split.ids), default=1)
+    return SplitLayout(rows=len(split), id_bytes=id_bytes, arrays=arrays)
 
 
 class _Frozen(torch.nn.Module):
@@ -295,66 +331,58 @@ def for_inference(
     return model
 
 
-def _run(cfg, model, preprocess, splits, writer: ShardedWriter, device, precision, dist):
-    spec = model.spec
-    model = for_inference(model, device, _memory_format(cfg), cfg.compile, cfg.freeze)
-
+def _run(cfg, model, preprocess, splits, writer: ShardedWriter, device, precision, dist, clock):
     plan = {name: _shards(len(s), cfg.shard_size) for name, s in splits.items()}
-    pending = {
-        name: [
-            (i, r) for i, r in enumerate(shards) if dist.owns(i) and not writer.has_shard(name, i)
-        ]
+    pending = [
+        Shard(name, i, rows, tuple(writer.layout["splits"][name]["arrays"]), [])
         for name, shards in plan.items()
-    }
+        for i, rows in enumerate(shards)
+        if dist.owns(i) and not writer.has_shard(name, i, rows)
+    ]
     total = sum(len(r) for shards in plan.values() for i, r in enumerate(shards) if dist.owns(i))
-    todo = sum(len(r) for shards in pending.values() for _, r in shards)
+    todo = sum(len(s.rows) for s in pending)
     # Every rank's images of this run (for the speed recorded in the store).
     todo_world = sum(
         len(r)
         for name, shards in plan.items()
         for i, r in enumerate(shards)
-        if not writer.has_shard(name, i)
+        if not writer.has_shard(name, i, r)
     )
     if todo < total:
         log.info("resuming: %d of %d images already extracted", total - todo, total)
 
+    step = _Step(cfg, model, preprocess, device, precision, splits, pending)
+    clock.mark("device")
     bar = tqdm(total=total, initial=total - todo, unit="img", disable=not cfg.progress)
-    start = time.perf_counter()
-    skipped: dict[str, list[str]] = {}
     with inference_backends(device, precision):
-        for name, shards in pending.items():
-            if shards:
-                skipped[name] = _extract_split(
-                    cfg, splits[name], shards, model, preprocess, writer, device, precision, bar
-                )
-    seconds = time.perf_counter() - start
+        skipped = _extract_shards(cfg, step, splits, pending, writer, device, bar)
     bar.close()
+    seconds = clock.mark("run")
 
     meta = {
-        "class_names": next(iter(splits.values())).class_names,
         "config": {**asdict(cfg), "splits": list(cfg.splits)},
         "extraction": {
             "device": str(device),
             "precision": precision,
             "torch": torch.__version__,
-            # This run's dataset images (all ranks; augmented views not counted) over its wall
-            # time; a resumed run counts only what it extracted itself.
+            # This run's dataset images (all ranks; augmented views not counted) over its
+            # run clock; a resumed run counts only what it extracted itself.
             "run_images": todo_world,
             "run_seconds": seconds,
             "images_per_second": todo_world / seconds if todo_world and seconds > 0 else None,
         },
-        "backbone_spec": spec.to_dict(),
     }
     dist.barrier()  # every rank's shards are committed
     path = Path(cfg.out)
     if dist.rank == 0:
-        writer.assemble({n: len(p) for n, p in plan.items()}, meta)
+        clock.mark("assembly")  # the phases as of the store's last write
+        meta["extraction"]["phases"] = clock.to_dict()
+        writer.assemble(plan, meta)
     dist.barrier()  # the store is in place for every rank
-    forwards = sum(
-        len(r) * (cfg.views if name == "train" else 1)
-        for name, shards in pending.items()
-        for _, r in shards
-    )
+    clock.mark("assembly")
+    if log.isEnabledFor(logging.INFO):
+        log.info("phases:\n%s", clock.table())
+    forwards = sum(len(s.rows) * (cfg.views if s.split == "train" else 1) for s in pending)
     return ExtractResult(
         path,
         images=todo,
@@ -362,112 +390,111 @@ def _run(cfg, model, preprocess, splits, writer: ShardedWriter, device, precisio
         resumed_images=total - todo,
         skipped=skipped,
         forward_images=forwards,
+        phases=clock.to_dict(),
     )
 
 
-def _extract_split(cfg, split, shards, model, preprocess, writer, device, precision, bar):
-    """Extract the pending shards of one split; returns the ids skipped as unreadable."""
+class _Step:
+    """One batch through the model: copy to the device, preprocessing (and augmented views),
+    the forward; its features stay on the device. Made once per run: the model on the device
+    (frozen or compiled), and on a GPU or when compiling, warmed up at the run's one batch
+    shape, so that autotuning and compilation happen before the run's clock starts."""
+
+    def __init__(self, cfg, model, preprocess, device, precision, splits, pending):
+        self.model = for_inference(model, device, _memory_format(cfg), cfg.compile, cfg.freeze)
+        self.preprocess, self.device, self.precision = preprocess, device, precision
+        self.memory_format = _memory_format(cfg)
+        self.views = cfg.views
+        self.augment = Augment.from_ops(cfg.augment) if cfg.views > 1 else None
+        self.seed = cfg.seed
+        # One batch shape (the tail padded): autotuned once, one compiled graph.
+        self.pad_to = cfg.batch_size if cfg.compile or pads_batches(device) else None
+        if pending and (cfg.compile or device.type == "cuda"):
+            first = pending[0]
+            image = preprocess.prepare(splits[first.split].load(first.rows.start))
+            shape = (cfg.batch_size, 3, *image.shape[:2])
+            self.forward([torch.zeros(shape, dtype=torch.uint8)])
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+
+    @torch.inference_mode()
+    def forward(self, groups, views_of: list[str] | None = None, view: int = 0):
+        """Named features (device tensors, rows in group order) of uint8 image groups; of
+        their augmented view ``view`` when ``view`` > 0 (``views_of``: their sample ids)."""
+        parts = []
+        for j, group in enumerate(groups):
+            x = group.to(self.device, non_blocking=True)  # uint8 (b, 3, h, w)
+            if view:  # a view, rounded to uint8 as an image file would hold it
+                ids = views_of[sum(len(g) for g in groups[:j]) :][: len(group)]
+                u = view_uniforms(self.seed, ids, view)
+                x = self.augment(x.float() / 255, u).mul_(255).round_().clamp_(0, 255).byte()
+            parts.append(x)
+        n = sum(len(x) for x in parts)
+        if self.pad_to is not None and n < self.pad_to:  # repeat the last image; cut below
+            last = parts[-1]
+            parts[-1] = torch.cat([last, last[-1:].expand(self.pad_to - n, *last.shape[1:])])
+        x = torch.cat([self.preprocess(p, self.memory_format) for p in parts])
+        with autocast(self.device, self.precision):
+            out = self.model(x)
+        return {k: v[:n] for k, v in out.items()}
+
+
+def _extract_shards(cfg, step: _Step, splits, pending: list[Shard], writer, device, bar):
+    """Extract the pending shards of every split with one loader; returns the ids skipped as
+    unreadable, per split."""
     batches = [
-        list(r[i : i + cfg.batch_size]) for _, r in shards for i in range(0, len(r), cfg.batch_size)
+        [(s.split, i) for i in s.rows[j : j + cfg.batch_size]]
+        for s in pending
+        for j in range(0, len(s.rows), cfg.batch_size)
     ]
-    loader = image_loader(split, preprocess, batches, cfg.workers, device)
-    n_views = cfg.views if split.name == "train" else 1  # test splits stay clean
-    augment = Augment.from_ops(cfg.augment) if n_views > 1 else None
-    empty = {f"features/{k}": (0, w) for k, w in model.spec.features}
-    if n_views > 1:
-        empty |= {f"views/{k}": (0, n_views - 1, w) for k, w in model.spec.features}
-    shard_iter = iter(shards)
-    index, rng = next(shard_iter)
+    loader = image_loader(splits, step.preprocess, batches, cfg.workers, device)
     if cfg.workers:
         release_freed_memory()  # before the loader forks its workers
     heap = HeapGuard()
-    # What every batch's forward shares; a compiled model gets one batch shape.
-    forward = functools.partial(
-        _forward,
-        model,
-        preprocess,
-        device=device,
-        precision=precision,
-        memory_format=_memory_format(cfg),
-        pad_to=cfg.batch_size if cfg.compile else None,
-    )
-    buf: dict[str, list] = defaultdict(list)
-    got, bad, seen, shard_start, all_bad = [], [], 0, time.perf_counter(), []
-    for order, groups, errors in loader:  # batches never cross shards and come in order
-        for i, (path, reason) in errors:
-            if not cfg.skip_bad:
-                raise BadImageError(path, reason)
-            log.warning("skipping unreadable image %s: %s", path, reason)
-            bad.append(split.ids[i])
-        if groups:
-            ok = np.asarray([order[p] for pos, _ in groups for p in pos])  # group order
-            perm = np.argsort(ok)  # back to index order
-            got.extend(ok[perm].tolist())
-            images = [g for _, g in groups]
-            clean = forward(images)
-            for k, v in clean.items():
-                buf[f"features/{k}"].append(v[perm])
-            if augment is not None:
-                ids = [split.ids[i] for i in ok]
-                sizes = [len(pos) for pos, _ in groups]
-                views = [
-                    forward(images, augment, torch.split(view_uniforms(cfg.seed, ids, v), sizes))
-                    for v in range(1, n_views)
-                ]
-                for k in clean:
-                    buf[f"views/{k}"].append(np.stack([view[k] for view in views], 1)[perm])
-        seen += len(order)
-        bar.update(len(order))
-        if seen < len(rng):
-            continue
-        writer.write_shard(
-            split.name,
-            index,
-            ids=[split.ids[i] for i in got],
-            labels=split.labels[got],
-            arrays={
-                k: np.concatenate(buf[k]) if buf[k] else np.zeros(shape, np.float32)
-                for k, shape in empty.items()
-            },
-            skipped=sorted(bad),
-            seconds=time.perf_counter() - shard_start,
-        )
-        all_bad += bad
-        heap.check()
-        buf, got, bad, seen, shard_start = defaultdict(list), [], [], 0, time.perf_counter()
-        index, rng = next(shard_iter, (None, None))
-    return all_bad
+    widths = dict(step.model.spec.features)
+    sink = ShardSink(writer, device, max_rows=cfg.shard_size)
+    skipped: dict[str, list[str]] = defaultdict(list)
+    try:
+        shards = iter(pending)
+        shard, buffers, seen, started = None, None, 0, time.perf_counter()
+        for order, groups, errors in loader:  # batches never cross shards and come in order
+            if shard is None:
+                shard = next(shards)
+                shapes = {k: (*writer.layout["splits"][shard.split]["arrays"][k],)
+                          for k in shard.arrays}  # fmt: skip
+                buffers = sink.buffers(len(shard.rows), shapes)
+            split = splits[shard.split]
+            for (_, i), (path, reason) in errors:
+                if not cfg.skip_bad:
+                    raise BadImageError(path, reason)
+                log.warning("skipping unreadable image %s: %s", path, reason)
+                shard.skipped.append((i, split.ids[i]))
+            if groups:
+                _gather(step, shard, split, order, groups, buffers, widths)
+            seen += len(order)
+            bar.update(len(order))
+            if seen < len(shard.rows):
+                continue
+            shard.seconds = time.perf_counter() - started
+            ids = [split.ids[i] for i in shard.rows]
+            sink.submit(shard, ids, split.labels[shard.rows.start : shard.rows.stop], buffers)
+            skipped[shard.split] += [i for _, i in shard.skipped]
+            heap.check()
+            shard, buffers, seen, started = None, None, 0, time.perf_counter()
+    finally:
+        sink.close()  # what is queued is written (finished work), then errors are raised
+    return dict(skipped)
 
 
-@torch.inference_mode()
-def _forward(
-    model,
-    preprocess,
-    images,
-    augment=None,
-    uniforms=None,
-    *,
-    device,
-    precision,
-    memory_format,
-    pad_to,
-):
-    """Named features (float32 numpy) of uint8 image groups, optionally augmented first.
-
-    ``pad_to``: repeat the last image up to this batch size (outputs cut back), so that a
-    compiled model sees one shape.
-    """
-    parts = []
-    for j, group in enumerate(images):
-        x = group.to(device, non_blocking=True)  # uint8 (b, 3, h, w): resized as uint8
-        if augment is not None:
-            x = augment(x.float() / 255, uniforms[j]) * 255  # views stay float
-        parts.append(preprocess(x).contiguous(memory_format=memory_format))
-    x = torch.cat(parts) if len(parts) > 1 else parts[0]
-    n = len(x)
-    if pad_to is not None and n < pad_to:
-        x = torch.cat([x, x[-1:].expand(pad_to - n, *x.shape[1:])])
-        x = x.contiguous(memory_format=memory_format)
-    with autocast(device, precision):
-        out = model(x)
-    return {k: v[:n].float().cpu().numpy() for k, v in out.items()}
+def _gather(step: _Step, shard: Shard, split: Split, order, groups, buffers: dict, widths) -> None:
+    """A batch's features into the shard's device buffers, at the rows of its images."""
+    rows = torch.tensor([order[p][1] - shard.rows.start for pos, _ in groups for p in pos])
+    images = [g for _, g in groups]
+    rows = rows.to(step.device)
+    for k, v in step.forward(images).items():
+        buffers[f"features/{k}"].index_copy_(0, rows, v.float())
+    if step.augment is not None and shard.split == "train":
+        ids = [split.ids[order[p][1]] for pos, _ in groups for p in pos]
+        for view in range(1, step.views):
+            for k, v in step.forward(images, ids, view).items():
+                buffers[f"views/{k}"][:, view - 1].index_copy_(0, rows, v.float())

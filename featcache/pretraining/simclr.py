@@ -29,8 +29,8 @@ from featcache.device import autocast, keep_freed_memory, resolve_device, resolv
 from featcache.errors import FeatcacheError, WeightsError
 from featcache.evaluation.knn import knn_evaluate
 from featcache.extraction.augment import N_PARAMS, Augment
-from featcache.extraction.preprocess import Preprocess, to_rgb
-from featcache.store import write_atomic
+from featcache.io import write_atomic
+from featcache.preprocessing import Preprocess, to_rgb
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from featcache import __version__
-from featcache.store import Store, result_path, write_atomic
+from featcache.io import write_atomic
+from featcache.store import Store, result_path
 from featcache.studies.table import render, row
 
 log = logging.getLogger(__name__)
