@@ -284,3 +284,26 @@ def test_a_store_from_another_hub_revision_is_refused_naming_weights(
     with pytest.raises(SpecMismatchError, match="field 'weights' differs") as err:
         extract(cfg)
     assert "a" * 40 in str(err.value) and "b" * 40 in str(err.value)
+
+
+@pytest.mark.parametrize("name", [n for n in available_backbones() if get_spec(n).attention
+                                  or get_spec(n).family == "hf"])  # fmt: skip
+def test_every_vit_entry_runs_pytorchs_fused_attention(name, checkpoints):
+    """transformers picks scaled_dot_product_attention (its "sdpa"), not its eager matmuls."""
+    model, _ = load_backbone(name, save_random_weights(name, checkpoints))
+    assert model.model.config._attn_implementation == "sdpa"
+
+
+def test_timm_vits_run_pytorchs_fused_attention(checkpoints):
+    import timm
+
+    from featcache.backbones import timm_models
+
+    spec = get_spec("timm:vit_small_patch16_224.dino")
+    path = checkpoints / "vit-s.safetensors"
+    from safetensors.torch import save_file
+
+    save_file(timm.create_model(spec.arch["timm_name"], pretrained=False).state_dict(), path)
+    model, _ = timm_models._build_timm(spec, path)
+    attention = [m for m in model.modules() if hasattr(m, "fused_attn")]
+    assert attention and all(m.fused_attn for m in attention)

@@ -15,7 +15,12 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from featcache.backbones.loading import load_safetensors, load_strict, no_hub_error
+from featcache.backbones.loading import (
+    load_safetensors,
+    load_strict,
+    no_hub_error,
+    uninitialised,
+)
 from featcache.backbones.registry import (
     BackboneSpec,
     check_preprocessing,
@@ -47,7 +52,9 @@ def _classifier_keys(model: nn.Module) -> tuple[str, ...]:
 def _from_safetensors(spec: BackboneSpec, weights: Path) -> nn.Module:
     import timm
 
-    model = timm.create_model(spec.arch["timm_name"], pretrained=False, num_classes=0)
+    model = uninitialised(
+        lambda: timm.create_model(spec.arch["timm_name"], pretrained=False, num_classes=0)
+    )
     state = load_safetensors(weights)
     heads = _classifier_keys(model)
     state = {k: v for k, v in state.items() if not (heads and k.startswith(heads))}
@@ -172,7 +179,8 @@ def _build_lite0(spec: BackboneSpec, weights: Path | None):
         return _from_safetensors(spec, weights), _timm_extract
     path = _lite0_path()
     source = torch.load(path, map_location="cpu", weights_only=True)
-    model = timm.create_model(spec.arch["timm_name"], pretrained=False)  # with its classifier
+    # With its classifier; every tensor is then loaded (load_state_dict is strict).
+    model = uninitialised(lambda: timm.create_model(spec.arch["timm_name"], pretrained=False))
     target = model.state_dict()
     if len(target) != len(source):
         raise WeightsError(f"{path}: {len(source)} tensors, timm expects {len(target)}")
