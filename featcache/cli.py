@@ -161,7 +161,7 @@ def backbones() -> None:
     "--workers",
     type=int,
     default=None,
-    help="Image decoding processes [default: 1 on the CPU, up to 8 with a GPU].",
+    help="Image decoding processes [default: none on the CPU, up to 8 with a GPU].",
 )
 @_option("--shard-size", type=int, default=_default("extract", "shard_size"), show_default=True)
 @_option(

@@ -45,7 +45,7 @@ def test_resident_bytes_reads_this_process():
 
 
 def test_default_workers_leave_the_cpu_to_the_model():
-    assert device.default_workers(torch.device("cpu")) == 1
+    assert device.default_workers(torch.device("cpu")) == 0
     assert 1 <= device.default_workers(torch.device("cuda")) <= 8
 
 

@@ -249,15 +249,15 @@ def _alive(pid: int) -> bool:
 
 
 def test_kill_9_with_its_loader_worker_then_an_immediate_rerun_completes(tmp_path):
-    """As a user would: the real CLI, a real backbone and the default loader worker, which
-    outlives its killed parent by seconds and must not hold the store's lock meanwhile."""
+    """As a user would: the real CLI, a real backbone and a loader worker, which outlives its
+    killed parent by seconds and must not hold the store's lock meanwhile."""
     images = make_image_folder(tmp_path / "images", train=40, test=8)
 
     def cmd(out):
         return [
             sys.executable, "-m", "featcache", "extract", "--backbone", "efficientnet-lite0",
             "--dataset", f"imagefolder:{images}", "--out", str(out), "--batch-size", "4",
-            "--shard-size", "8", "--no-progress",
+            "--shard-size", "8", "--no-progress", "--workers", "1",
         ]  # fmt: skip
 
     out, parts = tmp_path / "s.h5", tmp_path / "s.h5.parts"

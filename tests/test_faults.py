@@ -184,8 +184,13 @@ def test_a_real_full_disk_is_a_clear_error_and_the_rerun_completes(
     else:  # the store is made; the disk fills up before the first batch: 2 entries fit
         hold = tmp_path / "hold"
         hold.touch()
-        p = subprocess.Popen(_args(image_folder, out), env={**os.environ, "FEATCACHE_TEST_HOLD":
-                             str(hold)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        p = subprocess.Popen(
+            _args(image_folder, out),
+            env={**os.environ, "FEATCACHE_TEST_HOLD": str(hold)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         _wait_for(lambda: (small_disk / "s.h5.parts" / "layout.json").exists())
         _leave_free(small_disk, 2)
         hold.unlink()

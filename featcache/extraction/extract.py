@@ -63,7 +63,7 @@ class ExtractConfig:
     precision: str = "auto"
     batch_size: int = 64
     # Loader processes decoding images while the model runs; 0 decodes in the main process;
-    # None: 1 on the CPU, up to 8 with a GPU (device.default_workers).
+    # None: none on the CPU, up to 8 with a GPU (device.default_workers).
     workers: int | None = None
     # Images per committed shard: the most work a crash can lose.
     shard_size: int = 1024
@@ -411,9 +411,11 @@ class _Step:
         self.pad_to = cfg.batch_size if cfg.compile or pads_batches(device) else None
         if pending and (cfg.compile or device.type == "cuda"):
             first = pending[0]
-            image = preprocess.prepare(splits[first.split].load(first.rows.start))
-            shape = (cfg.batch_size, 3, *image.shape[:2])
-            self.forward([torch.zeros(shape, dtype=torch.uint8)])
+            try:  # the first image's shape: CIFAR's 32x32 or the input size
+                side = preprocess.prepare(splits[first.split].load(first.rows.start)).shape[:2]
+            except BadImageError:
+                side = (preprocess.input_size, preprocess.input_size)
+            self.forward([torch.zeros((cfg.batch_size, 3, *side), dtype=torch.uint8)])
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
 
@@ -433,7 +435,8 @@ class _Step:
         if self.pad_to is not None and n < self.pad_to:  # repeat the last image; cut below
             last = parts[-1]
             parts[-1] = torch.cat([last, last[-1:].expand(self.pad_to - n, *last.shape[1:])])
-        x = torch.cat([self.preprocess(p, self.memory_format) for p in parts])
+        x = [self.preprocess(p, self.memory_format) for p in parts]
+        x = torch.cat(x) if len(x) > 1 else x[0]
         with autocast(self.device, self.precision):
             out = self.model(x)
         return {k: v[:n] for k, v in out.items()}
@@ -451,7 +454,6 @@ def _extract_shards(cfg, step: _Step, splits, pending: list[Shard], writer, devi
     if cfg.workers:
         release_freed_memory()  # before the loader forks its workers
     heap = HeapGuard()
-    widths = dict(step.model.spec.features)
     sink = ShardSink(writer, device, max_rows=cfg.shard_size)
     skipped: dict[str, list[str]] = defaultdict(list)
     try:
@@ -470,7 +472,7 @@ def _extract_shards(cfg, step: _Step, splits, pending: list[Shard], writer, devi
                 log.warning("skipping unreadable image %s: %s", path, reason)
                 shard.skipped.append((i, split.ids[i]))
             if groups:
-                _gather(step, shard, split, order, groups, buffers, widths)
+                _gather(step, shard, split, order, groups, buffers)
             seen += len(order)
             bar.update(len(order))
             if seen < len(shard.rows):
@@ -486,15 +488,26 @@ def _extract_shards(cfg, step: _Step, splits, pending: list[Shard], writer, devi
     return dict(skipped)
 
 
-def _gather(step: _Step, shard: Shard, split: Split, order, groups, buffers: dict, widths) -> None:
-    """A batch's features into the shard's device buffers, at the rows of its images."""
-    rows = torch.tensor([order[p][1] - shard.rows.start for pos, _ in groups for p in pos])
+def _gather(step: _Step, shard: Shard, split: Split, order, groups, buffers: dict) -> None:
+    """A batch's features into the shard's device buffers, at the rows of its images: a
+    slice where they are consecutive (one image shape, no unreadable image), else by index."""
+    rows = [order[p][1] - shard.rows.start for pos, _ in groups for p in pos]
     images = [g for _, g in groups]
-    rows = rows.to(step.device)
+    if rows == list(range(rows[0], rows[0] + len(rows))):
+        at = slice(rows[0], rows[0] + len(rows))
+
+        def put(buffer, v):
+            buffer[at].copy_(v)  # float32 from the model's dtype, in the copy
+    else:
+        at = torch.tensor(rows).to(step.device)
+
+        def put(buffer, v):
+            buffer.index_copy_(0, at, v.float())
+
     for k, v in step.forward(images).items():
-        buffers[f"features/{k}"].index_copy_(0, rows, v.float())
+        put(buffers[f"features/{k}"], v)
     if step.augment is not None and shard.split == "train":
         ids = [split.ids[order[p][1]] for pos, _ in groups for p in pos]
         for view in range(1, step.views):
             for k, v in step.forward(images, ids, view).items():
-                buffers[f"views/{k}"][:, view - 1].index_copy_(0, rows, v.float())
+                put(buffers[f"views/{k}"][:, view - 1], v)
