@@ -374,11 +374,11 @@ def big_store() -> Path:
         return store
     run = WORK / "r18w48-init"
     if not (run / "encoder.safetensors").exists():
-        from featcache.pretraining.simclr import ResNetCifar, SimCLRConfig, export_encoder
+        from featcache.backbones.simclr_encoder import ResNetCifar, export_encoder
 
         run.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(0)
-        export_encoder(run, ResNetCifar(48), SimCLRConfig(dataset="-", out=str(run), width=48))
+        export_encoder(run, ResNetCifar(48), 32, {"random": True})
     subprocess.run(_encoder_extract(run, store), check=True)
     return store
 

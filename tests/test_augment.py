@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from featcache.extraction.augment import N_PARAMS, Augment, hue_shift, view_uniforms
+from featcache.preprocessing.augment import N_PARAMS, Augment, hue_shift, view_uniforms
 
 NONE = dict(crop_scale=(1, 1), crop_ratio=(1, 1), flip_p=0, jitter_p=0, gray_p=0)
 

@@ -11,16 +11,11 @@ import torch
 import torch.nn.functional as F
 
 from featcache.backbones import load_backbone
+from featcache.backbones.loading import load_tensors
+from featcache.backbones.simclr_encoder import ResNetCifar
 from featcache.errors import FeatcacheError
 from featcache.extraction.extract import ExtractConfig, extract
-from featcache.pretraining.simclr import (
-    ResNetCifar,
-    SimCLRConfig,
-    _load_checkpoint,
-    embed,
-    nt_xent,
-    pretrain,
-)
+from featcache.pretraining.simclr import SimCLRConfig, embed, nt_xent, pretrain
 from featcache.store import Store
 
 
@@ -78,21 +73,21 @@ def test_a_time_limit_sizes_the_schedule_so_that_it_anneals(image_folder, tmp_pa
     peak = cfg.lr * cfg.batch_size / 256
     assert history[1]["lr"] > 0.7 * peak  # warm-up ends at the peak
     assert history[-1]["lr"] < 0.2 * peak  # and the cosine ran out by the last epoch
-    _, meta = _load_checkpoint(tmp_path / "run" / "checkpoint.safetensors")
+    _, meta = load_tensors(tmp_path / "run" / "checkpoint.safetensors")
     assert meta["planned_epochs"] == len(history) == meta["epoch"]
 
 
 def test_checkpoints_every_n_epochs_and_at_the_last(image_folder, tmp_path, monkeypatch):
     from featcache.pretraining import simclr
 
-    saved, write = [], simclr._save_checkpoint
+    saved, write = [], simclr.save_tensors
 
     def recording(path, tensors, meta):
         if path.name == simclr.CHECKPOINT:  # not the exported encoder
             saved.append(meta["epoch"])
         write(path, tensors, meta)
 
-    monkeypatch.setattr(simclr, "_save_checkpoint", recording)
+    monkeypatch.setattr(simclr, "save_tensors", recording)
     pretrain(_cfg(image_folder, tmp_path / "run", epochs=5, checkpoint_every=2, knn_every=0))
     assert saved == [0, 2, 4, 5]
 
@@ -101,7 +96,7 @@ def test_resume_continues_from_the_checkpoint(image_folder, tmp_path):
     out = tmp_path / "run"
     first = pretrain(_cfg(image_folder, out, epochs=2))
     assert [h["epoch"] for h in first["history"]] == [1, 2]
-    tensors, meta = _load_checkpoint(out / "checkpoint.safetensors")
+    tensors, meta = load_tensors(out / "checkpoint.safetensors")
     assert meta["epoch"] == 2 and any(k.startswith("opt.") for k in tensors)
     longer = pretrain(_cfg(image_folder, out, epochs=3))
     assert [h["epoch"] for h in longer["history"]] == [1, 2, 3]
@@ -131,7 +126,7 @@ def test_a_killed_run_resumes_into_the_uninterrupted_run(image_folder, tmp_path)
     while time.time() < deadline:
         if ckpt.exists():
             try:
-                epoch = _load_checkpoint(ckpt)[1]["epoch"]
+                epoch = load_tensors(ckpt)[1]["epoch"]
             except Exception:  # noqa: BLE001 - caught mid-rename: try again
                 epoch = 0
         if epoch >= 2:
@@ -139,7 +134,7 @@ def test_a_killed_run_resumes_into_the_uninterrupted_run(image_folder, tmp_path)
         time.sleep(0.05)
     os.kill(p.pid, signal.SIGKILL)
     p.wait()
-    _, meta = _load_checkpoint(ckpt)  # the checkpoint is whole despite the kill
+    _, meta = load_tensors(ckpt)  # the checkpoint is whole despite the kill
     done = meta["epoch"]
     assert 2 <= done < 40
     resumed = subprocess.run(command(out), capture_output=True, text=True, timeout=300)

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from featcache.errors import WeightsError
+from featcache.io import write_atomic
 
 
 def no_hub_error(name: str, source: str, exc: Exception) -> WeightsError:
@@ -92,3 +93,25 @@ def check_loading_info(source: str, info: dict, heads: tuple[str, ...] = ()) -> 
         [k for k in info["unexpected_keys"] if not k.startswith(heads)],
         [k[0] if isinstance(k, tuple) else k for k in info["mismatched_keys"]],
     )
+
+
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    """Tensors and JSON metadata as one safetensors file, written whole or not at all
+    (SimCLR's checkpoints and exported encoders)."""
+    import json
+
+    from safetensors.torch import save
+
+    cpu = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    write_atomic(path, save(cpu, metadata={"featcache": json.dumps(meta)}))
+
+
+def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """What ``save_tensors`` wrote: (tensors, metadata)."""
+    import json
+
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta = json.loads(f.metadata()["featcache"])
+        return {k: f.get_tensor(k) for k in f.keys()}, meta

@@ -21,8 +21,7 @@ from featcache.datasets import IMAGE_EXTENSIONS, load_dataset
 from featcache.errors import FeatcacheError
 from featcache.io import write_atomic
 from featcache.preprocessing import to_rgb
-from featcache.store import Store
-from featcache.studies.report import attention_path
+from featcache.store import Store, attention_path
 
 
 def attention_maps(backbone: str, weights: str | None, images: list[Image.Image]):

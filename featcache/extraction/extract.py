@@ -38,10 +38,10 @@ from featcache.device import (
 )
 from featcache.distributed import Distributed
 from featcache.errors import BadImageError, DatasetError
-from featcache.extraction.augment import Augment, view_uniforms
 from featcache.extraction.clock import PhaseClock
 from featcache.extraction.shards import Shard, ShardSink
 from featcache.preprocessing import Preprocess
+from featcache.preprocessing.augment import Augment, view_uniforms
 from featcache.store import DTYPES, ShardedWriter, SplitLayout
 
 log = logging.getLogger(__name__)

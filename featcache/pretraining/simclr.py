@@ -24,66 +24,28 @@ from PIL import Image
 from torch import nn
 
 from featcache import __version__
+from featcache.backbones.loading import load_tensors, save_tensors
+from featcache.backbones.simclr_encoder import (
+    CIFAR_MEAN,
+    CIFAR_STD,
+    ResNetCifar,
+    export_encoder,
+)
 from featcache.datasets import balanced_subset, load_dataset
 from featcache.device import autocast, keep_freed_memory, resolve_device, resolve_precision
-from featcache.errors import FeatcacheError, WeightsError
+from featcache.errors import FeatcacheError
 from featcache.evaluation.knn import knn_evaluate
-from featcache.extraction.augment import N_PARAMS, Augment
-from featcache.io import write_atomic
+from featcache.io import check_output
 from featcache.preprocessing import Preprocess, to_rgb
+from featcache.preprocessing.augment import N_PARAMS, Augment
 
 log = logging.getLogger(__name__)
 
-CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR_STD = (0.2470, 0.2435, 0.2616)
 CHECKPOINT = "checkpoint.safetensors"
-ENCODER = "encoder.safetensors"
 
 
 # ---------------------------------------------------------------------------------------------
-# Model
-
-
-class BasicBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int):
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.shortcut = nn.Sequential()
-        if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(
-                nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)
-            )
-
-    def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)))
-        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
-
-
-class ResNetCifar(nn.Module):
-    """ResNet-18 for 32x32 inputs: 3x3 stride-1 stem, no max-pool; ``width`` channels at stage 1.
-
-    width=64 is the standard ResNet-18 (512-d features); smaller widths train on a CPU.
-    """
-
-    def __init__(self, width: int = 64, blocks: tuple[int, ...] = (2, 2, 2, 2)):
-        super().__init__()
-        self.stem = nn.Sequential(
-            nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU()
-        )
-        layers, cin = [], width
-        for i, n in enumerate(blocks):
-            cout = width * 2**i
-            for j in range(n):
-                layers.append(BasicBlock(cin, cout, 2 if (j == 0 and i > 0) else 1))
-                cin = cout
-        self.layers = nn.Sequential(*layers)
-        self.dim = cin
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layers(self.stem(x)).mean(dim=(2, 3))  # (B, dim)
+# Model (the encoder is a backbone: backbones/simclr_encoder.py)
 
 
 def projection_head(dim: int, out: int = 128) -> nn.Module:
@@ -202,26 +164,9 @@ def embed(encoder: nn.Module, images: torch.Tensor, device, precision, batch: in
     return torch.cat(out).numpy()
 
 
-def _save_checkpoint(path: Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-    from safetensors.torch import save
-
-    cpu = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    write_atomic(path, save(cpu, metadata={"featcache": json.dumps(meta)}))
-
-
-def _load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as f:
-        meta = json.loads(f.metadata()["featcache"])
-        return {k: f.get_tensor(k) for k in f.keys()}, meta
-
-
 def pretrain(cfg: SimCLRConfig) -> dict:
     """Train (or resume) a SimCLR run; returns the history."""
-    out = Path(cfg.out)
-    if not out.parent.is_dir():
-        raise FeatcacheError(f"--out {out}: directory {out.parent} does not exist")
+    out = check_output(cfg.out)
     out.mkdir(exist_ok=True)
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device, train=True)
@@ -243,7 +188,7 @@ def pretrain(cfg: SimCLRConfig) -> dict:
     for stale in out.glob(f".{CHECKPOINT}.*.tmp"):  # left by a run killed while saving
         stale.unlink()
     if ckpt.exists():
-        tensors, meta = _load_checkpoint(ckpt)
+        tensors, meta = load_tensors(ckpt)
         if meta["identity"] != json.loads(json.dumps(cfg.identity())):
             raise FeatcacheError(
                 f"{out} holds a run with another config; use another --out or delete {ckpt}"
@@ -294,7 +239,7 @@ def pretrain(cfg: SimCLRConfig) -> dict:
             "history": history,
             "featcache_version": __version__,
         }
-        _save_checkpoint(ckpt, tensors, meta)
+        save_tensors(ckpt, tensors, meta)
 
     if start_epoch == 0 and not ckpt.exists():
         save(0)  # the random init, so that a random-encoder baseline is one --epochs 0 away
@@ -357,46 +302,11 @@ def pretrain(cfg: SimCLRConfig) -> dict:
             log.info("time limit reached after epoch %d", epoch + 1)
             break
 
-    export_encoder(out, encoder, cfg)
+    export_encoder(out, encoder, cfg.image_size, asdict(cfg))
     (out / "history.json").write_text(json.dumps(history, indent=1))
     if history:
         plot_history(history, out / "curves.png")
     return {"history": history, "out": str(out)}
-
-
-def export_encoder(out: Path, encoder: nn.Module, cfg: SimCLRConfig) -> None:
-    """The encoder as a backbone: safetensors weights with its spec in the metadata."""
-    spec = {
-        "arch": cfg.arch,
-        "width": cfg.width,
-        "dim": encoder.dim,
-        "image_size": cfg.image_size,
-        "mean": CIFAR_MEAN,
-        "std": CIFAR_STD,
-    }
-    _save_checkpoint(out / ENCODER, encoder.state_dict(), {"spec": spec, "config": asdict(cfg)})
-
-
-def read_encoder(path: Path) -> tuple[dict[str, torch.Tensor], dict, Path]:
-    """The tensors and spec of an encoder exported by ``pretrain`` (RUN_DIR or its file).
-
-    The backbone registry builds the model from them (entry ``simclr-resnet18``).
-    """
-    path = Path(path)
-    if path.is_dir():
-        path = path / ENCODER
-    if not path.is_file():
-        raise FeatcacheError(f"{path} not found: pass the RUN_DIR of `featcache pretrain simclr`")
-    from safetensors import SafetensorError
-
-    try:
-        tensors, meta = _load_checkpoint(path)
-        return tensors, meta["spec"], path
-    except (SafetensorError, OSError, ValueError, KeyError, TypeError) as exc:
-        raise WeightsError(
-            f"--weights {path}: not a valid safetensors file from `featcache pretrain simclr` "
-            f"({type(exc).__name__}: {exc})"
-        ) from exc
 
 
 def plot_history(history: list[dict], path: Path) -> None:

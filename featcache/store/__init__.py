@@ -4,7 +4,14 @@ touching features until they are asked for (``reader``). ``format`` holds what b
 """
 
 from featcache.store.format import DTYPES, FORMAT, fingerprint, first_difference, storage_dtype
-from featcache.store.reader import Features, Split, Store, as_float32, result_path
+from featcache.store.reader import (
+    Features,
+    Split,
+    Store,
+    as_float32,
+    attention_path,
+    result_path,
+)
 from featcache.store.writer import ShardedWriter, SplitLayout
 
 __all__ = [
@@ -16,6 +23,7 @@ __all__ = [
     "SplitLayout",
     "Store",
     "as_float32",
+    "attention_path",
     "fingerprint",
     "first_difference",
     "result_path",

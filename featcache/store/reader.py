@@ -81,6 +81,12 @@ def _refuse_foreign_data(f: h5py.File, path: Path) -> None:
         )
 
 
+def attention_path(store: str | Path) -> Path:
+    """Where a store's attention maps lie (``featcache attention --store S`` makes them)."""
+    store = Path(store)
+    return store.with_name(f"{store.stem}.attention.npz")
+
+
 def result_path(store: str | Path, kind: str) -> Path:
     """Where a result computed from a store is kept beside it: ``S.probe.json`` for ``S.h5``."""
     store = Path(store)

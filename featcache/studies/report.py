@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from featcache import __version__
-from featcache.io import write_atomic
-from featcache.store import Store, result_path
+from featcache.io import check_output, write_atomic
+from featcache.store import Store, attention_path, result_path
 from featcache.studies.table import render, row
 
 log = logging.getLogger(__name__)
@@ -42,12 +42,6 @@ class ReportConfig:
     def __post_init__(self):
         if not self.stores:
             raise ValueError("give at least one store")
-
-
-def attention_path(store: str | Path) -> Path:
-    """Where a store's attention maps lie (``featcache attention --store S`` makes them)."""
-    store = Path(store)
-    return store.with_name(f"{store.stem}.attention.npz")
 
 
 def read_attention(store: Store) -> tuple[np.ndarray, np.ndarray] | str:
@@ -341,9 +335,7 @@ img { max-width: 100%; margin: 0.5em 0; } .note { color: #666; font-size: 13px; 
 
 
 def build_report(cfg: ReportConfig) -> Path:
-    out = Path(cfg.out)
-    if not out.parent.is_dir():
-        raise ValueError(f"--out {out}: directory {out.parent} does not exist")
+    out = check_output(cfg.out)
     stores = [Store(s) for s in cfg.stores]
     names = [s.path.stem for s in stores]
     results = [gather(s, cfg) for s in stores]
