@@ -396,8 +396,9 @@ def check_torchrun(device: str, data: Path, work: Path, sizes: Sizes) -> dict:
 
 
 def check_evaluation(device: str, data: Path, work: Path, sizes: Sizes) -> dict:
-    from featcache.evaluation.knn import KnnConfig, run_knn
-    from featcache.evaluation.probe import ProbeConfig, run_probe
+    from featcache.evaluation.knn import KnnConfig
+    from featcache.evaluation.methods import run
+    from featcache.evaluation.probe import ProbeConfig
 
     common = dict(
         backbone="efficientnet-lite0",
@@ -420,8 +421,8 @@ def check_evaluation(device: str, data: Path, work: Path, sizes: Sizes) -> dict:
     results = {}
     for role, (store, probe_device) in runs.items():
         path = str(stores[store].path)
-        probe = run_probe(path, ProbeConfig(device=probe_device))
-        knn = run_knn(path, KnnConfig(ks=ks))
+        probe = run(path, "probe", ProbeConfig(device=probe_device))
+        knn = run(path, "knn", KnnConfig(k=ks))
         results[role] = {
             "probe_top1": probe["test"]["top1"],
             **{f"knn_top1_k{r['k']}": r["top1"] for r in knn["results"]},

@@ -409,7 +409,8 @@ def _encoder_extract(run: Path, out: Path, *extra: str) -> list[str]:
 
 def bench_probe(quick: bool) -> str:
     from featcache.evaluation.baselines import sklearn_probe
-    from featcache.evaluation.probe import DEFAULT_WEIGHT_DECAYS, ProbeConfig, fit_probe
+    from featcache.evaluation.data import Splits
+    from featcache.evaluation.probe import DEFAULT_WEIGHT_DECAYS, ProbeConfig, probe
     from featcache.store import Store
 
     store = Store(big_store())
@@ -417,7 +418,8 @@ def bench_probe(quick: bool) -> str:
     if quick:
         tr.features, tr.labels = tr.features[:10000], tr.labels[:10000]
     cfg = ProbeConfig()
-    t_fc, r = _timed(lambda: fit_probe(tr.features, tr.labels, te.features, te.labels, 10, cfg))
+    data = Splits.in_memory((tr.features, tr.labels), (te.features, te.labels))
+    t_fc, r = _timed(lambda: probe(data, cfg))
     n_fit = r["num_fit"]
     # The same grid in scikit-learn's terms: C = 1 / (weight_decay * n); 0 -> no penalty.
     grid = tuple(1.0 / (wd * n_fit) if wd > 0 else 1e6 for wd in DEFAULT_WEIGHT_DECAYS)
@@ -568,8 +570,9 @@ def bench_precision(quick: bool) -> str:
     The whole 10,000-image test split: bf16 moves a few percent of the k-NN predictions, so
     a 1,000-image split could not resolve a 0.3-point band (one image is 0.1 point).
     """
-    from featcache.evaluation.knn import KnnConfig, l2_normalize, run_knn, search, weighted_vote
-    from featcache.evaluation.probe import ProbeConfig, run_probe
+    from featcache.evaluation.knn import KnnConfig, l2_normalize, search, weighted_vote
+    from featcache.evaluation.methods import run
+    from featcache.evaluation.probe import ProbeConfig
     from featcache.extraction.extract import ExtractConfig, extract
     from featcache.store import Store
 
@@ -593,8 +596,8 @@ def bench_precision(quick: bool) -> str:
             progress=False,
         )
         extract(cfg)
-        probe = run_probe(out, ProbeConfig())["test"]["top1"]
-        knn = run_knn(out, KnnConfig(ks=(20,)))["results"][0]["top1"]
+        probe = run(out, "probe", ProbeConfig())["test"]["top1"]
+        knn = run(out, "knn", KnnConfig(k=(20,)))["results"][0]["top1"]
         rows[name] = (probe, knn)
         stores[name] = Store(out)
         print(f"precision {name}: probe {probe:.2f} knn {knn:.2f}", flush=True)

@@ -26,6 +26,8 @@ _PUBLIC = {
     "ClusterResult": "featcache.api",
     "ShotsResult": "featcache.api",
     "RetrievalResult": "featcache.api",
+    "ExtractResult": "featcache.api",
+    "evaluate": "featcache.api",
 }
 
 __all__ = [*_PUBLIC, "__version__"]

@@ -1,10 +1,11 @@
 """The Python API: every stage as a function, every result as a typed record.
 
-``featcache.extract(...)`` writes a store and returns it; ``probe``, ``knn``, ``cluster``,
-``shots`` and ``retrieval`` take a store (a path or a ``Store``) or in-memory features
-(``train=(x, y), test=(x, y)``), with the CLI's options as keyword arguments and the same
-defaults (each method's config dataclass is the one place they are written). A result has its
-headline numbers as attributes and ``to_dict()``, the JSON that the CLI writes.
+``featcache.extract(...)`` writes a store (its result's ``store``); ``probe``, ``knn``,
+``cluster``, ``shots`` and ``retrieval`` (the table of ``featcache.evaluation.methods``) take a
+store (a path or a ``Store``) or in-memory features (``train=(x, y), test=(x, y)``), with the
+CLI's options as keyword arguments, by the same names and with the same defaults (each
+method's config dataclass is the one place they are written). A result has its headline
+numbers as attributes and ``to_dict()``, the JSON that the CLI writes.
 """
 
 from __future__ import annotations
@@ -57,15 +58,22 @@ class ProbeResult(Result):
 
 @dataclass(frozen=True)
 class KnnResult(Result):
-    top1: dict[int, float] = field(default_factory=dict)  # k -> percent
-    top3: dict[int, float] = field(default_factory=dict)
-    mean_per_class: dict[int, float] = field(default_factory=dict)
+    k: int = 0  # the k of the headline numbers: 20 where it was run, else the smallest
+    top1: float = 0.0
+    top3: float = 0.0
+    mean_per_class: float = 0.0
+    top1_ci95: tuple[float, float] = (0.0, 0.0)
+    top1_at: dict[int, float] = field(default_factory=dict)  # every k -> top-1 (percent)
 
     @classmethod
     def of(cls, data: dict) -> KnnResult:
-        rows = data["results"]
-        keys = ("top1", "top3", "mean_per_class")
-        return cls(data, *({r["k"]: r[key] for r in rows} for key in keys))
+        from featcache.evaluation.knn import HEADLINE_K
+
+        rows = {r["k"]: r for r in data["results"]}
+        k = HEADLINE_K if HEADLINE_K in rows else min(rows)
+        r = rows[k]
+        return cls(data, k, r["top1"], r["top3"], r["mean_per_class"], tuple(r["top1_ci95"]),
+                   {k: r["top1"] for k, r in rows.items()})  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -113,127 +121,125 @@ class RetrievalResult(Result):
         return cls(data, g["map"], g["map_at_r"], recall, loo["map"], loo["map_at_r"])
 
 
+@dataclass(frozen=True)
+class ExtractResult(Result):
+    """An extraction: the store it made and what it took (``extract --json``)."""
+
+    path: str = ""
+    images: int = 0
+    images_per_second: float = 0.0
+    skipped: dict = field(default_factory=dict)
+    phases: dict = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, data: dict) -> ExtractResult:
+        return cls(data, data["path"], data["images"], data["images_per_second"],
+                   data["skipped"], data["phases"])  # fmt: skip
+
+    @property
+    def store(self) -> Store:
+        return Store(self.path)
+
+
+RESULTS = {
+    "probe": ProbeResult,
+    "knn": KnnResult,
+    "cluster": ClusterResult,
+    "shots": ShotsResult,
+    "retrieval": RetrievalResult,
+}
+
+
 # ---------------------------------------------------------------------------------------------
 
 
-def _config(cls, options: dict):
-    """A method's config from keyword options, naming any option it does not know; a size
-    may be written as on the command line (``max_memory="2GiB"``)."""
+def config(cls, options: dict):
+    """A config from keyword options (the CLI's option names), naming any option it does
+    not know; a size may be written as on the command line (``max_memory="2GiB"``), a
+    tuple as a list, and a nested config (shots' ``probe``) as a dict."""
     from featcache.io import parse_size
 
-    if isinstance(options.get("max_memory"), str):
-        options = {**options, "max_memory": parse_size(options["max_memory"])}
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(options) - known)
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(options) - set(known))
     if unknown:
         raise TypeError(f"unknown option(s) {unknown}; {cls.__name__} takes {sorted(known)}")
-    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in options.items()})
+    values = {}
+    for name, value in options.items():
+        if name == "max_memory" and isinstance(value, str):
+            value = parse_size(value)
+        elif isinstance(value, list):
+            value = tuple(value)
+        elif isinstance(value, dict) and name == "probe":
+            from featcache.evaluation.probe import ProbeConfig
+
+            value = config(ProbeConfig, value)
+        values[name] = value
+    return cls(**values)
 
 
-def _source(store, train: Pair | None, test: Pair | None, features=None) -> Store | None:
+def evaluate(method: str, store=None, train: Pair = None, test: Pair = None, features=None,
+             **options):  # fmt: skip
+    """Any method of the table (``featcache.evaluation.methods``) on a store, or on in-memory
+    ``train=(x, y), test=(x, y)`` pairs: its typed result."""
+    from featcache.evaluation.methods import METHODS, run, run_in_memory
+
+    if method not in METHODS:
+        raise TypeError(f"unknown method {method!r}; the methods: {sorted(METHODS)}")
+    m = METHODS[method]
+    cfg = config(m.config, options)
     if store is not None and (train is not None or test is not None):
         raise TypeError("give a store, or train=(x, y) and test=(x, y), not both")
-    if store is None and (train is None or test is None):
-        raise TypeError("give a store, or train=(x, y) and test=(x, y)")
-    if store is None:
-        if features is not None:
-            raise TypeError("features= names a store's feature set; in-memory features have one")
-        return None
-    return store if isinstance(store, Store) else Store(store)
+    if store is not None:
+        return RESULTS[method].of(run(store, method, cfg, features))
+    if test is None or (train is None and m.pair):
+        raise TypeError(
+            "give a store, or train=(x, y) and test=(x, y)" + ("" if m.pair else " (or test only)")
+        )
+    if features is not None:
+        raise TypeError("features= names a store's feature set; in-memory features have one")
+    return RESULTS[method].of(run_in_memory(method, cfg, train, test))
 
 
-def _arrays(pair: Pair) -> Pair:
-    x, y = pair
-    return np.asarray(x, dtype=np.float32), np.asarray(y, dtype=np.int64)
-
-
-def _in_memory(train: Pair, test: Pair) -> tuple[Pair, Pair, int]:
-    """float32 features and int64 labels of both splits, and the number of classes."""
-    (xtr, ytr), (xte, yte) = _arrays(train), _arrays(test)
-    return (xtr, ytr), (xte, yte), int(max(ytr.max(), yte.max())) + 1
-
-
-def extract(backbone: str, dataset: str, out: str | Path, **options) -> Store:
+def extract(backbone: str, dataset: str, out: str | Path, clock=None, **options) -> ExtractResult:
     """Run ``backbone`` once over ``dataset`` into the store ``out`` (resuming unfinished
-    work) and return it. Options: those of ``featcache extract``, as ``ExtractConfig``."""
+    work): the extraction's result, whose ``store`` is the store. Options: those of
+    ``featcache extract``, as ``ExtractConfig``; ``per_class`` sets both splits' subsets."""
     from featcache.extraction.extract import ExtractConfig
     from featcache.extraction.extract import extract as run
 
-    per_class = options.pop("per_class", None)  # as --per-class: both splits
+    per_class = options.pop("per_class", None)
     if per_class is not None:
         options = {"train_per_class": per_class, "test_per_class": per_class, **options}
-    cfg = _config(ExtractConfig, {"backbone": backbone, "dataset": dataset, "out": str(out),
-                                  "progress": False, **options})  # fmt: skip
-    return Store(run(cfg).path)
+    cfg = config(ExtractConfig, {"backbone": backbone, "dataset": dataset, "out": str(out),
+                                 "progress": False, **options})  # fmt: skip
+    return ExtractResult.of(run(cfg, clock).to_dict())
 
 
-def probe(store=None, *, train: Pair = None, test: Pair = None, features=None, **options):
-    """Linear probe (weight-decay sweep, early stopping, retrain) -> ``ProbeResult``."""
-    from featcache.evaluation.probe import ProbeConfig, fit_probe, run_probe
-
-    cfg = _config(ProbeConfig, options)
-    source = _source(store, train, test, features)
-    if source is not None:
-        return ProbeResult.of(run_probe(source, cfg, features))
-    if cfg.max_memory is not None:
-        raise TypeError("max_memory bounds what is read from a store; these features are in memory")
-    (xtr, ytr), (xte, yte), num_classes = _in_memory(train, test)
-    return ProbeResult.of(fit_probe(xtr, ytr, xte, yte, num_classes, cfg))
+def probe(store=None, *, train=None, test=None, features=None, **options) -> ProbeResult:
+    """DINO-style linear probe (SGD heads, a weight-decay sweep with early stopping, then a
+    retrain) -> ``ProbeResult``. Options: ``featcache probe``'s, as ``ProbeConfig``."""
+    return evaluate("probe", store, train, test, features, **options)
 
 
-def knn(store=None, *, train: Pair = None, test: Pair = None, features=None, **options):
-    """Weighted k-NN classification (faiss) -> ``KnnResult``."""
-    from featcache.evaluation.knn import KnnConfig, knn_evaluate, run_knn
-
-    cfg = _config(KnnConfig, options)
-    source = _source(store, train, test, features)
-    if source is not None:
-        return KnnResult.of(run_knn(source, cfg, features))
-    if cfg.max_memory is not None:
-        raise TypeError("max_memory bounds what is read from a store; these features are in memory")
-    (xtr, ytr), (xte, yte), num_classes = _in_memory(train, test)
-    rows = knn_evaluate(xtr, ytr, xte, yte, num_classes, cfg.ks, cfg.temperature, cfg.query_batch)
-    return KnnResult.of({"results": rows})
+def knn(store=None, *, train=None, test=None, features=None, **options) -> KnnResult:
+    """Weighted k-NN classification as DINO's eval_knn.py (faiss, T = 0.07) -> ``KnnResult``.
+    Options: ``featcache knn``'s, as ``KnnConfig``."""
+    return evaluate("knn", store, train, test, features, **options)
 
 
-def cluster(store=None, *, features=None, split: str = "test", x=None, y=None, **options):
-    """k-means scored by NMI, ARI and cluster accuracy -> ``ClusterResult``; on a store's
-    ``split``, or on ``x`` (N, D) and labels ``y``."""
-    from featcache.evaluation.cluster import ClusterConfig, cluster_features, run_cluster
-
-    cfg = _config(ClusterConfig, options)
-    if (store is None) == (x is None or y is None):
-        raise TypeError("give a store, or x and y")
-    if store is not None:
-        return ClusterResult.of(run_cluster(store, cfg, features, split))
-    x, y = _arrays((x, y))
-    return ClusterResult.of(cluster_features(x, y, cfg))
+def cluster(store=None, *, train=None, test=None, features=None, **options) -> ClusterResult:
+    """k-means with as many clusters as classes, scored by NMI, ARI and cluster accuracy, on
+    the ``split`` option's split (default test) -> ``ClusterResult``."""
+    return evaluate("cluster", store, train, test, features, **options)
 
 
-def shots(store=None, *, train: Pair = None, test: Pair = None, features=None, **options):
+def shots(store=None, *, train=None, test=None, features=None, **options) -> ShotsResult:
     """Label efficiency: probe and k-NN with k labelled images per class -> ``ShotsResult``.
     ``probe`` takes a dict of probe options."""
-    from featcache.evaluation.probe import ProbeConfig
-    from featcache.studies.shots import ShotsConfig, run_shots, shots_features
-
-    if isinstance(options.get("probe"), dict):
-        options["probe"] = _config(ProbeConfig, options["probe"])
-    cfg = _config(ShotsConfig, options)
-    source = _source(store, train, test, features)
-    if source is not None:
-        return ShotsResult.of(run_shots(source, cfg, features))
-    return ShotsResult.of(shots_features(*_in_memory(train, test), cfg))
+    return evaluate("shots", store, train, test, features, **options)
 
 
-def retrieval(store=None, *, train: Pair = None, test: Pair = None, features=None, **options):
-    """Retrieval by class: test vs the training gallery, and test leave-one-out (mAP, mAP@R,
-    recall@k) -> ``RetrievalResult``."""
-    from featcache.evaluation.retrieval import RetrievalConfig, run_retrieval
-    from featcache.evaluation.retrieval import retrieval as compute
-
-    cfg = _config(RetrievalConfig, options)
-    source = _source(store, train, test, features)
-    if source is not None:
-        return RetrievalResult.of(run_retrieval(source, cfg, features))
-    train, test, _ = _in_memory(train, test)
-    return RetrievalResult.of(compute(train, test, cfg))
+def retrieval(store=None, *, train=None, test=None, features=None, **options) -> RetrievalResult:
+    """Retrieval by class (Musgrave et al. 2020's mAP@R, mAP, recall@k): test vs the training
+    gallery, and test leave-one-out -> ``RetrievalResult``."""
+    return evaluate("retrieval", store, train, test, features, **options)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -17,13 +18,17 @@ from featcache.errors import FeatcacheError
 
 
 def _friendly(fn):
-    """Bad input ends in one clear line on stderr and exit code 1, never a traceback."""
+    """Bad input (a FeatcacheError) ends in one clear line on stderr and exit code 1; any other
+    exception is a bug and keeps its traceback. ``--debug`` (or FEATCACHE_DEBUG=1) shows the
+    traceback of bad input too."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (FeatcacheError, ValueError) as exc:
+        except FeatcacheError as exc:
+            if os.environ.get("FEATCACHE_DEBUG"):
+                raise
             raise click.ClickException(str(exc)) from exc
         except KeyboardInterrupt:
             click.echo(
@@ -34,27 +39,35 @@ def _friendly(fn):
     return wrapper
 
 
-def _ints(value: str | None, name: str) -> tuple[int, ...] | None:
-    if value is None:
-        return None
-    try:
-        return tuple(int(v) for v in value.split(",") if v.strip())
-    except ValueError:
-        raise click.BadParameter(
-            f"expected comma-separated integers, got {value!r}", param_hint=name
-        ) from None
+# Where each command's config dataclass lives: its fields are the command's options (by the
+# same names) and their defaults the options' defaults.
+CONFIGS = {
+    "extract": ("featcache.extraction.extract", "ExtractConfig"),
+    "probe": ("featcache.evaluation.probe", "ProbeConfig"),
+    "knn": ("featcache.evaluation.knn", "KnnConfig"),
+    "cluster": ("featcache.evaluation.cluster", "ClusterConfig"),
+    "retrieval": ("featcache.evaluation.retrieval", "RetrievalConfig"),
+    "shots": ("featcache.evaluation.shots", "ShotsConfig"),
+    "report": ("featcache.studies.report", "ReportConfig"),
+    "simclr": ("featcache.pretraining.simclr", "SimCLRConfig"),
+    "attention": ("featcache.extraction.attention", "AttentionConfig"),
+}
 
 
-def _default(method: str, name: str):
-    """A method's default, from its config dataclass (the one place defaults are written),
-    read when first needed: a run or ``--help`` of that command (see ``_Option``), so that the
-    CLI starts without importing every method's libraries. Tuples as comma-separated text."""
+def config_class(command: str) -> type:
+    import importlib
+
+    module, cls = CONFIGS[command]
+    return getattr(importlib.import_module(module), cls)
+
+
+def _default(command: str, name: str):
+    """A config field's default (the one place defaults are written), read when first needed:
+    a run or ``--help`` of that command (see ``_Option``), so that the CLI starts without
+    importing every method's libraries. Tuples as comma-separated text."""
 
     def read():
-        import importlib
-
-        module, cls = _CONFIGS[method]
-        value = getattr(importlib.import_module(module), cls).__dataclass_fields__[name].default
+        value = config_class(command).__dataclass_fields__[name].default
         return ",".join(map(str, value)) if isinstance(value, tuple) else value
 
     return read
@@ -69,15 +82,36 @@ class _Option(click.Option):
 
 _option = functools.partial(click.option, cls=_Option)
 
-_CONFIGS = {
-    "extract": ("featcache.extraction.extract", "ExtractConfig"),
-    "probe": ("featcache.evaluation.probe", "ProbeConfig"),
-    "knn": ("featcache.evaluation.knn", "KnnConfig"),
-    "cluster": ("featcache.evaluation.cluster", "ClusterConfig"),
-    "retrieval": ("featcache.evaluation.retrieval", "RetrievalConfig"),
-    "shots": ("featcache.studies.shots", "ShotsConfig"),
-    "report": ("featcache.studies.report", "ReportConfig"),
-}
+
+def field_option(command: str, name: str, *aliases: str, **kw):
+    """The option of config field ``name`` (``--max-epochs`` for ``max_epochs``), its default
+    the field's, with the spellings users already type as ``aliases``."""
+    flag = "--" + name.replace("_", "-")
+    decls = (f"{flag}/--no-{flag[2:]}", *aliases) if kw.pop("flag", False) else (flag, *aliases)
+    return _option(*decls, name, default=_default(command, name), show_default=True, **kw)
+
+
+def options_of(command: str, kw: dict) -> dict:
+    """The values of a command's config fields among its options, typed as the fields are:
+    comma-separated text becomes a tuple of ints or floats."""
+    import dataclasses
+
+    out = {}
+    for f in dataclasses.fields(config_class(command)):
+        if f.name not in kw:
+            continue
+        value = kw[f.name]
+        if isinstance(value, str) and str(f.type).startswith("tuple["):
+            item = {"float": float, "int": int}.get(str(f.type)[6:].split(",")[0], str)
+            try:
+                value = tuple(item(v) for v in value.split(",") if v.strip())
+            except ValueError:
+                raise click.BadParameter(
+                    f"expected comma-separated numbers, got {value!r}",
+                    param_hint="--" + f.name.replace("_", "-"),
+                ) from None
+        out[f.name] = value
+    return out
 
 
 def _write_json(result: dict, path: str | None) -> None:
@@ -89,13 +123,16 @@ def _write_json(result: dict, path: str | None) -> None:
 
 @click.group()
 @click.version_option(__version__, prog_name="featcache")
-@_option("-v", "--verbose", is_flag=True, help="Log progress details.")
-def main(verbose: bool) -> None:
+@_option("-v", "--verbose", is_flag=True, help="Log progress details (extract: its phases).")
+@_option("--debug", is_flag=True, help="Show the traceback of every error.")
+def main(verbose: bool, debug: bool) -> None:
     """Extract frozen-backbone features once into HDF5; probe and k-NN them in seconds."""
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(message)s"
     )
     logging.getLogger("featcache").setLevel(logging.INFO)
+    if debug:
+        os.environ["FEATCACHE_DEBUG"] = "1"
 
 
 @main.command()
@@ -117,217 +154,161 @@ def backbones() -> None:
 @main.command()
 @_option(
     "--backbone",
+    "backbone",
     required=True,
     help="A named entry, timm:NAME[.TAG] or hf:REPO (see `featcache backbones`).",
 )
 @_option(
     "--dataset",
+    "dataset",
     required=True,
     help="A standard dataset (cifar10, cifar100, ...), imagefolder:DIR or csv:FILE; "
     "see `featcache datasets`.",
 )
-@_option("--out", required=True, type=click.Path(dir_okay=False), help="Store to write.")
-@_option("--weights", default=None, help="Local weights: directory or .safetensors file.")
-@_option(
-    "--data-root",
-    default=None,
-    help="Where standard datasets lie in torchvision's layout, or are downloaded (data/).",
+@_option("--out", "out", required=True, type=click.Path(dir_okay=False), help="Store to write.")
+@field_option("extract", "weights", help="Local weights: directory or .safetensors file.")
+@field_option(
+    "extract",
+    "data_root",
+    help="Where standard datasets lie in torchvision's layout, or are downloaded.",
 )
-@_option("--splits", default=_default("extract", "splits"), show_default=True)
+@field_option("extract", "splits")
 @_option("--per-class", type=int, default=None, help="Images per class in every split.")
-@_option("--train-per-class", type=int, default=None)
-@_option("--test-per-class", type=int, default=None)
-@_option(
-    "--seed",
+@field_option("extract", "train_per_class", type=int)
+@field_option("extract", "test_per_class", type=int)
+@field_option("extract", "seed", type=int, help="Seed of the subsets.")
+@field_option("extract", "device", type=click.Choice(DEVICES))
+@field_option("extract", "precision", type=click.Choice(PRECISIONS))
+@field_option("extract", "batch_size", type=int)
+@field_option(
+    "extract",
+    "workers",
     type=int,
-    default=_default("extract", "seed"),
-    show_default=True,
-    help="Seed of the subsets.",
+    help="Image decoding processes [none on the CPU, up to 8 with a GPU].",
 )
-@_option(
-    "--device",
-    type=click.Choice(DEVICES),
-    default=_default("extract", "device"),
-    show_default=True,
+@field_option("extract", "shard_size", type=int)
+@field_option(
+    "extract", "views", type=int, help="Views per training image, the clean one included."
 )
-@_option(
-    "--precision",
-    type=click.Choice(PRECISIONS),
-    default=_default("extract", "precision"),
-    show_default=True,
+@field_option(
+    "extract", "augment", help="Augmentations of views 1.. (crop, flip, jitter, rotate, gray)."
 )
-@_option("--batch-size", type=int, default=_default("extract", "batch_size"), show_default=True)
-@_option(
-    "--workers",
-    type=int,
-    default=None,
-    help="Image decoding processes [default: none on the CPU, up to 8 with a GPU].",
+@field_option(
+    "extract", "skip_bad", flag=True, help="Record unreadable images as skipped and go on."
 )
-@_option("--shard-size", type=int, default=_default("extract", "shard_size"), show_default=True)
-@_option(
-    "--views",
-    type=int,
-    default=_default("extract", "views"),
-    show_default=True,
-    help="Views per training image, the clean one included.",
-)
-@_option(
-    "--augment",
-    default=_default("extract", "augment"),
-    show_default=True,
-    help="Augmentations of views 1.. (crop, flip, jitter, rotate, gray).",
-)
-@_option("--skip-bad", is_flag=True, help="Record unreadable images as skipped and go on.")
-@_option("--overwrite", is_flag=True, help="Replace a store made with another spec.")
-@_option("--no-progress", is_flag=True, help="No progress bar.")
-@_option("--no-freeze", is_flag=True, help="Run the eager model (no TorchScript freezing).")
-@_option(
-    "--compile",
-    "compile_model",
-    is_flag=True,
+@field_option("extract", "overwrite", flag=True, help="Replace a store made with another spec.")
+@field_option("extract", "progress", flag=True, help="A progress bar.")
+@field_option("extract", "channels_last", flag=True, help="Images in channels_last layout.")
+@field_option("extract", "freeze", flag=True, help="TorchScript-freeze CNNs on the CPU.")
+@field_option(
+    "extract",
+    "compile",
+    flag=True,
     help="torch.compile the backbone: pays on long runs (compiling takes tens of seconds).",
 )
-@_option(
-    "--dtype",
+@field_option(
+    "extract",
+    "dtype",
     type=click.Choice(["float32", "float16"]),
-    default=_default("extract", "dtype"),
-    show_default=True,
     help="How features are stored: float16 halves disk and memory (readers use float32).",
 )
 @_option("--json", "json_out", default=None, help="Write the result, phases timed, as JSON.")
 @_friendly
 def extract(**kw) -> None:
     """Run a frozen backbone once over a dataset into an HDF5 feature store."""
+    import featcache.api as api
     from featcache.extraction.clock import PhaseClock
-    from featcache.extraction.extract import ExtractConfig
-    from featcache.extraction.extract import extract as run
 
     clock = PhaseClock.since_process_start()
-
-    per_class = kw.pop("per_class")
-    cfg = ExtractConfig(
-        backbone=kw["backbone"],
-        dataset=kw["dataset"],
-        out=kw["out"],
-        weights=kw["weights"],
-        data_root=kw["data_root"],
-        splits=tuple(s.strip() for s in kw["splits"].split(",") if s.strip()),
-        train_per_class=kw["train_per_class"] if kw["train_per_class"] is not None else per_class,
-        test_per_class=kw["test_per_class"] if kw["test_per_class"] is not None else per_class,
-        seed=kw["seed"],
-        device=kw["device"],
-        precision=kw["precision"],
-        batch_size=kw["batch_size"],
-        workers=kw["workers"],
-        shard_size=kw["shard_size"],
-        views=kw["views"],
-        augment=kw["augment"],
-        skip_bad=kw["skip_bad"],
-        overwrite=kw["overwrite"],
-        progress=not kw["no_progress"],
-        freeze=not kw["no_freeze"],
-        compile=kw["compile_model"],
-        dtype=kw["dtype"],
-    )
-    result = run(cfg, clock)
+    per_class, json_out = kw.pop("per_class"), kw.pop("json_out")
+    for split in ("train", "test"):
+        if kw[f"{split}_per_class"] is None:
+            kw[f"{split}_per_class"] = per_class
+    options = options_of("extract", kw)
+    args = [options.pop(k) for k in ("backbone", "dataset", "out")]
+    result = api.extract(*args, clock=clock, **options).to_dict()
     if writes_results():
-        _write_json(result.to_dict(), kw["json_out"])
-    if result.images == 0 and result.resumed_images == 0:
-        click.echo(f"{result.path} is already complete (same fingerprint); nothing to do")
+        _write_json(result, json_out)
+    if result["images"] == 0 and result["resumed_images"] == 0:
+        click.echo(f"{result['path']} is already complete (same fingerprint); nothing to do")
         return
-    for split, ids in result.skipped.items():
+    for split, ids in result["skipped"].items():
         if ids:
             click.echo(f"skipped {len(ids)} unreadable images in {split} (recorded in the store)")
-    resumed = f", {result.resumed_images} resumed from shards" if result.resumed_images else ""
-    views = (
-        f" ({result.forward_images} forward passes with views)"
-        if result.forward_images != result.images
-        else ""
-    )
+    resumed = result["resumed_images"]
+    resumed = f", {resumed} resumed from shards" if resumed else ""
+    forwards = result["forward_images"]
+    views = f" ({forwards} forward passes with views)" if forwards != result["images"] else ""
     click.echo(
-        f"extracted {result.images} images{views} in {result.seconds:.1f} s "
-        f"({result.images_per_second:.1f} images/s){resumed} -> {result.path}"
+        f"extracted {result['images']} images{views} in {result['seconds']:.1f} s "
+        f"({result['images_per_second']:.1f} images/s){resumed} -> {result['path']}"
     )
+
+
+def _store_options(fn):
+    fn = _option("--features", default=None, help="Feature set (default: the backbone's first).")(
+        fn
+    )
+    return _option("--store", required=True, type=click.Path(dir_okay=False))(fn)
+
+
+def _evaluate(method: str, kw: dict, **extra) -> dict | None:
+    """``method`` through the API on ``--store``; its JSON written (``--json``); the result
+    where this process writes results (rank 0 under torchrun), else None."""
+    import featcache.api as api
+
+    options = {**options_of(method, kw), **extra}
+    result = api.evaluate(method, kw["store"], features=kw["features"], **options).to_dict()
+    if not writes_results():
+        return None
+    _write_json(result, kw["json_out"])
+    return result
 
 
 @main.command()
-@_option("--store", required=True, type=click.Path(dir_okay=False))
-@_option("--features", default=None, help="Feature set (default: the backbone's first).")
-@_option("--weight-decays", default=None, help="Comma-separated sweep grid.")
-@_option("--val-fraction", type=float, default=_default("probe", "val_fraction"), show_default=True)
-@_option(
-    "--epochs",
-    type=int,
-    default=_default("probe", "max_epochs"),
-    show_default=True,
-    help="Most epochs per head.",
-)
-@_option("--patience", type=int, default=_default("probe", "patience"), show_default=True)
-@_option("--batch-size", type=int, default=_default("probe", "batch_size"), show_default=True)
-@_option("--lr", type=float, default=_default("probe", "lr"), show_default=True)
-@_option("--seed", type=int, default=_default("probe", "seed"), show_default=True)
-@_option(
-    "--device", type=click.Choice(DEVICES), default=_default("probe", "device"), show_default=True
-)
-@_option(
-    "--views/--no-views",
-    default=_default("probe", "use_views"),
-    show_default=True,
+@_store_options
+@field_option("probe", "weight_decays", help="The sweep's grid.")
+@field_option("probe", "val_fraction", type=float)
+@field_option("probe", "max_epochs", "--epochs", type=int, help="Most epochs per head.")
+@field_option("probe", "patience", type=int)
+@field_option("probe", "batch_size", type=int)
+@field_option("probe", "lr", type=float)
+@field_option("probe", "momentum", type=float)
+@field_option("probe", "seed", type=int)
+@field_option("probe", "device", type=click.Choice(DEVICES))
+@field_option(
+    "probe",
+    "views",
+    flag=True,
     help="Also train on the store's augmented views (extract --views K).",
 )
+@field_option("probe", "max_memory", help="Hold at most about SIZE of features at once "
+              "(e.g. 2GiB): the store is read in chunks.")  # fmt: skip
+@_option("--shots", default=None, help="Label efficiency: labelled images per class, e.g. 1,5,10.")
 @_option(
-    "--shots", default=None, help="Label efficiency: labelled images per class, e.g. 1,5,10,100."
-)
-@_option(
+    "--label-fractions",
     "--label-fraction",
+    "label_fractions",
     default=None,
     help="Label efficiency: fractions of the labels, e.g. 0.01,0.1,1.0.",
 )
-@_option(
-    "--repeats",
-    type=int,
-    default=_default("shots", "repeats"),
-    show_default=True,
-    help="Label efficiency: random labelled subsets per budget.",
-)
-@_option(
-    "--max-memory",
-    default=None,
-    help="Hold at most about SIZE of features at once (e.g. 2GiB): the store is read in chunks.",
-)
+@field_option("shots", "repeats", type=int, help="Label efficiency: labelled subsets per budget.")
 @_option("--json", "json_out", default=None, help="Write the full result as JSON.")
 @_option("--plot", default=None, help="Write per-epoch curves as PNG.")
 @_friendly
 def probe(**kw) -> None:
-    """Train linear heads on a store's features (weight-decay sweep, early stopping)."""
-    import featcache.api as api
-    from featcache.evaluation.probe import plot_probe
-
-    options = dict(
-        val_fraction=kw["val_fraction"],
-        max_epochs=kw["epochs"],
-        patience=kw["patience"],
-        batch_size=kw["batch_size"],
-        lr=kw["lr"],
-        seed=kw["seed"],
-        device=kw["device"],
-        use_views=kw["views"],
-        max_memory=kw["max_memory"],
-    )
-    if kw["weight_decays"]:
-        try:
-            options["weight_decays"] = tuple(float(v) for v in kw["weight_decays"].split(","))
-        except ValueError:
-            raise click.BadParameter(kw["weight_decays"], param_hint="--weight-decays") from None
-    if kw["shots"] or kw["label_fraction"]:
+    """Train linear heads on a store's features (weight-decay sweep, early stopping); with
+    --shots or --label-fractions, the label-efficiency study (the shots method)."""
+    if kw["shots"] or kw["label_fractions"]:
         if kw["max_memory"]:
             raise click.UsageError("--max-memory bounds the probe only, not --shots studies")
-        return _label_efficiency({**options, "max_memory": None}, kw)
-    result = api.probe(kw["store"], features=kw["features"], **options).to_dict()
-    if not writes_results():
+        return _label_efficiency(kw)
+    result = _evaluate("probe", kw)
+    if result is None:
         return
-    _write_json(result, kw["json_out"])
     if kw["plot"]:
+        from featcache.evaluation.probe import plot_probe
+
         plot_probe(result, kw["plot"])
     t, sel = result["test"], result["selected"]
     lo, hi = t["top1_ci95"]
@@ -340,23 +321,12 @@ def probe(**kw) -> None:
     )
 
 
-def _label_efficiency(probe_options: dict, kw) -> None:
-    import featcache.api as api
-
-    try:
-        fractions = tuple(float(v) for v in (kw["label_fraction"] or "").split(",") if v)
-    except ValueError:
-        raise click.BadParameter(kw["label_fraction"], param_hint="--label-fraction") from None
-    result = api.shots(
-        kw["store"],
-        features=kw["features"],
-        shots=_ints(kw["shots"], "--shots") or (),
-        fractions=fractions,
-        repeats=kw["repeats"],
-        seed=kw["seed"],
-        probe=probe_options,
-    ).to_dict()
-    _write_json(result, kw["json_out"])
+def _label_efficiency(kw: dict) -> None:
+    probe = {k: v for k, v in options_of("probe", kw).items() if k != "max_memory"}
+    shots = {k: kw[k] or "" for k in ("shots", "label_fractions")}
+    result = _evaluate("shots", {**kw, **shots}, probe=probe, seed=kw["seed"])
+    if result is None:
+        return
     click.echo(
         f"label efficiency {result['backbone']}/{result['features']} "
         f"(weight decay {result['weight_decay']:g}, {kw['repeats']} repeats):"
@@ -370,55 +340,39 @@ def _label_efficiency(probe_options: dict, kw) -> None:
 
 
 @main.command()
-@_option("--store", required=True, type=click.Path(dir_okay=False))
-@_option("--features", default=None, help="Feature set (default: the backbone's first).")
-@_option("--split", default="test", show_default=True)
-@_option("--clusters", type=int, default=None, help="Default: the number of classes.")
-@_option("--restarts", type=int, default=_default("cluster", "restarts"), show_default=True)
-@_option("--seed", type=int, default=_default("cluster", "seed"), show_default=True)
+@_store_options
+@field_option("cluster", "split")
+@field_option("cluster", "clusters", type=int, help="Default: the number of classes.")
+@field_option("cluster", "iterations", type=int)
+@field_option("cluster", "restarts", type=int)
+@field_option("cluster", "seed", type=int)
 @_option("--json", "json_out", default=None, help="Write the result as JSON.")
 @_friendly
 def cluster(**kw) -> None:
     """Label-free check: k-means on the features, scored by NMI, ARI and cluster accuracy."""
-    import featcache.api as api
-
-    json_out, features, split = kw.pop("json_out"), kw.pop("features"), kw.pop("split")
-    result = api.cluster(kw.pop("store"), features=features, split=split, **kw).to_dict()
-    _write_json(result, json_out)
-    click.echo(
-        f"k-means {result['backbone']}/{result['features']} ({result['clusters']} clusters, "
-        f"{result['split']}): NMI {result['nmi']:.2f}  ARI {result['ari']:.2f}  "
-        f"accuracy {result['accuracy']:.2f}%"
-    )
+    result = _evaluate("cluster", kw)
+    if result is not None:
+        click.echo(
+            f"k-means {result['backbone']}/{result['features']} ({result['clusters']} "
+            f"clusters, {result['split']}): NMI {result['nmi']:.2f}  ARI {result['ari']:.2f}  "
+            f"accuracy {result['accuracy']:.2f}%"
+        )
 
 
 @main.command()
-@_option("--store", required=True, type=click.Path(dir_okay=False))
-@_option("--features", default=None, help="Feature set (default: the backbone's first).")
-@_option("--k", "ks", default=_default("knn", "ks"), show_default=True)
-@_option("--temperature", type=float, default=_default("knn", "temperature"), show_default=True)
-@_option(
-    "--max-memory",
-    default=None,
-    help="Hold at most SIZE of features at once (e.g. 2GiB): the store is read in chunks, "
-    "with exactly the in-memory result.",
-)
+@_store_options
+@field_option("knn", "k", "--ks")
+@field_option("knn", "temperature", type=float)
+@field_option("knn", "query_batch", type=int)
+@field_option("knn", "max_memory", help="Hold at most SIZE of features at once (e.g. 2GiB): "
+              "the store is read in chunks, with exactly the in-memory result.")  # fmt: skip
 @_option("--json", "json_out", default=None, help="Write the result as JSON.")
 @_friendly
 def knn(**kw) -> None:
     """Weighted k-NN classification of the test split by the train split (faiss)."""
-    import featcache.api as api
-
-    result = api.knn(
-        kw["store"],
-        features=kw["features"],
-        ks=_ints(kw["ks"], "--k"),
-        temperature=kw["temperature"],
-        max_memory=kw["max_memory"],
-    ).to_dict()
-    if not writes_results():
+    result = _evaluate("knn", kw)
+    if result is None:
         return
-    _write_json(result, kw["json_out"])
     click.echo(f"k-NN {result['backbone']}/{result['features']} (T={kw['temperature']}):")
     for r in result["results"]:
         lo, hi = r["top1_ci95"]
@@ -429,19 +383,16 @@ def knn(**kw) -> None:
 
 
 @main.command()
-@_option("--store", required=True, type=click.Path(dir_okay=False))
-@_option("--features", default=None, help="Feature set (default: the backbone's first).")
-@_option("--recall-at", default=_default("retrieval", "recall_at"), show_default=True)
+@_store_options
+@field_option("retrieval", "recall_at")
+@field_option("retrieval", "query_batch", type=int)
 @_option("--json", "json_out", default=None, help="Write the result as JSON.")
 @_friendly
 def retrieval(**kw) -> None:
     """Retrieval by class: test images query the training gallery, and each other."""
-    import featcache.api as api
-
-    result = api.retrieval(
-        kw["store"], features=kw["features"], recall_at=_ints(kw["recall_at"], "--recall-at")
-    ).to_dict()
-    _write_json(result, kw["json_out"])
+    result = _evaluate("retrieval", kw)
+    if result is None:
+        return
     click.echo(f"retrieval {result['backbone']}/{result['features']} (relevant: same class):")
     for name, title in (("train_gallery", "test vs train"), ("test_loo", "test leave-one-out")):
         r = result[name]
@@ -491,44 +442,46 @@ def pretrain() -> None:
 @pretrain.command()
 @_option(
     "--dataset",
+    "dataset",
     required=True,
     help="A standard dataset (cifar10, cifar100, ...), imagefolder:DIR or csv:FILE; "
     "see `featcache datasets`.",
 )
-@_option("--out", required=True, type=click.Path(file_okay=False), help="Run directory.")
-@_option(
-    "--data-root",
-    default=None,
-    help="Where standard datasets lie in torchvision's layout, or are downloaded (data/).",
+@_option("--out", "out", required=True, type=click.Path(file_okay=False), help="Run directory.")
+@field_option(
+    "simclr",
+    "data_root",
+    help="Where standard datasets lie in torchvision's layout, or are downloaded.",
 )
-@_option("--arch", type=click.Choice(["resnet18"]), default="resnet18", show_default=True)
-@_option("--width", type=int, default=64, show_default=True, help="Stage-1 channels.")
-@_option("--epochs", type=int, default=100, show_default=True)
-@_option("--batch-size", type=int, default=512, show_default=True)
-@_option("--lr", type=float, default=0.06, show_default=True, help="Per 256 images.")
-@_option("--weight-decay", type=float, default=5e-4, show_default=True)
-@_option("--warmup-epochs", type=float, default=10, show_default=True)
-@_option("--temperature", type=float, default=0.5, show_default=True)
-@_option("--knn-every", type=int, default=10, show_default=True)
-@_option("--train-per-class", type=int, default=None)
-@_option("--test-per-class", type=int, default=None)
-@_option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
-@_option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True)
-@_option("--seed", type=int, default=0, show_default=True)
-@_option(
-    "--time-limit",
+@field_option("simclr", "arch", type=click.Choice(["resnet18"]))
+@field_option("simclr", "width", type=int, help="Stage-1 channels.")
+@field_option("simclr", "image_size", type=int)
+@field_option("simclr", "epochs", type=int)
+@field_option("simclr", "batch_size", type=int)
+@field_option("simclr", "lr", type=float, help="Per 256 images.")
+@field_option("simclr", "weight_decay", type=float)
+@field_option("simclr", "warmup_epochs", type=float)
+@field_option("simclr", "temperature", type=float)
+@field_option("simclr", "knn_every", type=int)
+@field_option("simclr", "train_per_class", type=int)
+@field_option("simclr", "test_per_class", type=int)
+@field_option("simclr", "device", type=click.Choice(DEVICES))
+@field_option("simclr", "precision", type=click.Choice(PRECISIONS))
+@field_option("simclr", "seed", type=int)
+@field_option(
+    "simclr",
+    "time_limit",
     type=float,
-    default=None,
     help="Seconds of training: the schedule is sized during warm-up to end within them.",
 )
-@_option("--checkpoint-every", type=int, default=1, show_default=True, help="Epochs.")
+@field_option("simclr", "checkpoint_every", type=int, help="Epochs.")
 @_friendly
 def simclr(**kw) -> None:
     """SimCLR on a dataset's training images; RUN_DIR then serves as --weights."""
     from featcache.pretraining.simclr import SimCLRConfig
     from featcache.pretraining.simclr import pretrain as run
 
-    result = run(SimCLRConfig(**kw))
+    result = run(SimCLRConfig(**options_of("simclr", kw)))
     last = result["history"][-1] if result["history"] else {}
     knn_msg = f", k-NN top-1 {last['knn_top1']:.2f}%" if "knn_top1" in last else ""
     click.echo(
@@ -549,7 +502,7 @@ def simclr(**kw) -> None:
 @_option("--backbone", default=None, help="With --images: a ViT entry, e.g. dino-vits16.")
 @_option("--weights", default=None, help="With --images: local weights (dir or file).")
 @_option("--images", multiple=True, help="Image files or folders to map into --out.")
-@_option("--max-images", type=int, default=4, show_default=True)
+@field_option("attention", "max_images", type=int)
 @_option("--out", default=None, help="PNG to write.")
 @_friendly
 def attention(store, backbone, weights, images, max_images, out) -> None:
@@ -577,21 +530,16 @@ def attention(store, backbone, weights, images, max_images, out) -> None:
 
 @main.command()
 @click.argument("stores", nargs=-1, required=True, type=click.Path(dir_okay=False))
-@_option("--out", required=True, help="HTML file to write.")
-@_option(
-    "--shots",
-    default=_default("report", "shots"),
-    show_default=True,
-    help="Label-efficiency budgets.",
-)
-@_option("--repeats", type=int, default=_default("report", "repeats"), show_default=True)
+@_option("--out", "out", required=True, help="HTML file to write.")
+@field_option("report", "k", "--ks", help="The k-NN's k.")
+@field_option("report", "shots", help="Label-efficiency budgets.")
+@field_option("report", "repeats", type=int)
+@field_option("report", "tsne_points", type=int)
+@field_option("report", "seed", type=int)
 @_friendly
-def report(stores, out, shots, repeats) -> None:
+def report(**kw) -> None:
     """One self-contained HTML page comparing stores (computes missing results)."""
     from featcache.studies.report import ReportConfig, build_report
 
-    cfg = ReportConfig(
-        stores=tuple(stores), out=out, shots=_ints(shots, "--shots") or (), repeats=repeats
-    )
-    path = build_report(cfg)
-    click.echo(f"report of {len(stores)} stores -> {path}")
+    path = build_report(ReportConfig(**options_of("report", kw)))
+    click.echo(f"report of {len(kw['stores'])} stores -> {path}")

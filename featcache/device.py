@@ -12,6 +12,8 @@ import os
 import threading
 from typing import TYPE_CHECKING
 
+from featcache.errors import ArgumentError
+
 if TYPE_CHECKING:
     import torch
 
@@ -23,11 +25,11 @@ def resolve_device(device: str) -> torch.device:
     import torch
 
     if device not in DEVICES and not device.startswith("cuda:"):
-        raise ValueError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
+        raise ArgumentError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda asked, but no CUDA GPU is visible; use --device cpu")
+        raise ArgumentError("--device cuda asked, but no CUDA GPU is visible; use --device cpu")
     return torch.device(device)
 
 
@@ -75,10 +77,12 @@ def resolve_precision(precision: str, device: torch.device, train: bool = False)
     import torch
 
     if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+        raise ArgumentError(
+            f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}"
+        )
     if precision != "auto":
         if precision == "fp16" and device.type == "cpu":
-            raise ValueError("--precision fp16 is not supported on the CPU; use bf16 or fp32")
+            raise ArgumentError("--precision fp16 is not supported on the CPU; use bf16 or fp32")
         return precision
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"

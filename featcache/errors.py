@@ -5,6 +5,11 @@ class FeatcacheError(Exception):
     """Base class: a problem with the user's input or environment, with what to do about it."""
 
 
+class ArgumentError(FeatcacheError, ValueError):
+    """An option or argument with a value featcache cannot use; the message says which and
+    what to pass instead."""
+
+
 class UnknownBackboneError(FeatcacheError, KeyError):
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0])

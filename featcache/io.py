@@ -13,7 +13,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from featcache.errors import OutputError, StoreError
+from featcache.errors import ArgumentError, OutputError, StoreError
 
 
 def check_output(path: str | Path, option: str = "--out") -> Path:
@@ -95,9 +95,9 @@ def parse_size(text: str) -> int:
     try:
         value = float(number) * units[unit]
     except (ValueError, KeyError):
-        raise ValueError(
+        raise ArgumentError(
             f"cannot read {text!r} as a size; write e.g. 2GiB, 512MiB or 1e9"
         ) from None
     if value < 1:
-        raise ValueError(f"size {text!r} is less than one byte")
+        raise ArgumentError(f"size {text!r} is less than one byte")
     return int(value)

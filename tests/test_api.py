@@ -66,16 +66,17 @@ def store(tmp_path_factory):
 @pytest.mark.parametrize(
     "command, call",
     [
-        (["probe", "--epochs", "5"], lambda s: featcache.probe(s, max_epochs=5)),
-        (["knn", "--k", "1,5"], lambda s: featcache.knn(s, ks=(1, 5))),
+        (["probe", "--max-epochs", "5"], lambda s: featcache.probe(s, max_epochs=5)),
+        (["probe", "--epochs", "5"], lambda s: featcache.probe(s, max_epochs=5)),  # an alias
+        (["knn", "--k", "1,5"], lambda s: featcache.knn(s, k=(1, 5))),
         (["cluster", "--seed", "3"], lambda s: featcache.cluster(s, seed=3)),
         (["retrieval", "--recall-at", "1,5"], lambda s: featcache.retrieval(s, recall_at=(1, 5))),
         (
-            ["probe", "--shots", "1,2", "--repeats", "2", "--epochs", "5"],
+            ["probe", "--shots", "1,2", "--repeats", "2", "--max-epochs", "5"],
             lambda s: featcache.shots(s, shots=(1, 2), repeats=2, probe={"max_epochs": 5}),
         ),
         (
-            ["probe", "--features", "maxpool", "--epochs", "5"],
+            ["probe", "--features", "maxpool", "--max-epochs", "5"],
             lambda s: featcache.probe(s, features="maxpool", max_epochs=5),
         ),
     ],
@@ -99,9 +100,9 @@ def test_in_memory_features_give_the_store_numbers(store):
     from_store = featcache.probe(s, max_epochs=5)
     from_arrays = featcache.probe(train=(x, y), test=(xt, yt), max_epochs=5)
     assert from_arrays.to_dict()["test"] == from_store.to_dict()["test"]
-    assert featcache.knn(train=(x, y), test=(xt, yt), ks=(5,)).top1 == {5: 100.0}
+    assert featcache.knn(train=(x, y), test=(xt, yt), k=(5,)).top1_at == {5: 100.0}
     assert featcache.retrieval(train=(x, y), test=(xt, yt)).map == featcache.retrieval(s).map
-    assert featcache.cluster(x=xt, y=yt).nmi == featcache.cluster(s).nmi
+    assert featcache.cluster(test=(xt, yt)).nmi == featcache.cluster(s).nmi
     shots = dict(shots=(2,), repeats=1, probe={"max_epochs": 5})
     assert (
         featcache.shots(train=(x, y), test=(xt, yt), **shots).probe_top1

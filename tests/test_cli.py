@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import click
 import h5py
 import pytest
 from click.testing import CliRunner
@@ -205,3 +206,75 @@ def test_cluster_and_label_efficiency_commands(run, store, tmp_path):
         assert x["probe_top1_mean"] >= 90  # colour classes: even one shot is enough
     r = run("probe", "--store", store, "--shots", "13")
     assert r.exit_code == 1 and "fewer than 13 shots" in r.output
+
+
+# Options that are not a field of their command's config, and why.
+NOT_FIELDS = {
+    "extract": {"per_class": "sets train_per_class and test_per_class", "json_out": "output"},
+    "probe": {
+        "store": "input",
+        "features": "input",
+        "json_out": "output",
+        "plot": "output",
+        "shots": "switches to the shots method (its field)",
+        "label_fractions": "the same",
+        "repeats": "the shots method's field",
+    },  # fmt: skip
+    "knn": {"store": "input", "features": "input", "json_out": "output"},
+    "cluster": {"store": "input", "features": "input", "json_out": "output"},
+    "retrieval": {"store": "input", "features": "input", "json_out": "output"},
+    "attention": {
+        "store": "input",
+        "backbone": "input",
+        "weights": "input",
+        "images": "input",
+        "out": "output",
+    },  # fmt: skip
+    "report": {},
+    "simclr": {},
+}
+# Config fields without an option, and why.
+NO_OPTION: dict[str, dict] = {}
+
+
+def _commands(group, prefix=()):
+    for name, cmd in group.commands.items():
+        if isinstance(cmd, click.Group):
+            yield from _commands(cmd, (*prefix, name))
+        else:
+            yield name, cmd
+
+
+def test_every_option_is_its_config_field_by_name_and_default():
+    """One vocabulary: an option is named after its config field (``--max-epochs`` for
+    ``max_epochs``; older spellings are aliases) and its default is the field's, written
+    only there."""
+    import dataclasses
+
+    from featcache.cli import CONFIGS, config_class
+
+    walked = set()
+    for name, cmd in _commands(main):
+        if name not in CONFIGS:
+            continue
+        walked.add(name)
+        fields = {f.name: f for f in dataclasses.fields(config_class(name))}
+        ctx = click.Context(cmd)
+        options = {p.name: p for p in cmd.params}
+        for param_name, param in options.items():
+            if param_name in NOT_FIELDS[name]:
+                continue
+            assert param_name in fields, f"{name} --{param_name} is no field of its config"
+            if isinstance(param, click.Argument):  # report's stores: the command's arguments
+                continue
+            flag = "--" + param_name.replace("_", "-")
+            assert flag in param.opts, (name, param.opts)
+            f = fields[param_name]
+            if f.default is dataclasses.MISSING:  # a field without default: a required option
+                assert param.required, (name, param_name)
+                continue
+            want = ",".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
+            assert param.get_default(ctx) == want, (name, param_name)
+        missing = set(fields) - set(options) - set(NO_OPTION.get(name, {}))
+        assert not missing, f"{name}: fields without an option: {missing}"
+    assert walked == set(CONFIGS) - {"shots"}  # shots runs as probe --shots

@@ -60,4 +60,4 @@ def test_config_validates():
     with pytest.raises(ValueError, match="--temperature"):
         KnnConfig(temperature=0)
     with pytest.raises(ValueError, match="--k"):
-        KnnConfig(ks=(0,))
+        KnnConfig(k=(0,))

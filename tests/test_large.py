@@ -33,8 +33,8 @@ def store(folder, tmp_path_factory):
 
 @pytest.mark.parametrize("budget", ["600", "3KiB", "1GiB"])  # a row is 4 x 16 bytes wide
 def test_bounded_knn_equals_the_in_memory_knn(store, budget):
-    in_memory = featcache.knn(store, ks=(1, 5, 20)).to_dict()
-    bounded = featcache.knn(store, ks=(1, 5, 20), max_memory=budget).to_dict()
+    in_memory = featcache.knn(store, k=(1, 5, 20)).to_dict()
+    bounded = featcache.knn(store, k=(1, 5, 20), max_memory=budget).to_dict()
     assert bounded["results"] == in_memory["results"]
     assert bounded["config"]["max_memory"] == parse_size(budget)
 
@@ -42,6 +42,7 @@ def test_bounded_knn_equals_the_in_memory_knn(store, budget):
 def test_bounded_knn_merges_chunks_like_one_search():
     """Random features, chunks of 7 training rows: the same neighbours as one faiss search,
     for all the queries and for a rank's share of them."""
+    from featcache.evaluation.data import Splits
     from featcache.evaluation.knn import KnnConfig, l2_normalize, neighbours_bounded, search
 
     rng = np.random.default_rng(0)
@@ -49,18 +50,11 @@ def test_bounded_knn_merges_chunks_like_one_search():
         rng.normal(size=(100, 8)).astype(np.float32),
         rng.normal(size=(40, 8)).astype(np.float32),
     )
-
-    class Fake:  # the part of Store that neighbours_bounded reads
-        sizes = {"train": 100, "test": 40}
-        fields = {"backbone": {"features": {"f": 8}}}
-
-        def rows(self, split, feature, a, b):
-            return (xtr if split == "train" else xte)[a:b]
-
-    cfg = KnnConfig(ks=(1, 3, 7), max_memory=2 * 4 * 8 * 7)  # 7 training rows a chunk
+    data = Splits.in_memory((xtr, np.zeros(100, int)), (xte, np.zeros(40, int)))
+    cfg = KnnConfig(k=(1, 3, 7), max_memory=2 * 4 * 8 * 7)  # 7 training rows a chunk
     want_s, want_i = search(l2_normalize(xtr), l2_normalize(xte), 7)
     for share in (slice(0, 40), slice(13, 29), slice(40, 40)):
-        sims, idx = neighbours_bounded(Fake(), "f", cfg, share)
+        sims, idx = neighbours_bounded(data, cfg, share)
         np.testing.assert_array_equal(idx, want_i[share])
         np.testing.assert_allclose(sims, want_s[share], rtol=0, atol=1e-6)
 

@@ -1,8 +1,16 @@
 import numpy as np
 import pytest
 
+from featcache.evaluation.data import Splits
 from featcache.evaluation.metrics import topk_accuracy
-from featcache.evaluation.probe import ProbeConfig, fit_probe, stratified_split
+from featcache.evaluation.probe import ProbeConfig, probe, stratified_split
+
+
+def fit_probe(x, y, xt, yt, num_classes, cfg, train_views=None):
+    """The probe on in-memory features (``num_classes`` as their labels say)."""
+    data = Splits.in_memory((x, y), (xt, yt), train_views)
+    assert data.num_classes == num_classes
+    return probe(data, cfg)
 
 
 def _blobs(n_per_class, classes, dim, scale, seed):

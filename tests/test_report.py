@@ -36,7 +36,7 @@ def report(stores, tmp_path):
     cfg = ReportConfig(
         stores=tuple(map(str, stores)),
         out=str(tmp_path / "report.html"),
-        ks=(1, 5),
+        k=(1, 5),
         shots=(1, 4),
         repeats=2,
         tsne_points=30,
@@ -62,7 +62,7 @@ def test_report_is_self_contained_and_caches_results(report):
 
 
 def _report(stores, out, **kw):
-    base = dict(ks=(1,), shots=(1,), repeats=1, tsne_points=6)
+    base = dict(k=(1,), shots=(1,), repeats=1, tsne_points=6)
     return build_report(
         ReportConfig(stores=tuple(map(str, stores)), out=str(out), **{**base, **kw})
     )
@@ -175,7 +175,7 @@ def test_cached_results_are_reused_only_when_their_config_covers_the_report(stor
     ):
         args = [command, "--store", str(store), *option, "--json", str(result_path(store, kind))]
         assert runner.invoke(main, args).exit_code == 0
-    page = _report([store], tmp_path / "r.html", ks=(1, 5)).read_text()
+    page = _report([store], tmp_path / "r.html", k=(1, 5)).read_text()
     knn = json.loads(result_path(store, "knn").read_text())
     assert [r["k"] for r in knn["results"]] == [1, 5]  # recomputed with every k shown
     probe = json.loads(result_path(store, "probe").read_text())
@@ -187,7 +187,7 @@ def test_cached_results_are_reused_only_when_their_config_covers_the_report(stor
     assert float(cells["k-NN top-1 (k=1)"]) >= 0 and float(cells["k-NN top-1 (k=5)"]) >= 0
     kinds = ("probe", "knn", "cluster", "shots", "retrieval")
     mtimes = [result_path(store, k).stat().st_mtime_ns for k in kinds]
-    _report([store], tmp_path / "r.html", ks=(5,))  # all covered (k=5 by k=1,5): all reused
+    _report([store], tmp_path / "r.html", k=(5,))  # all covered (k=5 by k=1,5): all reused
     assert [result_path(store, k).stat().st_mtime_ns for k in kinds] == mtimes
     assert not list(store.parent.glob(".*.tmp"))  # written whole, then renamed
 
@@ -204,7 +204,7 @@ for package in (featcache.evaluation, featcache.studies):  # every stage-2 modul
         importlib.import_module(m.name)
 from featcache.studies.report import ReportConfig, build_report
 page = build_report(ReportConfig(stores={every!r}, out={str(tmp_path / "r.html")!r},
-                                 ks=(1,), shots=(1,), repeats=1, tsne_points=6)).read_text()
+                                 k=(1,), shots=(1,), repeats=1, tsne_points=6)).read_text()
 assert 'alt="attention vit"' in page
 names = ("featcache", "transformers", "timm", "torchvision")
 print(json.dumps(sorted(m for m in sys.modules if m.startswith(names))))

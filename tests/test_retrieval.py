@@ -4,6 +4,7 @@ time, the textbook definitions)."""
 import numpy as np
 import pytest
 
+from featcache.evaluation.data import Splits
 from featcache.evaluation.retrieval import RetrievalConfig, retrieval, retrieval_metrics
 
 
@@ -50,7 +51,7 @@ def features():
 def test_both_protocols_equal_a_numpy_reference(features, batch):
     (xtr, ytr), (xte, yte) = features
     cfg = RetrievalConfig(recall_at=(1, 5, 10), query_batch=batch)
-    got = retrieval((xtr, ytr), (xte, yte), cfg)
+    got = retrieval(Splits.in_memory((xtr, ytr), (xte, yte)), cfg)
     want = {
         "train_gallery": _reference(xte, yte, xtr, ytr, (1, 5, 10), False),
         "test_loo": _reference(xte, yte, xte, yte, (1, 5, 10), True),

@@ -66,10 +66,10 @@ def test_a_time_limit_sizes_the_schedule_so_that_it_anneals(image_folder, tmp_pa
         epochs=200,
         warmup_epochs=2,
         knn_every=0,
-        time_limit=6 * per_epoch,
+        time_limit=max(2.0, 30 * per_epoch),  # whole seconds: a loaded machine's noise
     )
     history = pretrain(cfg)["history"]
-    assert 3 <= len(history) < 50
+    assert 3 <= len(history) < 200
     peak = cfg.lr * cfg.batch_size / 256
     assert history[1]["lr"] > 0.7 * peak  # warm-up ends at the peak
     assert history[-1]["lr"] < 0.2 * peak  # and the cosine ran out by the last epoch

@@ -18,7 +18,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from featcache.errors import UnknownBackboneError, UnsupportedModelError, WeightsError
+from featcache.errors import (
+    ArgumentError,
+    UnknownBackboneError,
+    UnsupportedModelError,
+    WeightsError,
+)
 from featcache.preprocessing import INTERPOLATIONS, Preprocess
 
 
@@ -293,7 +298,7 @@ def save_random_weights(name: str, root: str | Path) -> Path | None:
     if writer is not None:
         return writer(spec, root)
     if spec.needs_download or spec.needs_weights:
-        raise ValueError(f"no random weights writer for the family {spec.family!r} of {name}")
+        raise ArgumentError(f"no random weights writer for the family {spec.family!r} of {name}")
     return None
 
 

@@ -22,6 +22,7 @@ from featcache.datasets.split import (
     SPLITS,
     Split,
     balanced_subset,
+    open_image,
 )
 from featcache.datasets.standard import DATASETS, load_standard
 from featcache.errors import DatasetError
@@ -34,6 +35,7 @@ __all__ = [
     "dataset_identity",
     "describe",
     "load_dataset",
+    "open_image",
 ]
 
 

@@ -18,6 +18,22 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".
 SPLITS = ("train", "test")
 
 
+def open_image(path: Path) -> Image.Image:
+    """Decode an image file (any mode), refusing decompression bombs. Raises BadImageError,
+    naming the file."""
+    try:
+        with warnings.catch_warnings():
+            # PIL only warns between MAX_IMAGE_PIXELS and twice that; refuse those too.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(path)
+            img.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise BadImageError(str(path), f"decompression bomb refused ({exc})") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise BadImageError(str(path), f"{type(exc).__name__}: {exc}") from None
+    return img
+
+
 @dataclass
 class Split:
     """One split: ids, labels and a way to decode image i. Sources are a folder or an array."""
@@ -37,18 +53,7 @@ class Split:
         """Decode image i (any mode; callers convert to RGB). Raises BadImageError."""
         if self.array is not None:
             return Image.fromarray(self.array[i])
-        path = self.root / self.ids[i]
-        try:
-            with warnings.catch_warnings():
-                # PIL only warns between MAX_IMAGE_PIXELS and twice that; refuse those too.
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                img = Image.open(path)
-                img.load()
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-            raise BadImageError(str(path), f"decompression bomb refused ({exc})") from None
-        except (OSError, SyntaxError, ValueError) as exc:
-            raise BadImageError(str(path), f"{type(exc).__name__}: {exc}") from None
-        return img
+        return open_image(self.root / self.ids[i])
 
     def select(self, indices: np.ndarray) -> Split:
         idx = [int(i) for i in indices]

@@ -7,23 +7,23 @@ of clusters to classes, found by the Hungarian algorithm).
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import faiss
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
+from featcache.errors import ArgumentError
+from featcache.evaluation.data import Splits
 from featcache.evaluation.knn import l2_normalize
-from featcache.store import Store
 
 
 @dataclass(frozen=True)
 class ClusterConfig:
-    """k-means' method settings (what it reads is an argument of ``run_cluster``)."""
+    """k-means' settings (what it reads is the method's ``Splits``)."""
 
+    split: str = "test"  # the split clustered
     clusters: int | None = None  # default: the number of classes
     iterations: int = 50
     restarts: int = 5  # k-means runs; the one with the lowest objective is kept
@@ -31,9 +31,9 @@ class ClusterConfig:
 
     def __post_init__(self):
         if self.iterations < 1 or self.restarts < 1:
-            raise ValueError("--iterations and --restarts must be positive")
+            raise ArgumentError("--iterations and --restarts must be positive")
         if self.clusters is not None and self.clusters < 2:
-            raise ValueError(f"--clusters must be at least 2, got {self.clusters}")
+            raise ArgumentError(f"--clusters must be at least 2, got {self.clusters}")
 
 
 def cluster_accuracy(labels: np.ndarray, assignment: np.ndarray) -> float:
@@ -49,7 +49,7 @@ def kmeans(x: np.ndarray, k: int, iterations: int, restarts: int, seed: int) -> 
     """Cluster index of each row of x (spherical k-means on normalised rows)."""
     x = l2_normalize(x)
     if k > len(x):
-        raise ValueError(f"{k} clusters for {len(x)} samples: pass fewer --clusters")
+        raise ArgumentError(f"{k} clusters for {len(x)} samples: pass fewer --clusters")
     km = faiss.Kmeans(
         x.shape[1], k, niter=iterations, nredo=restarts, seed=seed, spherical=True, verbose=False
     )
@@ -72,18 +72,7 @@ def cluster_features(
     }
 
 
-def run_cluster(
-    store: str | Path | Store, cfg: ClusterConfig, features: str | None = None, split="test"
-) -> dict:
-    """k-means on one split of a store (as many clusters as the store has classes)."""
-    store = store if isinstance(store, Store) else Store(store)
-    feature = features or store.default_feature()
-    data = store.load(split, feature)
-    start = time.perf_counter()
-    result = cluster_features(data.features, data.labels, cfg, len(store.class_names))
-    return {
-        **store.provenance("cluster", feature, cfg),
-        "split": split,
-        **result,
-        "seconds": time.perf_counter() - start,
-    }
+def cluster(data: Splits, cfg: ClusterConfig) -> dict:
+    """k-means on one split (as many clusters as there are classes, by default)."""
+    x, labels = data.x(cfg.split), data.labels[cfg.split]
+    return {"split": cfg.split, **cluster_features(x, labels, cfg, data.num_classes)}

@@ -6,25 +6,27 @@ similarity); each neighbour votes for its class with weight exp(sim / T).
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import faiss
 import numpy as np
 
 from featcache.distributed import Distributed
+from featcache.errors import ArgumentError
+from featcache.evaluation.data import Splits
 from featcache.evaluation.metrics import classification_summary
-from featcache.store import Store
+
+# DINO's temperature for the vote weights exp(sim / T), and the k that tables report.
+TEMPERATURE = 0.07
+HEADLINE_K = 20
 
 
 @dataclass(frozen=True)
 class KnnConfig:
-    """The k-NN's method settings (what it reads is an argument of ``run_knn``)."""
+    """The k-NN's settings (what it reads is the method's ``Splits``)."""
 
-    ks: tuple[int, ...] = (10, 20, 100, 200)
-    # DINO's temperature for the vote weights exp(sim / T).
-    temperature: float = 0.07
+    k: tuple[int, ...] = (10, HEADLINE_K, 100, 200)
+    temperature: float = TEMPERATURE
     # Queries searched at once; bounds memory to query_batch x max(k) results.
     query_batch: int = 8192
     # Bytes of features held at once (None: both splits in memory). The store is then read in
@@ -32,12 +34,12 @@ class KnnConfig:
     max_memory: int | None = None
 
     def __post_init__(self):
-        if not self.ks or min(self.ks) < 1:
-            raise ValueError(f"--k needs positive integers, got {self.ks}")
+        if not self.k or min(self.k) < 1:
+            raise ArgumentError(f"--k needs positive integers, got {self.k}")
         if self.temperature <= 0:
-            raise ValueError(f"--temperature must be positive, got {self.temperature}")
+            raise ArgumentError(f"--temperature must be positive, got {self.temperature}")
         if self.max_memory is not None and self.max_memory <= 0:
-            raise ValueError(f"--max-memory must be positive, got {self.max_memory}")
+            raise ArgumentError(f"--max-memory must be positive, got {self.max_memory}")
 
 
 NORM_ROWS = 65536  # rows whose norms are taken at once
@@ -97,7 +99,7 @@ def knn_evaluate(
     """top-1, top-3, mean per-class top-1 and the top-1's 95% bootstrap interval (percent)
     of the weighted k-NN classifier, for each k."""
     if max(ks) > len(train):
-        raise ValueError(
+        raise ArgumentError(
             f"k={max(ks)} exceeds the {len(train)} training samples; pass smaller --k values"
         )
     sims, idx = search(l2_normalize(train), l2_normalize(test), max(ks), query_batch)
@@ -113,63 +115,53 @@ def vote(sims, neighbour_labels, test_labels, num_classes: int, ks, temperature:
     return results
 
 
-def run_knn(store: str | Path | Store, cfg: KnnConfig, features: str | None = None) -> dict:
-    """The k-NN of a store's test split by its train split; with the store's provenance.
+def knn(data: Splits, cfg: KnnConfig, dist: Distributed | None = None) -> dict:
+    """The k-NN of the test split by the training split, for each k.
 
     Under torchrun each rank searches a share of the queries and gathers the others'
     neighbours, so every rank holds the one-process result (rank 0 writes it).
     """
-    store = store if isinstance(store, Store) else Store(store)
-    feature = store.pair_feature(features)
-    n_train, n_test = store.sizes["train"], store.sizes["test"]
-    if max(cfg.ks) > n_train:
-        raise ValueError(
-            f"k={max(cfg.ks)} exceeds the {n_train} training samples; pass smaller --k values"
+    dist = dist or Distributed()
+    n_train, n_test = data.size("train"), data.size("test")
+    if max(cfg.k) > n_train:
+        raise ArgumentError(
+            f"k={max(cfg.k)} exceeds the {n_train} training samples; pass smaller --k values"
         )
-    dist = Distributed.from_env()
-    start = time.perf_counter()
     find = neighbours if cfg.max_memory is None else neighbours_bounded
-    parts = dist.all_gather(find(store, feature, cfg, dist.share(n_test)))
+    parts = dist.all_gather(find(data, cfg, dist.share(n_test)))
     sims, idx = (np.concatenate(p) for p in zip(*parts))
-    train_labels = store.read("train", "labels")
-    results = vote(sims, train_labels[idx], store.read("test", "labels"),
-                   len(store.class_names), cfg.ks, cfg.temperature)  # fmt: skip
-    seconds = time.perf_counter() - start
-    return {
-        **store.provenance("knn", feature, cfg),
-        "num_train": n_train,
-        "num_test": n_test,
-        "seconds": seconds,
-        "results": results,
-    }
+    results = vote(sims, data.labels["train"][idx], data.labels["test"], data.num_classes,
+                   cfg.k, cfg.temperature)  # fmt: skip
+    return {"num_train": n_train, "num_test": n_test, "results": results}
 
 
-def neighbours(store: Store, feature: str, cfg: KnnConfig, queries: slice):
+def neighbours(data: Splits, cfg: KnnConfig, queries: slice):
     """(sims, indices) of the test rows ``queries`` among the whole train split in memory."""
-    train = l2_normalize(store.load("train", feature).features, copy=False)
-    test = l2_normalize(store.rows("test", feature, queries.start, queries.stop), copy=False)
-    return search(train, test, max(cfg.ks), cfg.query_batch)
+    train = data.rows("train", 0, data.size("train"))
+    train = l2_normalize(train, copy="train" in data.arrays)  # never a store's copy twice
+    test = l2_normalize(data.rows("test", queries.start, queries.stop))
+    return search(train, test, max(cfg.k), cfg.query_batch)
 
 
-def neighbours_bounded(store: Store, feature: str, cfg: KnnConfig, queries: slice):
+def neighbours_bounded(data: Splits, cfg: KnnConfig, queries: slice):
     """The same with at most ``cfg.max_memory`` bytes of features held at once.
 
     Half the budget holds a chunk of training features, a quarter a chunk of queries (with
     their running top-k); each query chunk meets every training chunk, and the top-k of each
     is merged into the running one, so the neighbours are the in-memory search's.
     """
-    kmax, n_train = max(cfg.ks), store.sizes["train"]
-    width = store.fields["backbone"]["features"][feature]
+    kmax, n_train, width = max(cfg.k), data.size("train"), data.width
     train_rows = max(kmax, cfg.max_memory // 2 // (4 * width))
     query_rows = max(1, cfg.max_memory // 4 // (4 * width + 12 * kmax))
     sims, idx = [], []
     for q0 in range(queries.start, queries.stop, query_rows):
         q1 = min(q0 + query_rows, queries.stop)
-        chunk_queries = l2_normalize(store.rows("test", feature, q0, q1), copy=False)
+        chunk_queries = l2_normalize(data.rows("test", q0, q1), copy="test" in data.arrays)
         best_s = np.full((len(chunk_queries), 0), -np.inf, np.float32)
         best_i = np.zeros((len(chunk_queries), 0), np.int64)
         for t0 in range(0, n_train, train_rows):
-            chunk = l2_normalize(store.rows("train", feature, t0, t0 + train_rows), copy=False)
+            part = data.rows("train", t0, t0 + train_rows)
+            chunk = l2_normalize(part, copy="train" in data.arrays)
             s, i = search(chunk, chunk_queries, min(kmax, len(chunk)), cfg.query_batch)
             best_s = np.concatenate([best_s, s], axis=1)
             best_i = np.concatenate([best_i, i + t0], axis=1)
@@ -177,7 +169,7 @@ def neighbours_bounded(store: Store, feature: str, cfg: KnnConfig, queries: slic
             order = np.argsort(-best_s, axis=1, kind="stable")[:, :kmax]
             best_s = np.take_along_axis(best_s, order, 1)
             best_i = np.take_along_axis(best_i, order, 1)
-            del chunk  # not held while the next chunk is read
+            del chunk, part  # not held while the next chunk is read
         sims.append(best_s)
         idx.append(best_i)
     if not sims:  # more ranks than queries

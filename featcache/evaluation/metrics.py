@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 
 def topk_hits(scores: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
@@ -75,3 +77,16 @@ def summary_from_predictions(
         "mean_per_class": mean_per_class_accuracy(pred, labels, num_classes),
         "top1_ci95": bootstrap_interval(correct),
     }
+
+
+def head_metrics(logits: torch.Tensor, y: torch.Tensor) -> list[dict]:
+    """Per-head loss/top-1/top-3 (percent), all heads at once. logits: (S, N, C), y: (N,)."""
+    s, n, c = logits.shape
+    loss = F.cross_entropy(logits.reshape(s * n, c), y.repeat(s), reduction="none").view(s, n)
+    hits = logits.topk(min(3, c), dim=2).indices == y.view(1, n, 1)  # (S, N, 3)
+    top1 = hits[:, :, 0].double().mean(1) * 100  # exact percentages (not float32 ones)
+    top3 = hits.any(2).double().mean(1) * 100
+    return [
+        {"loss": float(a), "top1": float(b), "top3": float(t)}
+        for a, b, t in zip(loss.mean(1).tolist(), top1.tolist(), top3.tolist())
+    ]

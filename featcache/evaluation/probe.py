@@ -12,18 +12,17 @@ Protocol:
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from featcache.device import rank_device, resolve_device
 from featcache.distributed import Distributed
-from featcache.evaluation.metrics import classification_summary, per_class_accuracies
-from featcache.store import Store
+from featcache.errors import ArgumentError
+from featcache.evaluation.data import Splits
+from featcache.evaluation.metrics import per_class_accuracies, summary_from_predictions
+from featcache.evaluation.rows import MemoryRows, StoreRows, statistics
 
 TRAIN_CURVE_SAMPLES = 10_000
 MIN_FULL_STEPS = 10  # epochs of fewer steps use a proportionally smaller step size
@@ -32,7 +31,7 @@ DEFAULT_WEIGHT_DECAYS = (0.0, 1e-4, 1e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0)
 
 @dataclass(frozen=True)
 class ProbeConfig:
-    """The probe's method settings (what it reads is an argument of ``run_probe``)."""
+    """The probe's settings (what it reads is the method's ``Splits``)."""
 
     weight_decays: tuple[float, ...] = DEFAULT_WEIGHT_DECAYS
     # Fraction of each training class held out to choose the weight decay and epoch count.
@@ -50,20 +49,20 @@ class ProbeConfig:
     # its numbers with the CPU's).
     device: str = "auto"
     # Train on the augmented views cached in the store too (extract --views K), if any.
-    use_views: bool = True
+    views: bool = True
     # Bytes of features held at once (None: the splits in memory): the store is then read a
     # chunk of rows at a time (evaluation/streaming.py).
     max_memory: int | None = None
 
     def __post_init__(self):
         if not 0 < self.val_fraction < 1:
-            raise ValueError(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
+            raise ArgumentError(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
         if not self.weight_decays or min(self.weight_decays) < 0:
-            raise ValueError(f"weight decays must be non-negative, got {self.weight_decays}")
+            raise ArgumentError(f"weight decays must be non-negative, got {self.weight_decays}")
         if self.max_epochs < 1 or self.batch_size < 1 or self.lr <= 0:
-            raise ValueError("--epochs, --batch-size and --lr must be positive")
+            raise ArgumentError("--epochs, --batch-size and --lr must be positive")
         if self.max_memory is not None and self.max_memory <= 0:
-            raise ValueError(f"--max-memory must be positive, got {self.max_memory}")
+            raise ArgumentError(f"--max-memory must be positive, got {self.max_memory}")
 
 
 def _non_finite(a: np.ndarray, rows: int = 65536) -> int:
@@ -80,7 +79,7 @@ def stratified_split(labels: np.ndarray, fraction: float, seed: int):
         members = rng.permutation(np.flatnonzero(labels == c))
         n_val = max(1, round(fraction * len(members)))
         if n_val >= len(members):
-            raise ValueError(
+            raise ArgumentError(
                 f"class {c} has {len(members)} training samples: too few to hold out validation"
             )
         val.append(members[:n_val])
@@ -88,20 +87,7 @@ def stratified_split(labels: np.ndarray, fraction: float, seed: int):
     return np.sort(np.concatenate(fit)), np.sort(np.concatenate(val))
 
 
-def _metrics(logits: torch.Tensor, y: torch.Tensor) -> list[dict]:
-    """Per-head loss/top-1/top-3 (percent), all heads at once. logits: (S, N, C), y: (N,)."""
-    s, n, c = logits.shape
-    loss = F.cross_entropy(logits.reshape(s * n, c), y.repeat(s), reduction="none").view(s, n)
-    hits = logits.topk(min(3, c), dim=2).indices == y.view(1, n, 1)  # (S, N, 3)
-    top1 = hits[:, :, 0].double().mean(1) * 100  # exact percentages (not float32 ones)
-    top3 = hits.any(2).double().mean(1) * 100
-    return [
-        {"loss": float(a), "top1": float(b), "top3": float(t)}
-        for a, b, t in zip(loss.mean(1).tolist(), top1.tolist(), top3.tolist())
-    ]
-
-
-class _Heads:
+class Heads:
     """S linear heads trained together: W (S, D, C), b (S, C), one weight decay each.
 
     SGD with heavy-ball momentum, written out so that each head gets its own step size:
@@ -122,18 +108,6 @@ class _Heads:
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         return torch.einsum("nd,sdc->snc", x, self.W) + self.b[:, None, :]  # (S, N, C)
 
-    def epoch(self, x, y, epoch: int, epochs: int, active: torch.Tensor) -> None:
-        """One epoch over in-memory rows, in an order drawn from the heads' generator."""
-        n, bs = len(y), self.cfg.batch_size
-        steps = math.ceil(n / bs)
-        order = torch.randperm(n, generator=self.gen).to(x.device)
-        classes = self.W.shape[2]
-        batches = (  # one-hot per batch: (N, C) would be 5 GB for ImageNet-1k's train split
-            (x[idx], F.one_hot(y[idx], classes).float())
-            for idx in (order[i * bs : (i + 1) * bs] for i in range(steps))
-        )
-        self.run(batches, steps, epoch, epochs, active)
-
     def run(self, batches, steps: int, epoch: int, epochs: int, active: torch.Tensor) -> None:
         """One epoch of ``steps`` minibatches ``(x (B, D), onehot (B, C))`` on the cosine
         schedule."""
@@ -150,24 +124,20 @@ class _Heads:
             self.W.sub_(lr[:, None, None] * self.vW)
             self.b.sub_(lr[:, None] * self.vb)
 
-    def evaluate(self, x, y) -> list[dict]:
-        return _metrics(self.logits(x), y)
 
-
-def train_head(
-    x, y, num_classes, weight_decay, epochs, curvature, cfg: ProbeConfig, gen, monitor=None
-):
-    """One head trained for ``epochs`` of the cosine schedule sized by ``cfg.max_epochs``.
-
-    Returns the head and its per-epoch metrics on ``monitor`` (x, y) when given.
-    """
-    head = _Heads(x.shape[1], num_classes, (weight_decay,), curvature, cfg, x.device, gen)
-    ones = torch.ones(1, device=x.device)
-    curve = []
+def train_head(rows, num_classes, weight_decay, epochs, curvature, cfg: ProbeConfig, gen,
+               monitor=None):  # fmt: skip
+    """One head trained on a row set for ``epochs`` of the cosine schedule sized by
+    ``cfg.max_epochs``. Returns the head and its per-epoch metrics on ``monitor`` (rows)."""
+    width = next(rows.chunks_on_device())[0].shape[1]
+    device = next(rows.chunks_on_device())[0].device
+    head = Heads(width, num_classes, (weight_decay,), curvature, cfg, device, gen)
+    ones, steps, curve = torch.ones(1, device=device), rows.steps(cfg.batch_size), []
     for epoch in range(epochs):
-        head.epoch(x, y, epoch, cfg.max_epochs, ones)
+        head.run(rows.batches(gen, cfg.batch_size, num_classes), steps, epoch, cfg.max_epochs,
+                 ones)  # fmt: skip
         if monitor is not None:
-            curve.append({"epoch": epoch + 1, "train": head.evaluate(*monitor)[0]})
+            curve.append({"epoch": epoch + 1, "train": monitor.evaluate(head)[0]})
     return head, curve
 
 
@@ -203,7 +173,7 @@ def scaled_step(cfg: ProbeConfig, rows: int) -> ProbeConfig:
     return replace(cfg, lr=cfg.lr * min(1.0, steps / MIN_FULL_STEPS))
 
 
-def run_sweep(heads: _Heads, cfg: ProbeConfig, epoch_fn, evaluate_fn, dist: Distributed):
+def run_sweep(heads: Heads, cfg: ProbeConfig, epoch_fn, evaluate_fn, dist: Distributed):
     """Train every head, each stopped at its lowest validation loss (``patience``).
 
     ``heads`` holds this rank's share of ``cfg.weight_decays`` (``dist.share``): all of them
@@ -237,7 +207,7 @@ def run_sweep(heads: _Heads, cfg: ProbeConfig, epoch_fn, evaluate_fn, dist: Dist
     parts = dist.all_gather((best_loss, best_epoch, diverged, curves))
     best_loss, best_epoch, diverged, curves = ([x for p in parts for x in p[i]] for i in range(4))
     if not any(math.isfinite(v) for v in best_loss):
-        raise ValueError(
+        raise ArgumentError(
             "no weight decay reached a finite validation loss: "
             + ", ".join(f"{wd:g} from epoch {e}" for wd, e in zip(cfg.weight_decays, diverged))
             + "; the steps diverged: lower --lr"
@@ -254,99 +224,107 @@ def run_sweep(heads: _Heads, cfg: ProbeConfig, epoch_fn, evaluate_fn, dist: Dist
     return sweep, chosen, curves
 
 
-@torch.no_grad()
-def fit_probe(
-    x_train: np.ndarray,
-    y_train: np.ndarray,
-    x_test: np.ndarray,
-    y_test: np.ndarray,
-    num_classes: int,
-    cfg: ProbeConfig,
-    train_views: np.ndarray | None = None,
-    dist: Distributed | None = None,
-) -> dict:
-    """The whole protocol on in-memory features; returns the result dict (no I/O).
+class _Source:
+    """A probe's rows: z-scored in memory on the device, or read from the store in chunks."""
 
-    ``train_views`` (N, V, D): augmented views of the training images. Heads then train on
-    the clean images and all their views; validation and test use clean images only.
-    ``dist``: under torchrun each rank trains a share of the weight decays (``run_sweep``).
+    def __init__(self, data: Splits, cfg: ProbeConfig, device):
+        self.data, self.device = data, device
+        if data.bounded:
+            chunk = max(cfg.batch_size, cfg.max_memory // 4 // (4 * data.width))  # + copies
+            self.scale, self.curvature = statistics(data, chunk, device)
+            self.chunk = chunk
+            return
+        views = data.views if cfg.views else None
+        for name, a in (("training", data.x("train")), ("test", data.x("test")), ("view", views)):
+            bad = 0 if a is None else _non_finite(a)
+            if bad:
+                raise ArgumentError(
+                    f"the {name} features hold {bad} non-finite values (NaN or inf): no probe "
+                    "can be trained on them; extract the store again (--precision fp32 if it "
+                    "was fp16)"
+                )
+        xtr, xte, *xviews = standardise(data.x("train"), data.x("test"),
+                                        *([views] if views is not None else []))  # fmt: skip
+        self.x = {"train": xtr, "test": xte}
+        self.views = xviews[0] if xviews else None
+        self.curvature = curvature(torch.as_tensor(xtr, device=device))
+
+    def rows(self, split: str, idx=None, views: bool = False):
+        """Rows ``idx`` (None: all) of a split; with ``views``, their augmented views too
+        (the clean images first)."""
+        labels = self.data.labels[split]
+        idx = np.arange(len(labels)) if idx is None else idx
+        if self.data.bounded:
+            return StoreRows(self.data, split, idx, self.scale, self.chunk, self.device)
+        x, y = self.x[split][idx], labels[idx]
+        if views and self.views is not None:
+            v = self.views[idx]  # (n, V, D)
+            x = np.concatenate([x, v.reshape(-1, v.shape[-1])])
+            y = np.concatenate([y, np.repeat(y, v.shape[1])])
+        t = torch.as_tensor
+        return MemoryRows(t(x, dtype=torch.float32, device=self.device),
+                          t(y, dtype=torch.long, device=self.device))  # fmt: skip
+
+
+@torch.no_grad()
+def probe(data: Splits, cfg: ProbeConfig, dist: Distributed | None = None) -> dict:
+    """The probe's protocol on a split's features, in memory or in chunks (``max_memory``):
+
+    1. z-score with the training split's mean and std; hold out a stratified validation split;
+    2. train one head per weight decay together (``run_sweep``), each stopped early at its
+       lowest validation loss; under torchrun each rank trains a share of them;
+    3. retrain the chosen weight decay on the whole training split for its best epoch count,
+       with augmented views where the store has them (``views``);
+    4. score the test split: top-1 (with its bootstrap interval), top-3, per class, loss.
     """
     dist = dist or Distributed()
     device = rank_device(resolve_device(cfg.device))
-    for name, a in (("training", x_train), ("test", x_test), ("view", train_views)):
-        bad = 0 if a is None else _non_finite(a)
-        if bad:
-            raise ValueError(
-                f"the {name} features hold {bad} non-finite values (NaN or inf): no probe can "
-                "be trained on them; extract the store again (--precision fp32 if it was fp16)"
-            )
+    if data.bounded and cfg.views and data.store.num_views > 1:
+        raise ArgumentError(
+            "--max-memory does not train on augmented views: pass --no-views with it"
+        )
     gen = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    xtr, xte, *xviews = standardise(
-        np.asarray(x_train, np.float32),
-        np.asarray(x_test, np.float32),
-        *([np.asarray(train_views, np.float32)] if train_views is not None else []),
-    )
+    source, classes, y_train = _Source(data, cfg, device), data.num_classes, data.labels["train"]
     fit_idx, val_idx = stratified_split(y_train, cfg.val_fraction, cfg.seed)
+    # Training curves on at most TRAIN_CURVE_SAMPLES fit images (a fixed subset): enough for
+    # a curve, and the sweep no longer spends its time evaluating.
+    monitor = source.rows("train", fit_idx[:: max(1, len(fit_idx) // TRAIN_CURVE_SAMPLES)])
+    val, fit = source.rows("train", val_idx), source.rows("train", fit_idx, views=True)
 
-    def t(a, dtype=torch.float32):
-        return torch.as_tensor(a, dtype=dtype, device=device)
-
-    def with_views(idx=None):  # training rows (None: all): the clean images, then their views
-        if not xviews:
-            if idx is None:  # the split itself, not a copy
-                return t(xtr), t(y_train, torch.long)
-            return t(xtr[idx]), t(y_train[idx], torch.long)
-        idx = np.arange(len(y_train)) if idx is None else idx
-        v = xviews[0][idx]  # (n, V, D)
-        x = np.concatenate([xtr[idx], v.reshape(-1, v.shape[-1])])
-        y = np.concatenate([y_train[idx], np.repeat(y_train[idx], v.shape[1])])
-        return t(x), t(y, torch.long)
-
-    # Training curves are measured on at most TRAIN_CURVE_SAMPLES fit images (a fixed
-    # subset): enough for a curve, and the sweep no longer spends its time evaluating.
-    curve_idx = fit_idx[:: max(1, len(fit_idx) // TRAIN_CURVE_SAMPLES)]
-    xf, yf = t(xtr[curve_idx]), t(y_train[curve_idx], torch.long)
-    xv, yv = t(xtr[val_idx]), t(y_train[val_idx], torch.long)
-    xf_all, yf_all = with_views(fit_idx)
-
-    # 1. The sweep: all heads on the same batches, each with its own early stopping.
-    curv = curvature(t(xtr))
-    cfg = scaled_step(cfg, len(yf_all))
+    cfg = scaled_step(cfg, len(fit))
     share = cfg.weight_decays[dist.share(len(cfg.weight_decays))]
-    heads = _Heads(xf.shape[1], num_classes, share, curv, cfg, device, gen)
+    heads = Heads(data.width, classes, share, source.curvature, cfg, device, gen)
+    steps = fit.steps(cfg.batch_size)
     sweep, chosen, curves = run_sweep(
-        heads,
-        cfg,
-        lambda epoch, active: heads.epoch(xf_all, yf_all, epoch, cfg.max_epochs, active),
-        lambda: (heads.evaluate(xf, yf), heads.evaluate(xv, yv)),
+        heads, cfg,
+        lambda epoch, active: heads.run(fit.batches(gen, cfg.batch_size, classes), steps, epoch,
+                                        cfg.max_epochs, active),
+        lambda: (monitor.evaluate(heads), val.evaluate(heads)),
         dist,
-    )
+    )  # fmt: skip
+    fit = None  # released before the whole split's rows
 
-    # 2. Retrain the chosen setting on the whole training split: the same schedule, stopped
-    #    at the epoch where its validation loss was lowest.
     wd, epochs = cfg.weight_decays[chosen], sweep[chosen]["best_epoch"]
-    xf_all = yf_all = None  # the fit rows' copy, released before the whole split's
-    every = slice(None, None, max(1, len(y_train) // TRAIN_CURVE_SAMPLES))
-    xa, ya = t(xtr[every]), t(y_train[every], torch.long)
-    xa_all, ya_all = with_views()
+    every = np.arange(len(y_train))[:: max(1, len(y_train) // TRAIN_CURVE_SAMPLES)]
     final, final_curve = train_head(
-        xa_all, ya_all, num_classes, wd, epochs, curv, cfg, retrain_generator(cfg), (xa, ya)
-    )
-    test_logits = final.logits(t(xte))[0]
-    loss = _metrics(test_logits[None], t(y_test, torch.long))[0]["loss"]
+        source.rows("train", views=True), classes, wd, epochs, source.curvature, cfg,
+        retrain_generator(cfg), source.rows("train", every),
+    )  # fmt: skip
+    test = source.rows("test")
+    loss = test.evaluate(final)[0]["loss"]
     if not math.isfinite(loss):
-        raise ValueError(
+        raise ArgumentError(
             f"the head retrained with weight decay {wd:g} for {epochs} epochs diverged (its test "
             "loss is not finite): lower --lr"
         )
-    test = {**classification_summary(test_logits.cpu().numpy(), y_test), "loss": loss}
-    pred = test_logits.argmax(1).cpu().numpy()
+    pred, hit3 = test.predict(final)
+    y_test = data.labels["test"]
     return {
-        "test": test,
-        "per_class_top1": per_class_accuracies(pred, y_test, num_classes),
+        "test": {**summary_from_predictions(pred, hit3, y_test, classes), "loss": loss},
+        "per_class_top1": per_class_accuracies(pred, y_test, classes),
         **sweep_result(cfg, sweep, chosen, curves, final_curve),
-        "views": 1 + (xviews[0].shape[1] if xviews else 0),
+        "views": 1 + (source.views.shape[1] if getattr(source, "views", None) is not None else 0),
         "device": str(device),  # where the heads trained (the config may say "auto")
         "num_fit": len(fit_idx),
         "num_val": len(val_idx),
@@ -364,33 +342,6 @@ def sweep_result(cfg: ProbeConfig, sweep, chosen: int, curves, final_curve) -> d
         "epochs": curves[chosen],
         "final_epochs": final_curve,
     }
-
-
-def run_probe(store: str | Path | Store, cfg: ProbeConfig, features: str | None = None) -> dict:
-    """The probe on a store's train and test splits (``features``: the backbone's first set
-    by default); the result carries the store's provenance.
-
-    Under torchrun each rank trains a share of the weight decays and gathers the others'
-    sweep, so every rank holds the one-process result (rank 0 writes it).
-    """
-    store = store if isinstance(store, Store) else Store(store)
-    feature = store.pair_feature(features)
-    if cfg.max_memory is not None and cfg.use_views and store.num_views > 1:
-        raise ValueError("--max-memory does not train on augmented views: pass --no-views with it")
-    dist = Distributed.from_env()
-    if cfg.max_memory is not None:
-        from featcache.evaluation.streaming import fit_probe_streamed
-
-        start = time.perf_counter()
-        result = fit_probe_streamed(store, feature, cfg, dist)
-    else:
-        train, test = store.load("train", feature), store.load("test", feature)
-        views = store.load_views("train", feature) if cfg.use_views else None
-        start = time.perf_counter()
-        result = fit_probe(train.features, train.labels, test.features, test.labels,
-                           len(store.class_names), cfg, views, dist)  # fmt: skip
-    seconds = time.perf_counter() - start
-    return {**store.provenance("probe", feature, cfg), "seconds": seconds, **result}
 
 
 def plot_probe(result: dict, path: str) -> None:

@@ -15,14 +15,13 @@ image in the gallery:
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
+from featcache.errors import ArgumentError
+from featcache.evaluation.data import Splits
 from featcache.evaluation.knn import l2_normalize
-from featcache.store import Store
 
 # Bytes held per batch of queries: the ranking (similarities, indices) and the arrays of the
 # metrics computed from it, about 32 bytes per (query, gallery image).
@@ -37,7 +36,7 @@ class RetrievalConfig:
 
     def __post_init__(self):
         if not self.recall_at or min(self.recall_at) < 1:
-            raise ValueError(f"recall@k needs positive k, got {self.recall_at}")
+            raise ArgumentError(f"recall@k needs positive k, got {self.recall_at}")
 
 
 def retrieval_metrics(
@@ -56,10 +55,10 @@ def retrieval_metrics(
     import faiss
 
     if leave_one_out and len(queries) != len(gallery):
-        raise ValueError("leave-one-out needs the queries to be the gallery")
+        raise ArgumentError("leave-one-out needs the queries to be the gallery")
     n = len(gallery) - int(leave_one_out)
     if max(cfg.recall_at) > n:
-        raise ValueError(f"recall@{max(cfg.recall_at)} exceeds the gallery's {n} images")
+        raise ArgumentError(f"recall@{max(cfg.recall_at)} exceeds the gallery's {n} images")
     index = faiss.IndexFlatIP(gallery.shape[1])
     index.add(l2_normalize(gallery))
     q = l2_normalize(queries)
@@ -81,7 +80,7 @@ def retrieval_metrics(
         for k in cfg.recall_at:
             hits[k].append(relevant[:, :k].any(1))
     if not sum(len(a) for a in ap):
-        raise ValueError(
+        raise ArgumentError(
             "no query has a relevant image in the gallery (each class has a single image "
             "there): retrieval metrics are undefined"
         )
@@ -94,28 +93,12 @@ def retrieval_metrics(
     }
 
 
-def retrieval(train, test, cfg: RetrievalConfig) -> dict:
-    """Both protocols on (features, labels) pairs: test vs the training gallery, and test
-    leave-one-out."""
-    (xtr, ytr), (xte, yte) = train, test
+def retrieval(data: Splits, cfg: RetrievalConfig) -> dict:
+    """Both protocols: test queries against the training gallery, and test leave-one-out."""
+    xtr, ytr, xte, yte = data.x("train"), data.labels["train"], data.x("test"), data.labels["test"]
     return {
+        "num_train": len(ytr),
+        "num_test": len(yte),
         "train_gallery": retrieval_metrics(xte, yte, xtr, ytr, cfg),
         "test_loo": retrieval_metrics(xte, yte, xte, yte, cfg, leave_one_out=True),
-    }
-
-
-def run_retrieval(
-    store: str | Path | Store, cfg: RetrievalConfig, features: str | None = None
-) -> dict:
-    """Both protocols on a store's splits; with the store's provenance."""
-    store = store if isinstance(store, Store) else Store(store)
-    feature, train, test = store.load_pair(features)
-    start = time.perf_counter()
-    result = retrieval((train.features, train.labels), (test.features, test.labels), cfg)
-    return {
-        **store.provenance("retrieval", feature, cfg),
-        "num_train": len(train.labels),
-        "num_test": len(test.labels),
-        "seconds": time.perf_counter() - start,
-        **result,
     }

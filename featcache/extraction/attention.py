@@ -10,6 +10,7 @@ any images into a PNG. Reading and drawing them is the report's (stage 2: no mod
 from __future__ import annotations
 
 import io
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -17,11 +18,18 @@ import torch
 from PIL import Image
 
 from featcache.backbones import get_spec, load_backbone, weights_identity
-from featcache.datasets import IMAGE_EXTENSIONS, load_dataset
-from featcache.errors import FeatcacheError
+from featcache.datasets import IMAGE_EXTENSIONS, load_dataset, open_image
+from featcache.errors import ArgumentError, FeatcacheError
 from featcache.io import write_atomic
 from featcache.preprocessing import to_rgb
 from featcache.store import Store, attention_path
+
+
+@dataclass(frozen=True)
+class AttentionConfig:
+    """`featcache attention`'s settings."""
+
+    max_images: int = 3  # images mapped (a store's first test images, or the first found)
 
 
 def attention_maps(backbone: str, weights: str | None, images: list[Image.Image]):
@@ -43,7 +51,7 @@ def attention_maps(backbone: str, weights: str | None, images: list[Image.Image]
     return np.stack(arrays), maps
 
 
-def save_store_attention(store_path: str | Path, count: int = 3):
+def save_store_attention(store_path: str | Path, count: int = AttentionConfig.max_images):
     """Map the first ``count`` test images of a store with its own backbone and weights.
 
     Writes ``S.attention.npz`` (images, maps, their ids and the store's fingerprint) atomically
@@ -58,7 +66,7 @@ def save_store_attention(store_path: str | Path, count: int = 3):
             "a ViT backbone such as dino-vits16"
         )
     if count < 1:
-        raise ValueError(f"--max-images must be at least 1, got {count}")
+        raise ArgumentError(f"--max-images must be at least 1, got {count}")
     store.check("test")
     cfg = store.config
     split = load_dataset(cfg["dataset"], cfg.get("data_root"), ("test",))["test"]
@@ -96,7 +104,7 @@ def _square(preprocess, img: Image.Image) -> np.ndarray:
     return arr
 
 
-def load_images(paths: list[str], limit: int = 8) -> list[Image.Image]:
+def load_images(paths: list[str], limit: int = AttentionConfig.max_images) -> list[Image.Image]:
     """Images from files or folders (their first ``limit`` images, sorted)."""
     files: list[Path] = []
     for p in map(Path, paths):
@@ -108,11 +116,4 @@ def load_images(paths: list[str], limit: int = 8) -> list[Image.Image]:
             raise FeatcacheError(f"--images {p}: no such file or directory")
     if not files:
         raise FeatcacheError(f"no images found in {paths}")
-    out = []
-    for f in files[:limit]:
-        try:
-            out.append(Image.open(f))
-            out[-1].load()
-        except OSError as exc:
-            raise FeatcacheError(f"cannot read image {f}: {exc}") from exc
-    return out
+    return [open_image(f) for f in files[:limit]]  # bombs refused, as dataset images

@@ -37,7 +37,7 @@ from featcache.device import (
     start_device,
 )
 from featcache.distributed import Distributed
-from featcache.errors import BadImageError, DatasetError
+from featcache.errors import ArgumentError, BadImageError, DatasetError
 from featcache.extraction.clock import PhaseClock
 from featcache.extraction.shards import Shard, ShardSink
 from featcache.preprocessing import Preprocess
@@ -87,16 +87,16 @@ class ExtractConfig:
 
     def __post_init__(self):
         if self.batch_size < 1:
-            raise ValueError(f"--batch-size must be at least 1, got {self.batch_size}")
+            raise ArgumentError(f"--batch-size must be at least 1, got {self.batch_size}")
         if self.shard_size < 1:
-            raise ValueError(f"shard size must be at least 1, got {self.shard_size}")
+            raise ArgumentError(f"shard size must be at least 1, got {self.shard_size}")
         if self.workers is not None and self.workers < 0:
-            raise ValueError(f"--workers must be 0 or more, got {self.workers}")
+            raise ArgumentError(f"--workers must be 0 or more, got {self.workers}")
         if self.views < 1:
-            raise ValueError(f"--views counts the clean image too: at least 1, got {self.views}")
+            raise ArgumentError(f"--views counts the clean image too: at least 1, got {self.views}")
         Augment.from_ops(self.augment)  # validates the names
         if self.dtype not in DTYPES:
-            raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+            raise ArgumentError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
 
 
 @dataclass

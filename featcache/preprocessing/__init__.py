@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 
 from featcache.device import resize_kernel
+from featcache.errors import ArgumentError
 from featcache.preprocessing.pil import FILTERS, INTERPOLATIONS, pil_resize, resize_uint8
 
 __all__ = [
@@ -70,11 +71,11 @@ class Preprocess:
 
     def __post_init__(self):
         if self.interpolation not in INTERPOLATIONS:
-            raise ValueError(
+            raise ArgumentError(
                 f"interpolation {self.interpolation!r}: choose one of {', '.join(INTERPOLATIONS)}"
             )
         if self.recipe not in RECIPES:
-            raise ValueError(f"recipe {self.recipe!r}: choose one of {', '.join(RECIPES)}")
+            raise ArgumentError(f"recipe {self.recipe!r}: choose one of {', '.join(RECIPES)}")
 
     def to_dict(self) -> dict:
         return {**asdict(self), "version": PREPROCESS_VERSION}

@@ -16,6 +16,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from featcache.errors import ArgumentError
+
 N_PARAMS = 12  # uniforms consumed per image (fixed, whatever ops are enabled)
 OPS = ("crop", "flip", "jitter", "rotate", "gray")
 
@@ -41,7 +43,7 @@ class Augment:
         names = [o.strip() for o in ops.split(",") if o.strip()]
         unknown = sorted(set(names) - set(OPS))
         if unknown:
-            raise ValueError(f"unknown augmentation {unknown}; choose from {', '.join(OPS)}")
+            raise ArgumentError(f"unknown augmentation {unknown}; choose from {', '.join(OPS)}")
         return cls(
             crop_scale=(0.25, 1.0) if "crop" in names else (1.0, 1.0),
             crop_ratio=(3 / 4, 4 / 3) if "crop" in names else (1.0, 1.0),

@@ -28,6 +28,8 @@ import PIL
 import torch
 from PIL import Image
 
+from featcache.errors import ArgumentError
+
 PRECISION_BITS = 22  # PIL's: 32 bits - 8 for the pixel - 2 for the filters' overshoot
 ONE = 1 << PRECISION_BITS
 HALF = 1 << (PRECISION_BITS - 1)
@@ -115,7 +117,9 @@ def coefficients(in_size: int, out_size: int, interpolation: str) -> Coefficient
     """PIL's coefficients for resizing one axis from ``in_size`` to ``out_size`` pixels
     (precompute_coeffs and normalize_coeffs_8bpc of Resample.c, in the same order)."""
     if interpolation not in FILTERS:
-        raise ValueError(f"unknown interpolation {interpolation!r}; choose from {INTERPOLATIONS}")
+        raise ArgumentError(
+            f"unknown interpolation {interpolation!r}; choose from {INTERPOLATIONS}"
+        )
     if interpolation == "nearest":
         first = _nearest_indices(in_size, out_size)
         return _frozen(Coefficients(first, np.full((out_size, 1), ONE, np.int32), in_size))

@@ -33,7 +33,7 @@ from featcache.backbones.simclr_encoder import (
 )
 from featcache.datasets import balanced_subset, load_dataset
 from featcache.device import autocast, keep_freed_memory, resolve_device, resolve_precision
-from featcache.errors import FeatcacheError
+from featcache.errors import ArgumentError, FeatcacheError
 from featcache.evaluation.knn import knn_evaluate
 from featcache.io import check_output
 from featcache.preprocessing import Preprocess, to_rgb
@@ -106,13 +106,15 @@ class SimCLRConfig:
 
     def __post_init__(self):
         if self.arch != "resnet18":
-            raise ValueError(f"unknown --arch {self.arch!r}; available: resnet18")
+            raise ArgumentError(f"unknown --arch {self.arch!r}; available: resnet18")
         if self.width < 1 or self.batch_size < 2 or self.epochs < 0:
-            raise ValueError("--width must be >= 1, --batch-size >= 2 and --epochs >= 0")
+            raise ArgumentError("--width must be >= 1, --batch-size >= 2 and --epochs >= 0")
         if self.temperature <= 0:
-            raise ValueError(f"--temperature must be positive, got {self.temperature}")
+            raise ArgumentError(f"--temperature must be positive, got {self.temperature}")
         if self.checkpoint_every < 1:
-            raise ValueError(f"--checkpoint-every must be at least 1, got {self.checkpoint_every}")
+            raise ArgumentError(
+                f"--checkpoint-every must be at least 1, got {self.checkpoint_every}"
+            )
 
     def identity(self) -> dict:
         """Fields that must match for a rerun to resume this run (epochs may grow)."""

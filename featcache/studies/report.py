@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from featcache import __version__
+from featcache.errors import ArgumentError
 from featcache.io import check_output, write_atomic
 from featcache.store import Store, attention_path, result_path
 from featcache.studies.table import render, row
@@ -33,7 +34,7 @@ log = logging.getLogger(__name__)
 class ReportConfig:
     stores: tuple[str, ...]
     out: str
-    ks: tuple[int, ...] = (10, 20, 100, 200)
+    k: tuple[int, ...] = (10, 20, 100, 200)  # the k-NN's k
     shots: tuple[int, ...] = (1, 5, 10)
     repeats: int = 3
     tsne_points: int = 2000
@@ -41,7 +42,7 @@ class ReportConfig:
 
     def __post_init__(self):
         if not self.stores:
-            raise ValueError("give at least one store")
+            raise ArgumentError("give at least one store")
 
 
 def read_attention(store: Store) -> tuple[np.ndarray, np.ndarray] | str:
@@ -134,32 +135,33 @@ def _cached(store: Store, kind: str, covers, compute) -> dict:
 
 def gather(store: Store, cfg: ReportConfig) -> dict:
     """Every result the report shows for one store."""
-    from featcache.evaluation.cluster import ClusterConfig, run_cluster
-    from featcache.evaluation.knn import KnnConfig, run_knn
-    from featcache.evaluation.probe import ProbeConfig, run_probe
-    from featcache.evaluation.retrieval import RetrievalConfig, run_retrieval
-    from featcache.studies.shots import ShotsConfig, run_shots
+    from featcache.evaluation.cluster import ClusterConfig
+    from featcache.evaluation.knn import KnnConfig
+    from featcache.evaluation.methods import run
+    from featcache.evaluation.probe import ProbeConfig
+    from featcache.evaluation.retrieval import RetrievalConfig
+    from featcache.evaluation.shots import ShotsConfig
 
     n_train = store.sizes.get("train", 0)
-    ks = tuple(k for k in cfg.ks if k <= n_train) or (min(n_train, 1),)
+    ks = tuple(k for k in cfg.k if k <= n_train) or (min(n_train, 1),)
     min_class = int(np.bincount(store.read("train", "labels")).min())
     shots = tuple(k for k in cfg.shots if k <= min_class)
-    probe, knn, cluster = ProbeConfig(), KnnConfig(ks=ks), ClusterConfig()
+    probe, knn, cluster = ProbeConfig(), KnnConfig(k=ks), ClusterConfig()
     gallery = min(n_train, store.sizes.get("test", 0) - 1)  # the smaller of the two protocols
     retrieval = RetrievalConfig(recall_at=tuple(k for k in (1, 5, 10) if k <= gallery) or (1,))
 
     def knn_covers(c: dict) -> bool:  # every k the report shows, the same vote otherwise
-        return set(ks) <= set(c.get("ks", ())) and _same({**c, "ks": list(ks)}, knn)
+        return set(ks) <= set(c.get("k", ())) and _same({**c, "k": list(ks)}, knn)
 
-    def cached(kind, config, run, covers=None):
+    def cached(kind, config, covers=None, method=None):
         covers = covers or (lambda c: _same(c, config))
-        return _cached(store, kind, covers, lambda: run(store, config))
+        return _cached(store, kind, covers, lambda: run(store, method or kind, config))
 
     out = {
-        "probe": cached("probe", probe, run_probe),
-        "knn": cached("knn", knn, run_knn, knn_covers),
-        "cluster": cached("cluster", cluster, run_cluster),
-        "retrieval": cached("retrieval", retrieval, run_retrieval),
+        "probe": cached("probe", probe),
+        "knn": cached("knn", knn, knn_covers),
+        "cluster": cached("cluster", cluster),
+        "retrieval": cached("retrieval", retrieval),
     }
     if shots:
         shots_cfg = ShotsConfig(shots=shots, repeats=cfg.repeats, probe=probe)
@@ -169,9 +171,9 @@ def gather(store: Store, cfg: ReportConfig) -> dict:
                 {**c, "shots": list(shots)}, shots_cfg
             )
 
-        out["shots"] = cached("shots", shots_cfg, run_shots, shots_covers)
+        out["shots"] = cached("shots", shots_cfg, shots_covers)
     if store.num_views > 1:
-        out["probe-noviews"] = cached("probe-noviews", ProbeConfig(use_views=False), run_probe)
+        out["probe-noviews"] = cached("probe-noviews", ProbeConfig(views=False), method="probe")
     return out
 
 

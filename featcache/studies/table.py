@@ -17,15 +17,18 @@ import logging
 import math
 from pathlib import Path
 
-from featcache.errors import StoreError
+from featcache.errors import ArgumentError, StoreError
+from featcache.evaluation.knn import HEADLINE_K
+from featcache.evaluation.methods import METHODS
 from featcache.store import Store, result_path
 
 log = logging.getLogger(__name__)
 
-# Result kinds, as saved beside a store (S.<kind>.json); probe-noviews: the probe without the
-# store's augmented views (the report makes it for stores that have views).
-RESULT_KINDS = ("probe", "probe-noviews", "knn", "retrieval", "cluster", "shots")
-KNN_K = 20
+# Result kinds, as saved beside a store (S.<kind>.json): every method of the table, and
+# probe-noviews, the probe without the store's augmented views (the report makes it for
+# stores that have views).
+RESULT_KINDS = (*METHODS, "probe-noviews")
+KNN_K = HEADLINE_K
 
 
 def row(store: Store | None, results: dict[str, dict]) -> dict:
@@ -203,4 +206,4 @@ def render(rows: list[dict], fmt: str, knn_ks: tuple[int, ...] = (KNN_K,)) -> st
             "<tr>" + "".join(f"<td>{html.escape(x)}</td>" for x in cs) + "</tr>" for cs in cells
         )
         return f'<table id="summary"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
-    raise ValueError(f"unknown table format {fmt!r}: md, csv, json or html")
+    raise ArgumentError(f"unknown table format {fmt!r}: md, csv, json or html")
