@@ -29,6 +29,7 @@ subset=()
 
 copy_results() {  # whatever exists, also after a failure (the checkpoints are too large)
   [ -n "${OUT:-}" ] || return 0
+  mkdir -p "$OUT"
   for f in history.json knn.json curves.png; do [ -f "$RUN/$f" ] && cp "$RUN/$f" "$OUT/"; done
   return 0
 }

@@ -33,13 +33,13 @@ class Result:
 
 @dataclass(frozen=True)
 class ProbeResult(Result):
-    top1: float = 0.0
+    top1: float = 0.0  # test accuracies in percent
     top3: float = 0.0
-    loss: float = 0.0
+    loss: float = 0.0  # test cross-entropy
     mean_per_class: float = 0.0
-    top1_ci95: tuple[float, float] = (0.0, 0.0)
-    weight_decay: float = 0.0
-    epochs: int = 0
+    top1_ci95: tuple[float, float] = (0.0, 0.0)  # percentile bootstrap over test images
+    weight_decay: float = 0.0  # the sweep's choice
+    epochs: int = 0  # of the retrained head
 
     @classmethod
     def of(cls, data: dict) -> ProbeResult:
@@ -78,7 +78,7 @@ class KnnResult(Result):
 
 @dataclass(frozen=True)
 class ClusterResult(Result):
-    nmi: float = 0.0
+    nmi: float = 0.0  # percent, as ari and accuracy (Hungarian matching)
     ari: float = 0.0
     accuracy: float = 0.0
     clusters: int = 0

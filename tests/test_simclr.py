@@ -74,7 +74,9 @@ def test_a_time_limit_sizes_the_schedule_so_that_it_anneals(image_folder, tmp_pa
     assert history[1]["lr"] > 0.7 * peak  # warm-up ends at the peak
     assert history[-1]["lr"] < 0.2 * peak  # and the cosine ran out by the last epoch
     _, meta = load_tensors(tmp_path / "run" / "checkpoint.safetensors")
-    assert meta["planned_epochs"] == len(history) == meta["epoch"]
+    # The last epoch planned, or the first to end past the limit (a loaded machine's
+    # epochs can be slower than warm-up's): checkpointed either way.
+    assert meta["epoch"] == len(history) <= meta["planned_epochs"]
 
 
 def test_checkpoints_every_n_epochs_and_at_the_last(image_folder, tmp_path, monkeypatch):
@@ -220,6 +222,7 @@ def test_gpu_recipe_starts_and_runs_on_the_cpu(cifar_dir, tmp_path):
         "PY": sys.executable,
         "DATA": str(cifar_dir),
         "OUT": str(tmp_path / "r"),
+        "RUN": str(tmp_path / "run"),  # not the repository's runs/
         "EPOCHS": "1",
         "WIDTH": "8",
         "BATCH": "64",

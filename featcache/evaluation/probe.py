@@ -277,6 +277,7 @@ def probe(data: Splits, cfg: ProbeConfig, dist: Distributed | None = None) -> di
        with augmented views where the store has them (``views``);
     4. score the test split: top-1 (with its bootstrap interval), top-3, per class, loss.
     """
+    # One function, over 60 lines: the protocol's four steps, read in order.
     dist = dist or Distributed()
     device = rank_device(resolve_device(cfg.device))
     if data.bounded and cfg.views and data.store.num_views > 1:
@@ -320,15 +321,14 @@ def probe(data: Splits, cfg: ProbeConfig, dist: Distributed | None = None) -> di
         )
     pred, hit3 = test.predict(final)
     y_test = data.labels["test"]
+    views = getattr(source, "views", None)
     return {
         "test": {**summary_from_predictions(pred, hit3, y_test, classes), "loss": loss},
         "per_class_top1": per_class_accuracies(pred, y_test, classes),
         **sweep_result(cfg, sweep, chosen, curves, final_curve),
-        "views": 1 + (source.views.shape[1] if getattr(source, "views", None) is not None else 0),
+        "views": 1 + (views.shape[1] if views is not None else 0),
         "device": str(device),  # where the heads trained (the config may say "auto")
-        "num_fit": len(fit_idx),
-        "num_val": len(val_idx),
-        "num_test": len(y_test),
+        **{"num_fit": len(fit_idx), "num_val": len(val_idx), "num_test": len(y_test)},
     }
 
 

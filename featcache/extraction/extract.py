@@ -359,19 +359,7 @@ def _run(cfg, model, preprocess, splits, writer: ShardedWriter, device, precisio
     bar.close()
     seconds = clock.mark("run")
 
-    meta = {
-        "config": {**asdict(cfg), "splits": list(cfg.splits)},
-        "extraction": {
-            "device": str(device),
-            "precision": precision,
-            "torch": torch.__version__,
-            # This run's dataset images (all ranks; augmented views not counted) over its
-            # run clock; a resumed run counts only what it extracted itself.
-            "run_images": todo_world,
-            "run_seconds": seconds,
-            "images_per_second": todo_world / seconds if todo_world and seconds > 0 else None,
-        },
-    }
+    meta = _meta(cfg, device, precision, todo_world, seconds)
     dist.barrier()  # every rank's shards are committed
     path = Path(cfg.out)
     if dist.rank == 0:
@@ -392,6 +380,23 @@ def _run(cfg, model, preprocess, splits, writer: ShardedWriter, device, precisio
         forward_images=forwards,
         phases=clock.to_dict(),
     )
+
+
+def _meta(cfg: ExtractConfig, device, precision: str, images: int, seconds: float) -> dict:
+    """The run's attributes of the store: its config, and where and how fast it ran (this
+    run's dataset images, all ranks, augmented views not counted, over its run clock; a
+    resumed run counts only what it extracted itself)."""
+    return {
+        "config": {**asdict(cfg), "splits": list(cfg.splits)},
+        "extraction": {
+            "device": str(device),
+            "precision": precision,
+            "torch": torch.__version__,
+            "run_images": images,
+            "run_seconds": seconds,
+            "images_per_second": images / seconds if images and seconds > 0 else None,
+        },
+    }
 
 
 class _Step:

@@ -15,6 +15,7 @@ import logging
 import math
 import time
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +35,7 @@ from featcache.backbones.simclr_encoder import (
 from featcache.datasets import balanced_subset, load_dataset
 from featcache.device import autocast, keep_freed_memory, resolve_device, resolve_precision
 from featcache.errors import ArgumentError, FeatcacheError
-from featcache.evaluation.knn import knn_evaluate
+from featcache.evaluation.knn import HEADLINE_K, TEMPERATURE, knn_evaluate
 from featcache.io import check_output
 from featcache.preprocessing import Preprocess, to_rgb
 from featcache.preprocessing.augment import N_PARAMS, Augment
@@ -88,13 +89,14 @@ class SimCLRConfig:
     temperature: float = 0.5
     # Evaluate k-NN (k=20) on the test split every N epochs (0: never).
     knn_every: int = 10
-    # Optional class-balanced subset of the training images (None: all).
-    train_per_class: int | None = None
-    test_per_class: int | None = None
-    image_size: int = 32
+    image_size: int = 32  # CIFAR's native size: no upscaling
+    # Where training runs ("auto": a GPU when there is one; bf16 where it is native).
     device: str = "auto"
     precision: str = "auto"
     seed: int = 0
+    # Optional class-balanced subset of the training images (None: all).
+    train_per_class: int | None = None
+    test_per_class: int | None = None
     # Seconds of training (None: no limit). During warm-up, whose step sizes do not depend on
     # the schedule's length, the cosine schedule is sized from the last epoch's time to end
     # within them (at most `epochs` epochs), so that a time-limited run still anneals; the run
@@ -166,6 +168,100 @@ def embed(encoder: nn.Module, images: torch.Tensor, device, precision, batch: in
     return torch.cat(out).numpy()
 
 
+class _Run:
+    """One SimCLR run's state (encoder, head, optimiser, batch-order RNG, history, planned
+    epochs) and its checkpoint, from which a rerun of the same command resumes."""
+
+    def __init__(self, cfg: SimCLRConfig, out: Path, device):
+        self.cfg, self.device, self.ckpt = cfg, device, out / CHECKPOINT
+        torch.manual_seed(cfg.seed)
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+        self.encoder = ResNetCifar(cfg.width).to(device, memory_format=torch.channels_last)
+        self.head = projection_head(self.encoder.dim).to(device)
+        self.params = list(self.encoder.parameters()) + list(self.head.parameters())
+        self.lr = cfg.lr * cfg.batch_size / 256
+        self.opt = torch.optim.SGD(
+            self.params, lr=self.lr, momentum=0.9, weight_decay=cfg.weight_decay
+        )
+        self.history: list[dict] = []
+        self.epoch = 0
+        self.planned = cfg.epochs  # the schedule's epochs (fewer where time_limit sizes it)
+        for stale in out.glob(f".{CHECKPOINT}.*.tmp"):  # left by a run killed while saving
+            stale.unlink()
+        if self.ckpt.exists():
+            self._resume()
+        else:
+            self.save()  # the random init: a random-encoder baseline is one --epochs 0 away
+
+    def _resume(self) -> None:
+        tensors, meta = load_tensors(self.ckpt)
+        if meta["identity"] != json.loads(json.dumps(self.cfg.identity())):
+            raise FeatcacheError(
+                f"{self.ckpt.parent} holds a run with another config; use another --out or "
+                f"delete {self.ckpt}"
+            )
+        enc = {k[4:]: v for k, v in tensors.items() if k.startswith("enc.")}
+        self.encoder.load_state_dict(enc)
+        self.head.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("head.")})
+        for i, p in enumerate(self.params):
+            self.opt.state[p]["momentum_buffer"] = tensors[f"opt.{i}"].to(self.device)
+        self.epoch, self.history = meta["epoch"], meta["history"]
+        if meta["config"]["epochs"] == self.cfg.epochs:  # the same command: the same schedule
+            self.planned = meta.get("planned_epochs", self.cfg.epochs)
+        self.gen.set_state(tensors["rng"])
+        log.info("resuming %s at epoch %d", self.ckpt.parent, self.epoch)
+
+    def save(self) -> None:
+        tensors = {f"enc.{k}": v for k, v in self.encoder.state_dict().items()}
+        tensors |= {f"head.{k}": v for k, v in self.head.state_dict().items()}
+        for i, p in enumerate(self.params):
+            buf = self.opt.state.get(p, {}).get("momentum_buffer")
+            tensors[f"opt.{i}"] = buf if buf is not None else torch.zeros_like(p)
+        tensors["rng"] = self.gen.get_state()
+        meta = {
+            "identity": self.cfg.identity(),
+            "config": asdict(self.cfg),
+            "epoch": self.epoch,
+            "planned_epochs": self.planned,
+            "history": self.history,
+            "featcache_version": __version__,
+        }
+        save_tensors(self.ckpt, tensors, meta)
+
+    def step_size(self, it: int, steps: int) -> float:
+        """Linear warm-up, then a cosine to zero at the end of the planned epochs."""
+        total, warm = self.planned * steps, self.cfg.warmup_epochs * steps
+        if it < warm:
+            return self.lr * it / warm
+        return self.lr * 0.5 * (1 + math.cos(math.pi * (it - warm) / max(1, total - warm)))
+
+    def train_epoch(self, images, steps: int, augment: Augment, scaler, precision) -> dict:
+        """One epoch of NT-Xent over two augmented views of every batch."""
+        cfg, t0 = self.cfg, time.perf_counter()
+        order = torch.randperm(len(images), generator=self.gen).to(self.device)
+        losses = []
+        for step in range(steps):
+            lr = self.step_size(self.epoch * steps + step, steps)
+            for g in self.opt.param_groups:
+                g["lr"] = lr
+            idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
+            x, b = images[idx].float() / 255, len(idx)
+            v1 = augment(x, torch.rand(b, N_PARAMS, generator=self.gen))
+            v2 = augment(x, torch.rand(b, N_PARAMS, generator=self.gen))
+            views = normalise(torch.cat([v1, v2])).contiguous(memory_format=torch.channels_last)
+            with autocast(self.device, precision):
+                z = self.head(self.encoder(views))
+            loss = nt_xent(z[:b], z[b:], cfg.temperature)
+            self.opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(self.opt)
+            scaler.update()
+            losses.append(loss.detach())  # no host sync per step
+        self.epoch += 1
+        loss = float(torch.stack(losses).mean())
+        return {"epoch": self.epoch, "loss": loss, "lr": lr, "seconds": time.perf_counter() - t0}
+
+
 def pretrain(cfg: SimCLRConfig) -> dict:
     """Train (or resume) a SimCLR run; returns the history."""
     out = check_output(cfg.out)
@@ -174,141 +270,57 @@ def pretrain(cfg: SimCLRConfig) -> dict:
     precision = resolve_precision(cfg.precision, device, train=True)
     if device.type == "cpu":
         keep_freed_memory()
-    torch.manual_seed(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
-
-    encoder = ResNetCifar(cfg.width).to(device, memory_format=torch.channels_last)
-    head = projection_head(encoder.dim).to(device)
-    params = list(encoder.parameters()) + list(head.parameters())
-    lr = cfg.lr * cfg.batch_size / 256
-    opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=cfg.weight_decay)
-
-    history: list[dict] = []
-    start_epoch = 0
-    planned = cfg.epochs  # the schedule's epochs (fewer where time_limit sizes it)
-    ckpt = out / CHECKPOINT
-    for stale in out.glob(f".{CHECKPOINT}.*.tmp"):  # left by a run killed while saving
-        stale.unlink()
-    if ckpt.exists():
-        tensors, meta = load_tensors(ckpt)
-        if meta["identity"] != json.loads(json.dumps(cfg.identity())):
-            raise FeatcacheError(
-                f"{out} holds a run with another config; use another --out or delete {ckpt}"
-            )
-        encoder.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("enc.")})
-        head.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("head.")})
-        for i, p in enumerate(params):
-            opt.state[p]["momentum_buffer"] = tensors[f"opt.{i}"].to(device)
-        start_epoch, history = meta["epoch"], meta["history"]
-        if meta["config"]["epochs"] == cfg.epochs:  # the same command resumes the same schedule
-            planned = meta.get("planned_epochs", cfg.epochs)
-        gen.set_state(tensors["rng"])
-        log.info("resuming %s at epoch %d", out, start_epoch)
-
-    train_x, train_y = load_images(
-        cfg.dataset, cfg.data_root, "train", cfg.train_per_class, cfg.seed, cfg.image_size
-    )
-    test_data = None
-    if cfg.knn_every:
-        test_data = load_images(
-            cfg.dataset, cfg.data_root, "test", cfg.test_per_class, cfg.seed, cfg.image_size
-        )
+    run = _Run(cfg, out, device)
+    images = partial(load_images, cfg.dataset, cfg.data_root, seed=cfg.seed, size=cfg.image_size)
+    train_x, train_y = images("train", cfg.train_per_class)
+    test = images("test", cfg.test_per_class) if cfg.knn_every else None
     # The uint8 images live on the device (150 MB for CIFAR-10's 50,000): batches are indexed
     # there, with no host copy per step.
     train_x = train_x.to(device)
-    n = len(train_x)
-    steps = n // cfg.batch_size
+    steps = len(train_x) // cfg.batch_size
     if steps == 0:
-        raise FeatcacheError(f"--batch-size {cfg.batch_size} exceeds the {n} training images")
-    total, warm = planned * steps, cfg.warmup_epochs * steps
-    augment = Augment()
+        raise FeatcacheError(f"--batch-size {cfg.batch_size} exceeds the {len(train_x)} images")
+    augment, started = Augment(), time.perf_counter()
     # fp16 (GPUs without bf16) needs loss scaling; bf16 and fp32 pass through it untouched.
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    started = time.perf_counter()
-
-    def save(epoch: int) -> None:
-        tensors = {f"enc.{k}": v for k, v in encoder.state_dict().items()}
-        tensors |= {f"head.{k}": v for k, v in head.state_dict().items()}
-        for i, p in enumerate(params):
-            buf = opt.state.get(p, {}).get("momentum_buffer")
-            tensors[f"opt.{i}"] = buf if buf is not None else torch.zeros_like(p)
-        tensors["rng"] = gen.get_state()
-        meta = {
-            "identity": cfg.identity(),
-            "config": asdict(cfg),
-            "epoch": epoch,
-            "planned_epochs": planned,
-            "history": history,
-            "featcache_version": __version__,
-        }
-        save_tensors(ckpt, tensors, meta)
-
-    if start_epoch == 0 and not ckpt.exists():
-        save(0)  # the random init, so that a random-encoder baseline is one --epochs 0 away
-    encoder.train(), head.train()
-    for epoch in range(start_epoch, cfg.epochs):
-        if epoch >= planned:
-            break
-        t0 = time.perf_counter()
-        order = torch.randperm(n, generator=gen).to(device)
-        losses = []
-        for step in range(steps):
-            it = epoch * steps + step
-            cur = lr * (
-                it / warm
-                if it < warm
-                else 0.5 * (1 + math.cos(math.pi * (it - warm) / max(1, total - warm)))
-            )
-            for g in opt.param_groups:
-                g["lr"] = cur
-            idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
-            x = train_x[idx].float() / 255
-            b = len(idx)
-            v1 = augment(x, torch.rand(b, N_PARAMS, generator=gen))
-            v2 = augment(x, torch.rand(b, N_PARAMS, generator=gen))
-            views = normalise(torch.cat([v1, v2])).contiguous(memory_format=torch.channels_last)
-            with autocast(device, precision):
-                z = head(encoder(views))
-            loss = nt_xent(z[:b], z[b:], cfg.temperature)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            losses.append(loss.detach())  # no host sync per step
-        record = {
-            "epoch": epoch + 1,
-            "loss": float(torch.stack(losses).mean()),
-            "lr": cur,
-            "seconds": time.perf_counter() - t0,
-        }
-        if cfg.time_limit is not None and (epoch + 1) * steps <= warm:
-            elapsed = time.perf_counter() - started
-            per_epoch = elapsed / (epoch + 1 - start_epoch)  # checkpoints and k-NN included
-            fit = int((cfg.time_limit - elapsed) // per_epoch)
-            planned = max(epoch + 1, min(cfg.epochs, epoch + 1 + fit))
-            total = planned * steps
-        last = epoch + 1 >= planned
-        if test_data is not None and ((epoch + 1) % cfg.knn_every == 0 or last):
-            ftr = embed(encoder, train_x, device, precision)
-            fte = embed(encoder, test_data[0], device, precision)
-            r = knn_evaluate(
-                ftr, train_y.numpy(), fte, test_data[1].numpy(), int(train_y.max()) + 1, (20,), 0.07
-            )
-            record["knn_top1"] = r[0]["top1"]
-        history.append(record)
-        log.info("epoch %d of %d: %s", epoch + 1, planned, record)
-        out_of_time = cfg.time_limit is not None and time.perf_counter() - started > cfg.time_limit
-        if last or out_of_time or (epoch + 1) % cfg.checkpoint_every == 0:
-            save(epoch + 1)
+    run.encoder.train(), run.head.train()
+    first = run.epoch
+    while run.epoch < min(cfg.epochs, run.planned):
+        record = run.train_epoch(train_x, steps, augment, scaler, precision)
+        elapsed = time.perf_counter() - started
+        if cfg.time_limit is not None and run.epoch * steps <= cfg.warmup_epochs * steps:
+            # Still warming up (its step sizes do not depend on the schedule's length): size
+            # the schedule to end within the limit, checkpoints and k-NN included.
+            fit = int((cfg.time_limit - elapsed) // (elapsed / (run.epoch - first)))
+            run.planned = max(run.epoch, min(cfg.epochs, run.epoch + fit))
+        last = run.epoch >= run.planned
+        if test is not None and (run.epoch % cfg.knn_every == 0 or last):
+            record["knn_top1"] = _monitor(run.encoder, train_x, train_y, test, device, precision)
+        run.history.append(record)
+        log.info("epoch %d of %d: %s", run.epoch, run.planned, record)
+        out_of_time = cfg.time_limit is not None and (
+            time.perf_counter() - started > cfg.time_limit  # the k-NN's time included
+        )
+        if last or out_of_time or run.epoch % cfg.checkpoint_every == 0:
+            run.save()
         if out_of_time and not last:
-            log.info("time limit reached after epoch %d", epoch + 1)
+            log.info("time limit reached after epoch %d", run.epoch)
             break
+    export_encoder(out, run.encoder, cfg.image_size, asdict(cfg))
+    (out / "history.json").write_text(json.dumps(run.history, indent=1))
+    if run.history:
+        plot_history(run.history, out / "curves.png")
+    return {"history": run.history, "out": str(out)}
 
-    export_encoder(out, encoder, cfg.image_size, asdict(cfg))
-    (out / "history.json").write_text(json.dumps(history, indent=1))
-    if history:
-        plot_history(history, out / "curves.png")
-    return {"history": history, "out": str(out)}
+
+def _monitor(encoder, train_x, train_y, test, device, precision) -> float:
+    """k-NN top-1 (DINO's weighted vote) of the test images by the training images."""
+    ftr = embed(encoder, train_x, device, precision)
+    fte = embed(encoder, test[0], device, precision)
+    classes = int(train_y.max()) + 1
+    ks = (HEADLINE_K,)
+    r = knn_evaluate(ftr, train_y.numpy(), fte, test[1].numpy(), classes, ks, TEMPERATURE)
+    return r[0]["top1"]
 
 
 def plot_history(history: list[dict], path: Path) -> None:

@@ -336,6 +336,19 @@ img { max-width: 100%; margin: 0.5em 0; } .note { color: #666; font-size: 13px; 
 </style>"""
 
 
+def _attention_section(name: str, store: Store) -> list[str]:
+    """A ViT store's attention maps (made by `featcache attention --store`), or why none."""
+    if not (store.backbone_spec.get("attention") or attention_path(store.path).exists()):
+        return []
+    saved = read_attention(store)  # (images, maps), or why there are none
+    if isinstance(saved, str):
+        body = f'<p class="note">{html.escape(saved)}</p>'
+    else:
+        png = fig_attention(store, *saved)
+        body = f'<img alt="attention {html.escape(name)}" src="data:image/png;base64,{png}">'
+    return [f"<h2>Attention maps: {html.escape(name)}</h2>", body]
+
+
 def build_report(cfg: ReportConfig) -> Path:
     out = check_output(cfg.out)
     stores = [Store(s) for s in cfg.stores]
@@ -376,18 +389,7 @@ def build_report(cfg: ReportConfig) -> Path:
         f'src="data:image/png;base64,{fig_per_class(names, results, class_names)}">',
     ]
     for name, store in zip(names, stores):
-        if not (store.backbone_spec.get("attention") or attention_path(store.path).exists()):
-            continue
-        sections.append(f"<h2>Attention maps: {html.escape(name)}</h2>")
-        saved = read_attention(store)  # (images, maps), or why there are none
-        if isinstance(saved, str):
-            sections.append(f'<p class="note">{html.escape(saved)}</p>')
-        else:
-            png = fig_attention(store, *saved)
-            sections.append(
-                f'<img alt="attention {html.escape(name)}" src="data:image/png;base64,{png}">'
-            )
-
+        sections += _attention_section(name, store)
     page = (
         "<!DOCTYPE html><html><head><meta charset='utf-8'><title>featcache report</title>"
         f"{_STYLE}</head><body><h1>featcache report</h1>"
