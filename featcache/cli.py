@@ -151,6 +151,36 @@ def backbones() -> None:
     click.echo(describe())
 
 
+def _data_options(command: str, out_type, out_help: str):
+    """--dataset, --out and --data-root, which extraction and pretraining share."""
+
+    def apply(fn):
+        fn = field_option(command, "data_root",
+                          help="Where standard datasets lie in torchvision's layout, or are "
+                          "downloaded.")(fn)  # fmt: skip
+        fn = _option("--out", "out", required=True, type=out_type, help=out_help)(fn)
+        return _option("--dataset", "dataset", required=True,
+                       help="A standard dataset (cifar10, cifar100, ...), imagefolder:DIR or "
+                       "csv:FILE; see `featcache datasets`.")(fn)  # fmt: skip
+
+    return apply
+
+
+def _run_options(command: str):
+    """The subsets, seed, device and precision, which extraction and pretraining share."""
+
+    def apply(fn):
+        for name, kw in reversed([
+            ("train_per_class", dict(type=int)), ("test_per_class", dict(type=int)),
+            ("seed", dict(type=int)), ("device", dict(type=click.Choice(DEVICES))),
+            ("precision", dict(type=click.Choice(PRECISIONS))),
+        ]):  # fmt: skip
+            fn = field_option(command, name, **kw)(fn)
+        return fn
+
+    return apply
+
+
 @main.command()
 @_option(
     "--backbone",
@@ -158,27 +188,11 @@ def backbones() -> None:
     required=True,
     help="A named entry, timm:NAME[.TAG] or hf:REPO (see `featcache backbones`).",
 )
-@_option(
-    "--dataset",
-    "dataset",
-    required=True,
-    help="A standard dataset (cifar10, cifar100, ...), imagefolder:DIR or csv:FILE; "
-    "see `featcache datasets`.",
-)
-@_option("--out", "out", required=True, type=click.Path(dir_okay=False), help="Store to write.")
+@_data_options("extract", click.Path(dir_okay=False), "Store to write.")
 @field_option("extract", "weights", help="Local weights: directory or .safetensors file.")
-@field_option(
-    "extract",
-    "data_root",
-    help="Where standard datasets lie in torchvision's layout, or are downloaded.",
-)
 @field_option("extract", "splits")
 @_option("--per-class", type=int, default=None, help="Images per class in every split.")
-@field_option("extract", "train_per_class", type=int)
-@field_option("extract", "test_per_class", type=int)
-@field_option("extract", "seed", type=int, help="Seed of the subsets.")
-@field_option("extract", "device", type=click.Choice(DEVICES))
-@field_option("extract", "precision", type=click.Choice(PRECISIONS))
+@_run_options("extract")
 @field_option("extract", "batch_size", type=int)
 @field_option(
     "extract",
@@ -246,23 +260,23 @@ def extract(**kw) -> None:
 
 
 def _store_options(fn):
-    fn = _option("--features", default=None, help="Feature set (default: the backbone's first).")(
-        fn
-    )
+    """--store and --features (what a method reads) and --json (where its result goes)."""
+    fn = _option("--json", "json_out", default=None, help="Write the full result as JSON.")(fn)
+    features = "Feature set (default: the backbone's first)."
+    fn = _option("--features", default=None, help=features)(fn)
     return _option("--store", required=True, type=click.Path(dir_okay=False))(fn)
 
 
-def _evaluate(method: str, kw: dict, **extra) -> dict | None:
-    """``method`` through the API on ``--store``; its JSON written (``--json``); the result
-    where this process writes results (rank 0 under torchrun), else None."""
+def _evaluate(method: str, kw: dict, show, **extra) -> None:
+    """``method`` through the API on ``--store``; where this process writes results (rank 0
+    under torchrun), its JSON written (``--json``) and ``show(result, kw)`` printing it."""
     import featcache.api as api
 
     options = {**options_of(method, kw), **extra}
     result = api.evaluate(method, kw["store"], features=kw["features"], **options).to_dict()
-    if not writes_results():
-        return None
-    _write_json(result, kw["json_out"])
-    return result
+    if writes_results():
+        _write_json(result, kw["json_out"])
+        show(result, kw)
 
 
 @main.command()
@@ -293,7 +307,6 @@ def _evaluate(method: str, kw: dict, **extra) -> dict | None:
     help="Label efficiency: fractions of the labels, e.g. 0.01,0.1,1.0.",
 )
 @field_option("shots", "repeats", type=int, help="Label efficiency: labelled subsets per budget.")
-@_option("--json", "json_out", default=None, help="Write the full result as JSON.")
 @_option("--plot", default=None, help="Write per-epoch curves as PNG.")
 @_friendly
 def probe(**kw) -> None:
@@ -303,9 +316,10 @@ def probe(**kw) -> None:
         if kw["max_memory"]:
             raise click.UsageError("--max-memory bounds the probe only, not --shots studies")
         return _label_efficiency(kw)
-    result = _evaluate("probe", kw)
-    if result is None:
-        return
+    _evaluate("probe", kw, _show_probe)
+
+
+def _show_probe(result: dict, kw: dict) -> None:
     if kw["plot"]:
         from featcache.evaluation.probe import plot_probe
 
@@ -324,9 +338,10 @@ def probe(**kw) -> None:
 def _label_efficiency(kw: dict) -> None:
     probe = {k: v for k, v in options_of("probe", kw).items() if k != "max_memory"}
     shots = {k: kw[k] or "" for k in ("shots", "label_fractions")}
-    result = _evaluate("shots", {**kw, **shots}, probe=probe, seed=kw["seed"])
-    if result is None:
-        return
+    _evaluate("shots", {**kw, **shots}, _show_shots, probe=probe, seed=kw["seed"])
+
+
+def _show_shots(result: dict, kw: dict) -> None:
     click.echo(
         f"label efficiency {result['backbone']}/{result['features']} "
         f"(weight decay {result['weight_decay']:g}, {kw['repeats']} repeats):"
@@ -346,17 +361,13 @@ def _label_efficiency(kw: dict) -> None:
 @field_option("cluster", "iterations", type=int)
 @field_option("cluster", "restarts", type=int)
 @field_option("cluster", "seed", type=int)
-@_option("--json", "json_out", default=None, help="Write the result as JSON.")
 @_friendly
 def cluster(**kw) -> None:
     """Label-free check: k-means on the features, scored by NMI, ARI and cluster accuracy."""
-    result = _evaluate("cluster", kw)
-    if result is not None:
-        click.echo(
-            f"k-means {result['backbone']}/{result['features']} ({result['clusters']} "
-            f"clusters, {result['split']}): NMI {result['nmi']:.2f}  ARI {result['ari']:.2f}  "
-            f"accuracy {result['accuracy']:.2f}%"
-        )
+    _evaluate("cluster", kw, lambda r, kw: click.echo(
+        f"k-means {r['backbone']}/{r['features']} ({r['clusters']} clusters, {r['split']}): "
+        f"NMI {r['nmi']:.2f}  ARI {r['ari']:.2f}  accuracy {r['accuracy']:.2f}%"
+    ))  # fmt: skip
 
 
 @main.command()
@@ -366,13 +377,13 @@ def cluster(**kw) -> None:
 @field_option("knn", "query_batch", type=int)
 @field_option("knn", "max_memory", help="Hold at most SIZE of features at once (e.g. 2GiB): "
               "the store is read in chunks, with exactly the in-memory result.")  # fmt: skip
-@_option("--json", "json_out", default=None, help="Write the result as JSON.")
 @_friendly
 def knn(**kw) -> None:
     """Weighted k-NN classification of the test split by the train split (faiss)."""
-    result = _evaluate("knn", kw)
-    if result is None:
-        return
+    _evaluate("knn", kw, _show_knn)
+
+
+def _show_knn(result: dict, kw: dict) -> None:
     click.echo(f"k-NN {result['backbone']}/{result['features']} (T={kw['temperature']}):")
     for r in result["results"]:
         lo, hi = r["top1_ci95"]
@@ -386,13 +397,13 @@ def knn(**kw) -> None:
 @_store_options
 @field_option("retrieval", "recall_at")
 @field_option("retrieval", "query_batch", type=int)
-@_option("--json", "json_out", default=None, help="Write the result as JSON.")
 @_friendly
 def retrieval(**kw) -> None:
     """Retrieval by class: test images query the training gallery, and each other."""
-    result = _evaluate("retrieval", kw)
-    if result is None:
-        return
+    _evaluate("retrieval", kw, _show_retrieval)
+
+
+def _show_retrieval(result: dict, kw: dict) -> None:
     click.echo(f"retrieval {result['backbone']}/{result['features']} (relevant: same class):")
     for name, title in (("train_gallery", "test vs train"), ("test_loo", "test leave-one-out")):
         r = result[name]
@@ -440,19 +451,7 @@ def pretrain() -> None:
 
 
 @pretrain.command()
-@_option(
-    "--dataset",
-    "dataset",
-    required=True,
-    help="A standard dataset (cifar10, cifar100, ...), imagefolder:DIR or csv:FILE; "
-    "see `featcache datasets`.",
-)
-@_option("--out", "out", required=True, type=click.Path(file_okay=False), help="Run directory.")
-@field_option(
-    "simclr",
-    "data_root",
-    help="Where standard datasets lie in torchvision's layout, or are downloaded.",
-)
+@_data_options("simclr", click.Path(file_okay=False), "Run directory.")
 @field_option("simclr", "arch", type=click.Choice(["resnet18"]))
 @field_option("simclr", "width", type=int, help="Stage-1 channels.")
 @field_option("simclr", "image_size", type=int)
@@ -463,11 +462,7 @@ def pretrain() -> None:
 @field_option("simclr", "warmup_epochs", type=float)
 @field_option("simclr", "temperature", type=float)
 @field_option("simclr", "knn_every", type=int)
-@field_option("simclr", "train_per_class", type=int)
-@field_option("simclr", "test_per_class", type=int)
-@field_option("simclr", "device", type=click.Choice(DEVICES))
-@field_option("simclr", "precision", type=click.Choice(PRECISIONS))
-@field_option("simclr", "seed", type=int)
+@_run_options("simclr")
 @field_option(
     "simclr",
     "time_limit",
