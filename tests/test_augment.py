@@ -27,6 +27,28 @@ def test_each_op_alone():
     assert not torch.allclose(rotated, x)
 
 
+def test_crop_alone_is_a_resized_crop():
+    """A centred crop of half the side (a quarter of the area, square) is the middle of the
+    image upsampled twice, bilinear (its border pixels blend in the pixels beside the crop,
+    as a crop of the continuous image does)."""
+    x = torch.rand(2, 3, 32, 32)
+    u = torch.full((2, N_PARAMS), 0.5)  # crop centred, no flip
+    crop = Augment(**{**NONE, "crop_scale": (0.25, 0.25)})(x, u)
+    twice = torch.nn.functional.interpolate(x, size=(64, 64), mode="bilinear", align_corners=False)
+    want = twice[:, :, 16:48, 16:48]
+    torch.testing.assert_close(crop, want, atol=1e-5, rtol=0)
+
+
+def test_jitter_alone_scales_brightness_by_its_uniform():
+    """Brightness only: each image times 1 - 0.4 + 0.8 u, clipped to [0, 1]."""
+    x = torch.rand(3, 3, 8, 8)
+    u = torch.rand(3, N_PARAMS)
+    u[:, 5] = 0.0  # below jitter_p: every image jittered
+    out = Augment(**{**NONE, "jitter_p": 1.0, "jitter": (0.4, 0, 0, 0)})(x, u)
+    factor = (0.6 + 0.8 * u[:, 6]).view(3, 1, 1, 1)
+    torch.testing.assert_close(out, (x * factor).clamp(0, 1), atol=1e-5, rtol=0)
+
+
 def test_hue_shift_by_hand():
     x = torch.rand(2, 3, 4, 4)
     torch.testing.assert_close(hue_shift(x, torch.zeros(2)), x, atol=1e-5, rtol=0)

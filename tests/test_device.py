@@ -44,9 +44,12 @@ def test_resident_bytes_reads_this_process():
     assert 60 * 2**20 < grown < 70 * 2**20, grown
 
 
-def test_default_workers_leave_the_cpu_to_the_model():
+def test_default_workers_leave_the_cpu_to_the_model(monkeypatch):
+    """None on the CPU; for a GPU every core but one, at least one and at most eight."""
     assert device.default_workers(torch.device("cpu")) == 0
-    assert 1 <= device.default_workers(torch.device("cuda")) <= 8
+    for cores, workers in ((1, 1), (2, 1), (4, 3), (9, 8), (64, 8), (None, 1)):
+        monkeypatch.setattr(device.os, "cpu_count", lambda c=cores: c)
+        assert device.default_workers(torch.device("cuda")) == workers, cores
 
 
 def test_each_torchrun_process_drives_its_own_gpu(monkeypatch):

@@ -183,6 +183,21 @@ def test_corrupt_image_names_the_file_or_is_skipped(image_folder, tmp_path):
     assert "dog/0002.png" not in s.load("train", "pooled").ids
 
 
+def test_an_unreadable_image_decoded_by_a_loader_worker_comes_back_named(image_folder, tmp_path):
+    """Decoding errors travel back from worker processes as values: the same clear error (or
+    the same recorded skip) as when the process decodes itself."""
+    bad = image_folder / "test" / "frog" / "0001.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    with pytest.raises(BadImageError, match="frog/0001.png"):
+        extract(_cfg(image_folder, tmp_path / "s.h5", workers=2))
+    with_workers = extract(_cfg(image_folder, tmp_path / "w.h5", workers=2, skip_bad=True))
+    in_process = extract(_cfg(image_folder, tmp_path / "p.h5", workers=0, skip_bad=True))
+    skipped = {"train": [], "test": ["frog/0001.png"]}
+    assert with_workers.skipped == in_process.skipped == skipped
+    assert Store(with_workers.path).skipped("test") == ["frog/0001.png"]
+    assert_equal_stores(with_workers.path, in_process.path)
+
+
 def test_crash_then_rerun_resumes_from_shards_with_equal_features(image_folder, tmp_path):
     import tiny_backbone
 
