@@ -108,11 +108,14 @@ def test_result_files_and_a_stale_result(stores, tmp_path):
 
 
 def test_the_knn_interval_is_the_bootstrap_of_its_own_predictions(stores):
-    """The interval recomputed from a plain numpy k-NN's predictions on the same features."""
-    store = featcache.Store(stores[0])
-    x, y, _ = store.features("train")
-    xt, yt, _ = store.features("test")
-    result = featcache.knn(store, k=(5,))
+    """The interval recomputed from a plain numpy k-NN's predictions on the same features:
+    overlapping classes, so that some test images are wrong and the interval has a width."""
+    del stores
+    rng = np.random.default_rng(0)
+    y, yt = rng.integers(0, 3, 300), rng.integers(0, 3, 200)
+    x = (rng.normal(size=(300, 8)) + y[:, None]).astype(np.float32)
+    xt = (rng.normal(size=(200, 8)) + yt[:, None]).astype(np.float32)
+    result = featcache.knn(train=(x, y), test=(xt, yt), k=(5,))
     unit = lambda a: a / np.linalg.norm(a, axis=1, keepdims=True)  # noqa: E731
     sim = unit(xt) @ unit(x).T
     idx = np.argsort(-sim, axis=1)[:, :5]
@@ -120,6 +123,7 @@ def test_the_knn_interval_is_the_bootstrap_of_its_own_predictions(stores):
     for j in range(5):
         votes[np.arange(len(xt)), y[idx[:, j]]] += np.exp(sim[np.arange(len(xt)), idx[:, j]] / 0.07)
     correct = votes.argmax(1) == yt
+    assert 40 < 100 * correct.mean() < 95  # neither chance nor all right
     assert result.top1 == result.top1_at[5] == pytest.approx(100 * correct.mean())
     # The interval: the percentile bootstrap written out (numpy's default_rng(0), 1000
     # resamples of the test images drawn 100 at a time), from these predictions.
