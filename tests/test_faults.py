@@ -47,8 +47,9 @@ def _journal(parts):
     return sorted(parts.glob("*.done"))
 
 
-def _reader_sees_no_store(out):
-    for cmd in (("info", out), ("knn", "--store", out, "--k", "1")):
+def _reader_sees_no_store(out, commands=("info", "knn")):
+    every = {"info": ("info", out), "knn": ("knn", "--store", out, "--k", "1")}
+    for cmd in (every[c] for c in commands):
         r = _cli(*cmd)
         assert r.returncode == 1 and "does not exist" in r.stderr, r.stderr
         assert "Traceback" not in r.stderr
@@ -69,9 +70,10 @@ def _kill_points(folder, out, parts, rng, n_random):
     mark = out.with_name("stalled")
     # While the temporary store is made (written, not yet renamed), then at journal commits
     # (a shard's rows written and fsynced, its entry not yet renamed into place).
-    for stall in ("commit:2", f"commit:{SETUP_COMMITS + 2}", "commit:2", "commit:1"):
+    for i, stall in enumerate(("commit:2", f"commit:{SETUP_COMMITS + 2}", "commit:2", "commit:1")):
         p = _stalled(folder, out, stall, mark)
-        _reader_sees_no_store(out)  # a reader started mid-write never sees a store
+        # A reader started mid-write never sees a store (both readers once, then one).
+        _reader_sees_no_store(out, ("info", "knn") if i == 0 else ("info",))
         _kill(p)
         kills += 1
     # At random moments between batches and writes (a shard takes about 0.4 s here).
@@ -86,10 +88,10 @@ def _kill_points(folder, out, parts, rng, n_random):
         kills += 1
         assert not out.exists()
     # While publishing, twice: the run's attributes written in place, the rename not done.
-    for _ in range(2):
+    for i in range(2):
         p = _stalled(folder, out, "assemble", mark)
         assert (parts / "store.h5").exists()  # the finished file is still hidden
-        _reader_sees_no_store(out)
+        _reader_sees_no_store(out, ("info", "knn") if i == 0 else ("info",))
         _kill(p)
         kills += 1
     return kills
@@ -101,7 +103,7 @@ def _run_kill_test(image_folder, tmp_path, n_random):
     out = tmp_path / "s.h5"
     parts = tmp_path / "s.h5.parts"
     kills = _kill_points(image_folder, out, parts, random.Random(0), n_random)
-    assert kills >= min(9, n_random + 6) and not out.exists()
+    assert kills >= n_random + 6 and not out.exists()
     final = start(_args(image_folder, out))
     log = final.communicate(timeout=120)[0]
     assert final.returncode == 0, log
@@ -110,8 +112,8 @@ def _run_kill_test(image_folder, tmp_path, n_random):
     assert_equal_stores(out, ref)
 
 
-def test_kill_9_at_nine_points_then_resume_equals_uninterrupted(image_folder, tmp_path):
-    _run_kill_test(image_folder, tmp_path, n_random=3)
+def test_kill_9_at_eight_points_then_resume_equals_uninterrupted(image_folder, tmp_path):
+    _run_kill_test(image_folder, tmp_path, n_random=2)
 
 
 @pytest.mark.slow
@@ -119,11 +121,22 @@ def test_kill_9_at_many_more_points(image_folder, tmp_path):
     _run_kill_test(image_folder, tmp_path, n_random=25)
 
 
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """An uninterrupted extraction of a folder, and the folder: what every rerun must equal."""
+    from conftest import make_image_folder
+
+    root = tmp_path_factory.mktemp("reference")
+    folder = make_image_folder(root / "images")
+    ref = root / "ref.h5"
+    assert subprocess.run(_args(folder, ref), capture_output=True).returncode == 0
+    return folder, ref
+
+
 # The temporary store, a shard's journal entry early, one later, the publication.
 @pytest.mark.parametrize("k", [2, SETUP_COMMITS + 2, SETUP_COMMITS + 5, SETUP_COMMITS + SHARDS + 1])
-def test_full_disk_is_a_clear_error_and_the_rerun_completes(image_folder, tmp_path, k):
-    ref = tmp_path / "ref.h5"
-    assert subprocess.run(_args(image_folder, ref), capture_output=True).returncode == 0
+def test_full_disk_is_a_clear_error_and_the_rerun_completes(reference, tmp_path, k):
+    image_folder, ref = reference
     out = tmp_path / "s.h5"
     r = subprocess.run(
         _args(image_folder, out),
@@ -170,13 +183,12 @@ def _pages(nbytes: int) -> int:  # tmpfs's pages of 4 KiB
 
 @pytest.mark.parametrize("where", ["store", "journal"])
 def test_a_real_full_disk_is_a_clear_error_and_the_rerun_completes(
-    image_folder, tmp_path, small_disk, where
+    reference, tmp_path, small_disk, where
 ):
     """ENOSPC from the filesystem itself: the store's space is taken when it is made (too
     little: refused before any image is read), so a later full disk meets only a journal
     entry (2 fit, the 3rd does not: the 2 shards are kept)."""
-    ref = tmp_path / "ref.h5"
-    assert subprocess.run(_args(image_folder, ref), capture_output=True).returncode == 0
+    image_folder, ref = reference
     out = small_disk / "s.h5"
     if where == "store":
         _leave_free(small_disk, _pages(os.path.getsize(ref)) // 2)

@@ -182,15 +182,15 @@ print(json.dumps({"bad": bad, "kernel_calls": len(calls)}))
 def test_the_cuda_path_forced_on_the_cpu_makes_pils_images():
     """The Triton kernels CUDA runs, through Triton's interpreter (slow: small images): PIL's
     images, normalised and laid out channels_last. The device resizes squares up to the
-    input size: CIFAR's and MNIST's to 224 with the registry's filters, the fixed squares
-    and 200 random ones with every filter in turn."""
+    input size: CIFAR's to 224 with the registry's filters, the fixed squares and 200
+    random ones with every filter in turn."""
     pytest.importorskip("triton")
     rng = np.random.default_rng(3)
     fixed = [(h, s) for (h, w), (s, t) in CASES if h == w and s == t and s >= h and s <= 64]
-    cases = [[f, h, 224] for f in ("bilinear", "bicubic") for h in (32, 28)]
+    cases = [[f, 32, 224] for f in ("bilinear", "bicubic")]
     cases += [[f, h, s] for f in INTERPOLATIONS for h, s in fixed]
     cases += [[INTERPOLATIONS[i % len(INTERPOLATIONS)], int(n), int(n + d)]
-              for i, (n, d) in enumerate(rng.integers(1, 24, (200, 2)))]  # fmt: skip
+              for i, (n, d) in enumerate(rng.integers(1, 16, (200, 2)))]  # fmt: skip
     r = subprocess.run(
         [sys.executable, "-c", _FORCED_CUDA_PATH, json.dumps(cases)],
         capture_output=True, text=True, timeout=600, env={**os.environ, "TRITON_INTERPRET": "1"},
