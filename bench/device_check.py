@@ -280,7 +280,7 @@ def check_pixels(device: str, data: Path, work: Path, sizes: Sizes, small: bool)
     CUDA takes (the Triton kernels, through Triton's interpreter, in a child process)."""
     del work
     if device == "cpu":
-        cmd = [sys.executable, __file__, "--pixels", str(data), str(2 if small else 64)]
+        cmd = [sys.executable, __file__, "--pixels", str(data), str(1 if small else 64)]
         env = {**__import__("os").environ, "TRITON_INTERPRET": "1"}
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
         if proc.returncode != 0:
