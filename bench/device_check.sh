@@ -3,7 +3,7 @@
 #
 # On the GPU machine, after `bash bench/device_pack.sh` here: one `device run` with
 # carry [".device"] and about 420 s of timeout:   bash bench/device_check.sh
-# The CPU rehearsal (a default test runs it, under 2 minutes):
+# The CPU rehearsal (a default test runs it with SKIP=torchrun, about a minute):
 #   DEVICE=cpu SMALL=1 bash bench/device_check.sh
 #
 # Report: $OUT/device-check.{json,md} where OUT is set (the device tool sets it), else
@@ -18,4 +18,4 @@ command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,dri
 "$PY" -c 'import torch; print("torch", torch.__version__, "cuda", torch.cuda.is_available())'
 export PYTHONUNBUFFERED=1
 exec "$PY" bench/device_check.py --device "${DEVICE:-cuda}" ${SMALL:+--small} \
-  --data "$DATA" --out "$OUT" --work "$WORK"
+  --data "$DATA" --out "$OUT" --work "$WORK" ${SKIP:+--skip "$SKIP"}

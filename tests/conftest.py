@@ -74,6 +74,22 @@ def cifar_dir(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="session")
+def random_weights(tmp_path_factory):
+    """``random_weights(name)``: --weights for an entry (random weights of its real
+    architecture), saved once per session."""
+    from featcache.backbones import save_random_weights
+
+    root, saved = tmp_path_factory.mktemp("random-weights"), {}
+
+    def weights(name):
+        if name not in saved:
+            saved[name] = save_random_weights(name, root)
+        return saved[name]
+
+    return weights
+
+
 def tiny_extract_args(folder, out, *extra) -> list[str]:
     """CLI arguments of `featcache extract` with the tiny backbone over an image folder."""
     return [

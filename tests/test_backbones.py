@@ -24,9 +24,12 @@ def checkpoints(tmp_path_factory):
 
 
 @pytest.mark.parametrize("name", available_backbones())
-def test_every_entry_builds_and_yields_its_feature_sets(name, checkpoints):
-    weights = save_random_weights(name, checkpoints)
-    model, preprocess = load_backbone(name, weights)
+def test_every_entry_builds_and_yields_its_feature_sets(name, random_weights):
+    """... and every transformers ViT runs PyTorch's scaled_dot_product_attention (its
+    "sdpa"), not its eager matmuls."""
+    model, preprocess = load_backbone(name, random_weights(name))
+    if get_spec(name).attention or get_spec(name).family == "hf":
+        assert model.model.config._attn_implementation == "sdpa"
     spec = model.spec  # weights may refine it (a SimCLR encoder's width)
     assert not model.training and not any(p.requires_grad for p in model.parameters())
     assert preprocess.input_size == spec.input_size
@@ -284,14 +287,6 @@ def test_a_store_from_another_hub_revision_is_refused_naming_weights(
     with pytest.raises(SpecMismatchError, match="field 'weights' differs") as err:
         extract(cfg)
     assert "a" * 40 in str(err.value) and "b" * 40 in str(err.value)
-
-
-@pytest.mark.parametrize("name", [n for n in available_backbones() if get_spec(n).attention
-                                  or get_spec(n).family == "hf"])  # fmt: skip
-def test_every_vit_entry_runs_pytorchs_fused_attention(name, checkpoints):
-    """transformers picks scaled_dot_product_attention (its "sdpa"), not its eager matmuls."""
-    model, _ = load_backbone(name, save_random_weights(name, checkpoints))
-    assert model.model.config._attn_implementation == "sdpa"
 
 
 def test_timm_vits_run_pytorchs_fused_attention(checkpoints):

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from featcache.backbones import available_backbones, get_spec, load_backbone, save_random_weights
+from featcache.backbones import available_backbones, get_spec, load_backbone
 from featcache.extraction.extract import ExtractConfig, extract
 from featcache.preprocessing.pil import FILTERS
 from featcache.store import Store
@@ -79,8 +79,8 @@ def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("name", ENTRIES)
-def test_features_are_those_of_the_entrys_own_recipe(name, folder, tmp_path):
-    weights = save_random_weights(name, tmp_path / "weights")
+def test_features_are_those_of_the_entrys_own_recipe(name, folder, tmp_path, random_weights):
+    weights = random_weights(name)
     model, preprocess = load_backbone(name, weights)
     spec = model.spec
     store = Store(extract(ExtractConfig(
