@@ -107,6 +107,7 @@ def test_resume_continues_from_the_checkpoint(image_folder, tmp_path):
         pretrain(_cfg(image_folder, out, epochs=3, width=16))
 
 
+@pytest.mark.slow  # 20 s; test_resume_continues_from_the_checkpoint is the default's resume
 def test_a_killed_run_resumes_into_the_uninterrupted_run(image_folder, tmp_path):
     """kill -9 mid-run, the same command again: the encoder equals, tensor for tensor, that of
     a run never interrupted (the CPU run is deterministic given the seed)."""
