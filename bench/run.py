@@ -80,6 +80,28 @@ def commit() -> str:
     )
 
 
+STALE = "> **Stale:** "
+
+
+def staleness(section: str) -> str:
+    """A section kept from an earlier run, marked stale when the code it measured changed
+    since (featcache/ or bench/ differ from the commit it names), or when it names none."""
+    import re
+
+    title, _, body = section.partition("\n")
+    body = "\n".join(line for line in body.split("\n") if not line.startswith(STALE))
+    stamp = re.search(r"at commit ([0-9a-f]{7,40})", body)
+    if stamp is None:
+        note = "measured before sections named their commit; rerun it to trust its figures"
+    else:
+        since = ["git", "diff", "--quiet", stamp.group(1), "--", "featcache", "bench"]
+        diff = subprocess.run(since, cwd=REPO, capture_output=True)
+        if diff.returncode == 0:
+            return f"{title}\n{body}"
+        note = f"featcache/ or bench/ changed since {stamp.group(1)}; rerun it to trust its figures"
+    return f"{title}\n\n{STALE}{note} (`python bench/run.py --only {title.strip()}`)\n{body}"
+
+
 def batch_size(device) -> int:
     """The batch of every extraction measurement: 64 on the CPU, 512 on a GPU."""
     return 512 if torch.device(device).type == "cuda" else 64
@@ -816,7 +838,7 @@ def main() -> None:
     out = Path(a.out)
     if out.exists():  # keep the sections not rerun (and those of other scripts: the GPU's)
         old = out.read_text().split("\n## ")
-        kept = [sec for sec in old[1:] if sec.split("\n", 1)[0] not in a.only.split(",")]
+        kept = [staleness(sec) for sec in old[1:] if sec.split("\n", 1)[0] not in a.only.split(",")]
         text = text.rstrip("\n") + "".join("\n\n## " + sec.rstrip("\n") for sec in kept) + "\n"
     out.write_text(text)
     print(f"\nwritten to {a.out}")
