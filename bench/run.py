@@ -99,7 +99,13 @@ def staleness(section: str) -> str:
         if diff.returncode == 0:
             return f"{title}\n{body}"
         note = f"featcache/ or bench/ changed since {stamp.group(1)}; rerun it to trust its figures"
-    return f"{title}\n\n{STALE}{note} (`python bench/run.py --only {title.strip()}`)\n{body}"
+    name = title.strip()
+    how = (
+        f"`python bench/run.py --only {name}`" if name in SECTIONS
+        else "`bench/device_check.sh` on a GPU" if name.startswith("device check")
+        else "the commands it lists"
+    )  # fmt: skip
+    return f"{title}\n\n{STALE}{note} ({how})\n{body}"
 
 
 def batch_size(device) -> int:

@@ -2,9 +2,9 @@
 
     import featcache
 
-    store = featcache.extract(backbone="efficientnet-lite0", dataset="cifar10", out="s.h5")
-    x, y, ids = store.features("train")
-    result = featcache.probe(store)            # or probe(train=(x, y), test=(xt, yt))
+    run = featcache.extract(backbone="efficientnet-lite0", dataset="cifar10", out="s.h5")
+    x, y, ids = run.store.features("train")
+    result = featcache.probe(run.store)        # or probe(train=(x, y), test=(xt, yt))
     print(result.top1, result.weight_decay)
 
 The functions are imported on first use: ``import featcache`` stays light (no torch).
