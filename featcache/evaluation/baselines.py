@@ -21,6 +21,7 @@ import numpy as np
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import log_loss
 
+from featcache.evaluation.knn import HEADLINE_K, TEMPERATURE
 from featcache.evaluation.probe import ProbeConfig, stratified_split
 from featcache.store import Store
 
@@ -65,8 +66,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("store")
     p.add_argument("--features")
-    p.add_argument("--k", type=int, default=20)
-    p.add_argument("--temperature", type=float, default=0.07)
+    p.add_argument("--k", type=int, default=HEADLINE_K)
+    p.add_argument("--temperature", type=float, default=TEMPERATURE)
     a = p.parse_args()
     store = Store(a.store)
     feat = a.features or store.default_feature()

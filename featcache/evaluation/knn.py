@@ -19,13 +19,14 @@ from featcache.evaluation.metrics import classification_summary
 # DINO's temperature for the vote weights exp(sim / T), and the k that tables report.
 TEMPERATURE = 0.07
 HEADLINE_K = 20
+KS = (10, HEADLINE_K, 100, 200)  # the k evaluated by default
 
 
 @dataclass(frozen=True)
 class KnnConfig:
     """The k-NN's settings (what it reads is the method's ``Splits``)."""
 
-    k: tuple[int, ...] = (10, HEADLINE_K, 100, 200)
+    k: tuple[int, ...] = KS
     temperature: float = TEMPERATURE
     # Queries searched at once; bounds memory to query_batch x max(k) results.
     query_batch: int = 8192

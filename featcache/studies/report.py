@@ -23,6 +23,7 @@ import numpy as np
 
 from featcache import __version__
 from featcache.errors import ArgumentError
+from featcache.evaluation.knn import KS
 from featcache.io import check_output, write_atomic
 from featcache.store import Store, attention_path, result_path
 from featcache.studies.table import render, row
@@ -34,7 +35,7 @@ log = logging.getLogger(__name__)
 class ReportConfig:
     stores: tuple[str, ...]
     out: str
-    k: tuple[int, ...] = (10, 20, 100, 200)  # the k-NN's k
+    k: tuple[int, ...] = KS  # the k-NN's k
     shots: tuple[int, ...] = (1, 5, 10)
     repeats: int = 3
     tsne_points: int = 2000
