@@ -65,6 +65,25 @@ def test_subset_and_rerun_is_a_no_op(image_folder, tmp_path):
     assert again.images == 0 and again.resumed_images == 0
 
 
+def test_a_work_folder_left_beside_a_finished_store_is_removed_by_the_rerun(image_folder, tmp_path):
+    # A kill between publishing the store and removing its work folder leaves the folder.
+    cfg = _cfg(image_folder, tmp_path / "s.h5", train_per_class=2, test_per_class=1)
+    extract(cfg)
+    parts = tmp_path / "s.h5.parts"
+    parts.mkdir()
+    (parts / "store.h5").write_bytes(b"\0" * 4096)
+    (parts / "train-000000.done").touch()
+    assert extract(cfg).images == 0 and not parts.exists()
+    busy = ShardedWriter(parts.parent / "t.h5", {"x": 1})  # held by a writer: kept
+    busy.parts.mkdir()
+    busy._take_lock((busy.parts / "lock").resolve())
+    try:
+        ShardedWriter(busy.out, {"x": 1})._remove_leftover_parts()
+        assert busy.parts.exists()
+    finally:
+        busy.close()
+
+
 def test_other_spec_is_refused_naming_the_field_unless_overwrite(image_folder, tmp_path):
     out = tmp_path / "s.h5"
     extract(_cfg(image_folder, out, train_per_class=5, test_per_class=2))

@@ -152,3 +152,25 @@ def test_the_bounded_probe_from_the_command_line(synthetic, tmp_path):
     assert "--max-memory bounds the probe only" in _run(
         "probe", "--store", synthetic, "--shots", "1", "--max-memory", "1GiB", code=2
     )
+
+
+def test_a_bounded_probe_refuses_features_that_are_not_finite(synthetic, tmp_path):
+    bad = tmp_path / "bad.h5"
+    bad.write_bytes(synthetic.read_bytes())
+    with h5py.File(bad, "r+") as f:
+        f["train/features/x"][4321, 3] = np.nan
+    with pytest.raises(ValueError, match=r"1 non-finite values \(NaN or inf\) in rows 4000-"):
+        featcache.probe(bad, max_memory="100KiB", **PROBE)
+
+
+def test_rows_read_in_chunks_leave_arrays_in_memory_as_they_were():
+    from featcache.evaluation.data import Splits
+    from featcache.evaluation.rows import StoreRows
+
+    x = np.arange(40, dtype=np.float32).reshape(10, 4)
+    data = Splits.in_memory((x, np.zeros(10)), (x, np.zeros(10)))
+    for idx in (np.arange(10), np.array([1, 4, 5, 9])):  # whole chunks and gathered rows
+        rows = StoreRows(data, "train", idx, (1.0, 2.0), 3, "cpu")
+        got = np.concatenate([xb.numpy() for xb, _ in rows.chunks_on_device()])
+        np.testing.assert_array_equal(got, (x[idx] - 1.0) / 2.0)
+        np.testing.assert_array_equal(x, np.arange(40, dtype=np.float32).reshape(10, 4))

@@ -22,7 +22,7 @@ from featcache.distributed import Distributed
 from featcache.errors import ArgumentError
 from featcache.evaluation.data import Splits
 from featcache.evaluation.metrics import per_class_accuracies, summary_from_predictions
-from featcache.evaluation.rows import MemoryRows, StoreRows, statistics
+from featcache.evaluation.rows import MemoryRows, StoreRows, check_finite, statistics
 
 TRAIN_CURVE_SAMPLES = 10_000
 MIN_FULL_STEPS = 10  # epochs of fewer steps use a proportionally smaller step size
@@ -63,12 +63,6 @@ class ProbeConfig:
             raise ArgumentError("--epochs, --batch-size and --lr must be positive")
         if self.max_memory is not None and self.max_memory <= 0:
             raise ArgumentError(f"--max-memory must be positive, got {self.max_memory}")
-
-
-def _non_finite(a: np.ndarray, rows: int = 65536) -> int:
-    """How many values of ``a`` are NaN or inf, in chunks (no copy the size of ``a``)."""
-    chunks = (a[i : i + rows] for i in range(0, len(a), rows))
-    return sum(int(c.size - np.isfinite(c).sum()) for c in chunks)
 
 
 def stratified_split(labels: np.ndarray, fraction: float, seed: int):
@@ -236,13 +230,8 @@ class _Source:
             return
         views = data.views if cfg.views else None
         for name, a in (("training", data.x("train")), ("test", data.x("test")), ("view", views)):
-            bad = 0 if a is None else _non_finite(a)
-            if bad:
-                raise ArgumentError(
-                    f"the {name} features hold {bad} non-finite values (NaN or inf): no probe "
-                    "can be trained on them; extract the store again (--precision fp32 if it "
-                    "was fp16)"
-                )
+            if a is not None:
+                check_finite(a, name)
         xtr, xte, *xviews = standardise(data.x("train"), data.x("test"),
                                         *([views] if views is not None else []))  # fmt: skip
         self.x = {"train": xtr, "test": xte}

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from featcache.errors import ArgumentError
 from featcache.evaluation.data import Splits
 from featcache.evaluation.metrics import head_metrics
 
@@ -102,6 +103,8 @@ class StoreRows(_RowSet):
         """The selected rows of a chunk, as read: a fresh float32 array (or the first rows of
         one, holding the chunk's memory)."""
         x = self.data.rows(self.split, start, stop)
+        if self.split in self.data.arrays:
+            x = x.copy()  # a view of the caller's array: changed in place below
         if len(pick) == len(x):
             return x
         # Gathered in place, a slice at a time, rather than into a second array: pick is
@@ -136,6 +139,17 @@ class StoreRows(_RowSet):
             yield from MemoryRows(*self.read(*self.chunks[c])).batches(gen, batch_size, classes)
 
 
+def check_finite(a: np.ndarray, name: str, where: str = "") -> None:
+    """Refuse features with NaN or inf, by count, read in slices (no copy the size of ``a``)."""
+    slices = (a[i : i + EVAL_ROWS] for i in range(0, len(a), EVAL_ROWS))
+    bad = sum(int(c.size - np.isfinite(c).sum()) for c in slices)
+    if bad:
+        raise ArgumentError(
+            f"the {name} features hold {bad} non-finite values (NaN or inf){where}: no probe "
+            "can be trained on them; extract the store again (--precision fp32 if it was fp16)"
+        )
+
+
 def statistics(data: Splits, chunk: int, device):
     """Mean and std (as ``probe.standardise``) of the training features, and the curvature
     bound (half the largest eigenvalue of the z-scored second-moment matrix), in one pass."""
@@ -143,6 +157,7 @@ def statistics(data: Splits, chunk: int, device):
     total, s, ss = 0, 0.0, 0.0
     for start, stop, pick in rows.chunks:
         part = rows.raw(start, stop, pick)
+        check_finite(part, "training", f" in rows {start}-{stop}")
         for i in range(0, len(part), EVAL_ROWS):  # in float64 a slice at a time
             x = part[i : i + EVAL_ROWS].astype(np.float64)
             s, ss = s + x.sum(0), ss + x.T @ x

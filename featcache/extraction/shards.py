@@ -71,7 +71,7 @@ class ShardSink:
                 for k, t in arrays.items():
                     host[k][:n].copy_(t, non_blocking=True)
                     t.record_stream(self._stream)  # not reused before the copy is done
-                event = torch.cuda.Event()
+                event = torch.cuda.Event(blocking=True)  # the writer thread sleeps on it
                 event.record(self._stream)
         else:
             host, event = arrays, None

@@ -15,6 +15,8 @@ read a clamped, in-bounds pixel. Tested against PIL through Triton's interpreter
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -107,6 +109,13 @@ def resize_normalise(
 ) -> torch.Tensor:
     """uint8 (B, C, h, w) -> normalised float32 (B, C, *size) in ``memory_format``: PIL's
     resize (``supports`` must hold), then ``(v - mean) * scale`` per channel."""
+    # Launched on the images' GPU, whichever is current (the CPU under TRITON_INTERPRET).
+    gpu = torch.cuda.device(images.device) if images.is_cuda else contextlib.nullcontext()
+    with gpu:
+        return _resize_normalise(images, size, interpolation, mean, scale, memory_format)
+
+
+def _resize_normalise(images, size, interpolation, mean, scale, memory_format):
     x = images.contiguous()
     b, c, h, w = x.shape
     out_h, out_w = size

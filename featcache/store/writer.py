@@ -89,6 +89,7 @@ class ShardedWriter:
             recorded, stored = stored_spec(self.out)
             if recorded == self.fp:
                 self.complete = True
+                self._remove_leftover_parts()
                 return
             if not overwrite:
                 why = first_difference(stored, fields) if stored else "it is not a featcache store"
@@ -100,12 +101,29 @@ class ShardedWriter:
 
     # -- starting -------------------------------------------------------------------------
 
+    def _remove_leftover_parts(self) -> None:
+        """A kill between publishing and removing the work folder leaves it (with a
+        store-sized file where images were skipped): removed, unless a writer holds it."""
+        if not self.parts.is_dir():
+            return
+        try:
+            self._take_lock((self.parts / "lock").resolve())
+        except StoreError:
+            return  # another extraction (another spec, --overwrite) is working there
+        try:
+            shutil.rmtree(self.parts, ignore_errors=True)
+        finally:
+            self.close()
+
     def _check_partial(self) -> None:
         """Refuse partial work of another spec unless overwrite (``begin`` then clears it)."""
         spec_path = self.parts / "spec.json"
         if not spec_path.exists() or not any(self.parts.glob("*.done")):
             return
-        stored = versioned(json.loads(spec_path.read_text()))
+        try:
+            stored = versioned(json.loads(spec_path.read_text()))
+        except FileNotFoundError:  # rank 0 of a torchrun is replacing it meanwhile
+            return
         if fingerprint(stored) != self.fp and not self.overwrite:
             raise SpecMismatchError(
                 f"{self.parts} holds a partial extraction with another spec "
@@ -350,8 +368,12 @@ def _allocated(group: h5py.Group, name: str, shape: tuple, dtype: str) -> int | 
     space = h5py.h5s.create_simple(shape)
     tid = h5py.h5t.py_create(np.dtype(dtype), logical=True)
     ds = h5py.h5d.create(group.id, name.encode(), tid, space, dcpl=dcpl)
+    if np.prod(shape) == 0:
+        return None  # no bytes: nothing is ever written there
     offset = ds.get_offset()
-    return None if offset is None or np.prod(shape) == 0 else int(offset)
+    if offset is None:  # never: its space was allocated now
+        raise StoreError(f"HDF5 allocated no space for {name} {shape}; report this as a bug")
+    return int(offset)
 
 
 def _reserve(path: Path) -> None:
@@ -380,9 +402,10 @@ def _copy_split(src: h5py.Group, dst: h5py.Group, skipped: list) -> None:
                                     for k in src[g])):  # fmt: skip
         data = src[name]
         out = dst.create_dataset(name, shape=(int(keep.sum()), *data.shape[1:]), dtype=data.dtype)
-        start = 0
-        for lo in range(0, len(data), 65536):  # a chunk of rows in memory at a time
-            chunk = data[lo : lo + 65536][keep[lo : lo + 65536]]
+        row_bytes = max(1, data.dtype.itemsize * int(np.prod(data.shape[1:])))
+        rows, start = max(1, 2**27 // row_bytes), 0  # 128 MiB of rows in memory at a time
+        for lo in range(0, len(data), rows):
+            chunk = data[lo : lo + rows][keep[lo : lo + rows]]
             out[start : start + len(chunk)] = chunk
             start += len(chunk)
     if skipped:
