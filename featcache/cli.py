@@ -160,8 +160,9 @@ def _data_options(command: str, out_type, out_help: str):
                           "downloaded.")(fn)  # fmt: skip
         fn = _option("--out", "out", required=True, type=out_type, help=out_help)(fn)
         return _option("--dataset", "dataset", required=True,
-                       help="A standard dataset (cifar10, cifar100, ...), imagefolder:DIR or "
-                       "csv:FILE; see `featcache datasets`.")(fn)  # fmt: skip
+                       help="A standard dataset (cifar10, cifar100, ...), imagefolder:DIR, "
+                       "csv:FILE or wds:DIR (webdataset shards); see `featcache "
+                       "datasets`.")(fn)  # fmt: skip
 
     return apply
 
@@ -192,6 +193,12 @@ def _run_options(command: str):
 @field_option("extract", "weights", help="Local weights: directory or .safetensors file.")
 @field_option("extract", "splits")
 @_option("--per-class", type=int, default=None, help="Images per class in every split.")
+@_option(
+    "--split-patterns",
+    default=None,
+    help="With --dataset wds: the shards of each split, 'train=PATTERN;test=PATTERN' "
+    "(brace patterns, e.g. shards/train-{000..099}.tar).",
+)
 @_run_options("extract")
 @field_option("extract", "batch_size", type=int)
 @field_option(
@@ -235,6 +242,14 @@ def extract(**kw) -> None:
 
     clock = PhaseClock.since_process_start()
     per_class, json_out = kw.pop("per_class"), kw.pop("json_out")
+    patterns = kw.pop("split_patterns")
+    if patterns is not None:
+        if kw["dataset"] not in ("wds", "wds:"):
+            raise click.BadParameter(
+                "goes with --dataset wds (the shards are the patterns')",
+                param_hint="--split-patterns",
+            )
+        kw["dataset"] = f"wds:{patterns}"
     for split in ("train", "test"):
         if kw[f"{split}_per_class"] is None:
             kw[f"{split}_per_class"] = per_class

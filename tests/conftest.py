@@ -1,3 +1,4 @@
+import io
 import os
 import subprocess
 import sys
@@ -46,6 +47,32 @@ def make_image_folder(root: Path, classes=("cat", "dog", "frog"), train=12, test
     return root
 
 
+def make_webdataset(folder: Path, root: Path, shards=(("train", 2), ("test", 1))) -> Path:
+    """The images of an image folder as webdataset shards in CLIP_benchmark's layout
+    (``root/<split>/<i>.tar``, ``root/classnames.txt``): sample key ``<class>_<file stem>``,
+    the file's own bytes as its image, the class number as ``cls``. Splits are cut into
+    ``count`` shards in listing order (the folder's)."""
+    classes = sorted(p.name for p in (folder / "train").iterdir())
+    (root).mkdir(parents=True)
+    (root / "classnames.txt").write_text("\n".join(classes) + "\n")
+    for split, count in shards:
+        files = [
+            (c, f)
+            for c, cls in enumerate(classes)
+            for f in sorted((folder / split / cls).iterdir())
+        ]
+        (root / split).mkdir()
+        for i in range(count):
+            with tarfile.open(root / split / f"{i}.tar", "w") as tar:
+                for c, f in files[i::count]:
+                    key = f"{classes[c]}_{f.stem}"
+                    for ext, data in ((f.suffix[1:], f.read_bytes()), ("cls", str(c).encode())):
+                        info = tarfile.TarInfo(f"{key}.{ext}")
+                        info.size = len(data)
+                        tar.addfile(info, io.BytesIO(data))
+    return root
+
+
 @pytest.fixture
 def image_folder(tmp_path):
     return make_image_folder(tmp_path / "images")
@@ -91,13 +118,15 @@ def random_weights(tmp_path_factory):
 
 
 def tiny_extract_args(folder, out, *extra) -> list[str]:
-    """CLI arguments of `featcache extract` with the tiny backbone over an image folder."""
+    """CLI arguments of `featcache extract` with the tiny backbone over an image folder (or a
+    dataset spec)."""
+    spec = folder if ":" in str(folder) else f"imagefolder:{folder}"
     return [
         "extract",
         "--backbone",
         "test-tiny",
         "--dataset",
-        f"imagefolder:{folder}",
+        spec,
         "--out",
         str(out),
         "--workers",

@@ -210,7 +210,11 @@ def test_cluster_and_label_efficiency_commands(run, store, tmp_path):
 
 # Options that are not a field of their command's config, and why.
 NOT_FIELDS = {
-    "extract": {"per_class": "sets train_per_class and test_per_class", "json_out": "output"},
+    "extract": {
+        "per_class": "sets train_per_class and test_per_class",
+        "split_patterns": "part of the dataset spec (wds:SPLIT=PATTERN;...)",
+        "json_out": "output",
+    },
     "probe": {
         "store": "input",
         "features": "input",

@@ -35,18 +35,34 @@ def _photo(path, label):
     Image.fromarray(_pixels(1, size[1], size[0])[0]).save(path, "JPEG")
 
 
-def make_cifar100(root):
-    d = root / "cifar-100-python"
-    d.mkdir(parents=True)
-    names = [f"class{i:02d}".encode() for i in range(100)]
-    for split, n in (("train", 12), ("test", 5)):
+def make_cifar100(root, text=bytes):
+    """CIFAR-100 as published (Python 2 pickles: ``bytes`` keys and names), or with
+    ``text=str`` as Python 3 pickles them (torchvision's own test fixtures)."""
+    _make_cifar(root / "cifar-100-python", text, {"train": 12, "test": 5}, "fine_labels", 100)
+    key = (lambda k: k.encode()) if text is bytes else (lambda k: k)
+    meta = {key("fine_label_names"): [key(f"class{i:02d}") for i in range(100)]}
+    (root / "cifar-100-python" / "meta").write_bytes(pickle.dumps(meta, protocol=2))
+
+
+def make_cifar10(root, text=str):
+    files = {f"data_batch_{i}": 3 for i in range(1, 6)} | {"test_batch": 4}
+    _make_cifar(root / "cifar-10-batches-py", text, files, "labels", 10)
+    names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
+             "truck"]  # fmt: skip
+    meta = {"label_names": names, "num_cases_per_batch": 3, "num_vis": 3072}
+    (root / "cifar-10-batches-py" / "batches.meta").write_bytes(pickle.dumps(meta))
+
+
+def _make_cifar(folder, text, files, label_key, classes):
+    key = (lambda k: k.encode()) if text is bytes else (lambda k: k)
+    folder.mkdir(parents=True)
+    for name, n in files.items():
         batch = {
-            b"data": _pixels(n, 32, 32).transpose(0, 3, 1, 2).reshape(n, -1),
-            b"fine_labels": RNG.integers(0, 100, n).tolist(),
-            b"coarse_labels": RNG.integers(0, 20, n).tolist(),
+            key("data"): _pixels(n, 32, 32).transpose(0, 3, 1, 2).reshape(n, -1),
+            key(label_key): RNG.integers(0, classes, n).tolist(),
+            key("coarse_labels"): RNG.integers(0, 20, n).tolist(),
         }
-        (d / split).write_bytes(pickle.dumps(batch, protocol=2))
-    (d / "meta").write_bytes(pickle.dumps({b"fine_label_names": names}, protocol=2))
+        (folder / name).write_bytes(pickle.dumps(batch, protocol=2 if text is bytes else 4))
 
 
 def make_stl10(root):
@@ -141,7 +157,9 @@ def make_food101(root):
 
 
 MAKERS = {
+    "cifar10": make_cifar10,
     "cifar100": make_cifar100,
+    "cifar100-str": lambda root: make_cifar100(root, str),
     "stl10": make_stl10,
     "svhn": make_svhn,
     "mnist": make_mnist,
@@ -158,10 +176,13 @@ def _torchvision(name, root, split, monkeypatch):
     files patched out: the fixtures are not those files)."""
     import torchvision.datasets as tv
 
-    for cls in (tv.STL10, tv.SVHN, tv.Flowers102):
+    for cls in (tv.STL10, tv.SVHN, tv.Flowers102, tv.CIFAR10, tv.CIFAR100):
         monkeypatch.setattr(cls, "_check_integrity", lambda self: True)
+    monkeypatch.setattr(tv.cifar, "check_integrity", lambda path, md5=None: True)
     r = str(root)
     return {
+        "cifar10": lambda: tv.CIFAR10(r, train=split == "train"),
+        "cifar100-str": lambda: tv.CIFAR100(r, train=split == "train"),
         "stl10": lambda: tv.STL10(r, split=split),
         "svhn": lambda: tv.SVHN(r, split=split),
         "mnist": lambda: tv.MNIST(r, train=split == "train"),
@@ -183,8 +204,10 @@ def _content(images_and_labels, names):
 
 @pytest.mark.parametrize("name", sorted(set(MAKERS) - {"cifar100"}))
 def test_the_reader_sees_what_torchvision_sees(name, tmp_path, monkeypatch):
+    """Every reader; CIFAR as Python 3 pickles it (``str`` keys and names, torchvision's test
+    fixtures), which ended in "'str' object has no attribute 'decode'" before."""
     MAKERS[name](tmp_path)
-    ours = load_dataset(name, data_root=tmp_path)
+    ours = load_dataset(name.removesuffix("-str"), data_root=tmp_path)
     assert sorted(ours) == ["test", "train"]
     for split, s in ours.items():
         theirs = [_torchvision(name, tmp_path, split, monkeypatch)]
@@ -218,6 +241,31 @@ def test_cifar100_reads_fine_labels_and_their_names_without_unpickling_objects(t
     )
     with pytest.raises(DatasetError, match="refusing to load builtins.print"):
         load_dataset("cifar100", data_root=tmp_path)
+
+
+@pytest.mark.parametrize(
+    "batch, expected",
+    [
+        ({"data": "torch", "labels": [0]}, "refusing to load torch"),
+        ({"data": np.zeros((1, 3072), np.uint8)}, r"needs the keys \['data', 'labels'\]"),
+        ({"data": np.zeros((1, 1024), np.uint8), "labels": [0]}, "uint8 rows of 3x32x32"),
+        ([1, 2, 3], "a list, not a dict"),
+    ],
+    ids=["tensor", "no-labels", "shape", "list"],
+)
+def test_an_unexpected_cifar_batch_is_an_error_naming_the_file_and_what_was_expected(
+    tmp_path, batch, expected
+):
+    import torch
+
+    make_cifar10(tmp_path)
+    if isinstance(batch, dict) and isinstance(batch["data"], str):
+        batch["data"] = torch.zeros(1, 3072, dtype=torch.uint8)  # how torch tensors pickle
+    path = tmp_path / "cifar-10-batches-py" / "data_batch_2"
+    path.write_bytes(pickle.dumps(batch))
+    with pytest.raises(DatasetError, match=expected) as err:
+        load_dataset("cifar10", data_root=tmp_path)
+    assert str(path) in str(err.value)
 
 
 def test_greyscale_and_photos_of_many_sizes_extract_end_to_end(tmp_path):

@@ -14,7 +14,7 @@ import sys
 import time
 
 import pytest
-from conftest import TINYCLI, assert_equal_stores, start, tiny_extract
+from conftest import TINYCLI, assert_equal_stores, make_webdataset, start, tiny_extract
 
 SHARDS = 24  # 36 train + 12 test images in shards of 2
 SETUP_COMMITS = 3
@@ -114,6 +114,23 @@ def _run_kill_test(image_folder, tmp_path, n_random):
 
 def test_kill_9_at_eight_points_then_resume_equals_uninterrupted(image_folder, tmp_path):
     _run_kill_test(image_folder, tmp_path, n_random=2)
+
+
+def test_kill_9_on_a_webdataset_then_resume_equals_uninterrupted(image_folder, tmp_path):
+    """Samples read from tar shards at their offsets resume like files: killed at a journal
+    commit and at a random moment, the rerun equals the uninterrupted store."""
+    spec = f"wds:{make_webdataset(image_folder, tmp_path / 'wds', (('train', 3), ('test', 1)))}"
+    ref, out, parts = tmp_path / "ref.h5", tmp_path / "s.h5", tmp_path / "s.h5.parts"
+    assert subprocess.run(_args(spec, ref), capture_output=True).returncode == 0
+    _kill(_stalled(spec, out, f"commit:{SETUP_COMMITS + 3}", tmp_path / "stalled"))
+    p = start(_args(spec, out), FEATCACHE_TEST_DELAY="0.2")
+    _wait_for(lambda: len(_journal(parts)) > 3 or p.poll() is not None)
+    time.sleep(random.Random(1).uniform(0, 0.3))
+    _kill(p)
+    final = start(_args(spec, out))
+    log = final.communicate(timeout=120)[0]
+    assert final.returncode == 0 and "resumed from shards" in log, log
+    assert_equal_stores(out, ref)
 
 
 @pytest.mark.slow

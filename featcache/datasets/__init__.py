@@ -8,6 +8,8 @@ Specs (``featcache datasets`` lists them):
                          reachable (``standard``).
     ``imagefolder:DIR``  ``DIR/<split>/<class>/<image>`` (``folders``).
     ``csv:FILE``         ``path,label,split`` rows, or ``csv:TRAIN.csv,TEST.csv`` (``folders``).
+    ``wds:DIR``          webdataset tar shards in CLIP_benchmark's layout, or a brace pattern
+                         (``wds:shards/train-{000..009}.tar``) (``tars``).
 
 No image is decoded while listing; ``Split.load(i)`` decodes one.
 """
@@ -25,6 +27,7 @@ from featcache.datasets.split import (
     open_image,
 )
 from featcache.datasets.standard import DATASETS, load_standard
+from featcache.datasets.tars import webdataset
 from featcache.errors import DatasetError
 
 __all__ = [
@@ -54,10 +57,12 @@ def load_dataset(
         return imagefolder(Path(arg).expanduser(), splits)
     if kind == "csv":
         return csv_dataset(arg, splits)
+    if kind == "wds":
+        return webdataset(arg, splits)
     raise DatasetError(
         f"unknown dataset {spec!r}; use one of {', '.join(DATASETS)}, 'imagefolder:DIR' "
-        "(DIR holds train/ and test/, each with one folder per class) or 'csv:FILE' "
-        "(see `featcache datasets`)"
+        "(DIR holds train/ and test/, each with one folder per class), 'csv:FILE' or "
+        "'wds:DIR' (webdataset shards) (see `featcache datasets`)"
     )
 
 
@@ -77,5 +82,11 @@ def describe() -> str:
         "imagefolder:DIR   DIR/train/<class>/*.jpg and DIR/test/<class>/*.jpg",
         "csv:FILE          rows 'path,label,split' (paths relative to FILE's folder);",
         "                  or csv:TRAIN.csv,TEST.csv with rows 'path,label'",
+        "wds:DIR           webdataset tar shards, CLIP_benchmark's layout: DIR/train/0.tar,",
+        "                  DIR/test/0.tar, ... and DIR/classnames.txt; samples with a",
+        "                  jpg/png/webp image and a cls label; ids are the samples' keys",
+        "wds:PATTERN       shards by brace pattern (wds:shards/train-{000..099}.tar), each",
+        "                  shard's split from its folder or file name; or name them:",
+        "                  wds:train=PATTERN;test=PATTERN",
     ]
     return "\n".join(rows)

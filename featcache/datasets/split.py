@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import warnings
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -18,25 +21,27 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".
 SPLITS = ("train", "test")
 
 
-def open_image(path: Path) -> Image.Image:
-    """Decode an image file (any mode), refusing decompression bombs. Raises BadImageError,
-    naming the file."""
+def open_image(path: Path | bytes, name: str | None = None) -> Image.Image:
+    """Decode an image file, or an image's bytes called ``name`` (any mode), refusing
+    decompression bombs. Raises BadImageError, naming the file."""
+    name = name or str(path)
     try:
         with warnings.catch_warnings():
             # PIL only warns between MAX_IMAGE_PIXELS and twice that; refuse those too.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(path)
+            img = Image.open(io.BytesIO(path) if isinstance(path, bytes) else path)
             img.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise BadImageError(str(path), f"decompression bomb refused ({exc})") from None
+        raise BadImageError(name, f"decompression bomb refused ({exc})") from None
     except (OSError, SyntaxError, ValueError) as exc:
-        raise BadImageError(str(path), f"{type(exc).__name__}: {exc}") from None
+        raise BadImageError(name, f"{type(exc).__name__}: {exc}") from None
     return img
 
 
 @dataclass
 class Split:
-    """One split: ids, labels and a way to decode image i. Sources are a folder or an array."""
+    """One split: ids, labels and a way to decode image i. Sources are a folder, an array, or
+    ``reader(where[i])`` (a sample in a tar shard, a row of a Hugging Face dataset)."""
 
     name: str
     class_names: list[str]
@@ -45,6 +50,8 @@ class Split:
     root: Path | None = None  # image folder of the split; ids are paths relative to it
     array: np.ndarray | None = field(default=None, repr=False)  # (N, H, W[, 3]) uint8
     sizes: list[int] | None = None  # file sizes, for the dataset identity
+    where: list[Any] | None = field(default=None, repr=False)  # where sample i lies, for reader
+    reader: Callable[[Any], Image.Image] | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -53,6 +60,8 @@ class Split:
         """Decode image i (any mode; callers convert to RGB). Raises BadImageError."""
         if self.array is not None:
             return Image.fromarray(self.array[i])
+        if self.reader is not None:
+            return self.reader(self.where[i])
         return open_image(self.root / self.ids[i])
 
     def select(self, indices: np.ndarray) -> Split:
@@ -65,6 +74,8 @@ class Split:
             root=self.root,
             array=self.array[idx] if self.array is not None else None,
             sizes=[self.sizes[i] for i in idx] if self.sizes is not None else None,
+            where=[self.where[i] for i in idx] if self.where is not None else None,
+            reader=self.reader,
         )
 
     def identity(self) -> str:

@@ -156,15 +156,31 @@ class _ArrayOnlyUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a CIFAR batch")
 
 
-def _read_batch(path: Path) -> dict:
+def _read_batch(path: Path, keys: tuple[str, ...]) -> dict:
+    """A CIFAR batch as a dict with ``str`` keys, holding ``keys``. Python 2's batches (the
+    published ones: ``bytes`` keys and names) and Python 3's (``str``, as torchvision's test
+    fixtures write them) read alike; anything else is an error naming the file."""
     if not path.is_file():
         raise DatasetError(f"{path} is missing: the CIFAR copy is incomplete")
     try:
         with open(path, "rb") as f:
             d = _ArrayOnlyUnpickler(f, encoding="bytes").load()
-    except (OSError, pickle.UnpicklingError, EOFError) as exc:
+    except (OSError, pickle.UnpicklingError, EOFError, ValueError) as exc:
         raise DatasetError(f"{path}: not a CIFAR batch ({exc})") from exc
-    return {k.decode() if isinstance(k, bytes) else k: v for k, v in d.items()}
+    if not isinstance(d, dict):
+        raise DatasetError(f"{path}: not a CIFAR batch (a {type(d).__name__}, not a dict)")
+    d = {_text(k): v for k, v in d.items()}
+    missing = [k for k in keys if k not in d]
+    if missing:
+        raise DatasetError(
+            f"{path}: a CIFAR batch needs the keys {list(keys)}; {missing} missing "
+            f"(it has {sorted(map(str, d))[:8]})"
+        )
+    return d
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _cifar(folder: Path, batches: dict, label_key: str, class_names: list[str]) -> dict:
@@ -172,9 +188,15 @@ def _cifar(folder: Path, batches: dict, label_key: str, class_names: list[str]) 
     for name, files in batches.items():
         arrays, labels = [], []
         for b in files:
-            d = _read_batch(folder / b)
-            arrays.append(np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-            labels.extend(d[label_key])
+            d = _read_batch(folder / b, ("data", label_key))
+            data = np.asarray(d["data"])
+            if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+                raise DatasetError(
+                    f"{folder / b}: 'data' must be uint8 rows of 3x32x32 pixels, got "
+                    f"{data.dtype} {data.shape}"
+                )
+            arrays.append(data.reshape(-1, 3, 32, 32))
+            labels.extend(np.asarray(d[label_key]).ravel().tolist())
         array = np.ascontiguousarray(np.concatenate(arrays).transpose(0, 2, 3, 1))
         splits[name] = _array_split(name, class_names, array, labels)
     return splits
@@ -222,7 +244,8 @@ def _cifar10(root: Path) -> dict[str, Split]:
 )
 def _cifar100(root: Path) -> dict[str, Split]:
     folder = root / "cifar-100-python"
-    names = [n.decode() for n in _read_batch(folder / "meta")["fine_label_names"]]
+    meta = _read_batch(folder / "meta", ("fine_label_names",))
+    names = [_text(n) for n in meta["fine_label_names"]]
     return _cifar(folder, {"train": ["train"], "test": ["test"]}, "fine_labels", names)
 
 

@@ -288,11 +288,15 @@ def pretrain(cfg: SimCLRConfig) -> dict:
     while run.epoch < min(cfg.epochs, run.planned):
         record = run.train_epoch(train_x, steps, augment, scaler, precision)
         elapsed = time.perf_counter() - started
-        if cfg.time_limit is not None and run.epoch * steps <= cfg.warmup_epochs * steps:
-            # Still warming up (its step sizes do not depend on the schedule's length): size
-            # the schedule to end within the limit, checkpoints and k-NN included.
-            fit = int((cfg.time_limit - elapsed) // (elapsed / (run.epoch - first)))
-            run.planned = max(run.epoch, min(cfg.epochs, run.epoch + fit))
+        if cfg.time_limit is not None:
+            # Size the schedule to end within the limit, checkpoints and k-NN included: freely
+            # while warming up (its step sizes do not depend on the schedule's length), after
+            # that only shorter, when epochs slow down (a loaded machine), so that the cosine
+            # still reaches zero at the last epoch.
+            per_epoch = max(elapsed / (run.epoch - first), record["seconds"])
+            fit = max(run.epoch, run.epoch + int((cfg.time_limit - elapsed) // per_epoch))
+            warming = run.epoch <= cfg.warmup_epochs
+            run.planned = min(cfg.epochs if warming else run.planned, fit)
         last = run.epoch >= run.planned
         if test is not None and (run.epoch % cfg.knn_every == 0 or last):
             record["knn_top1"] = _monitor(run.encoder, train_x, train_y, test, device, precision)
