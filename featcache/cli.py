@@ -191,7 +191,13 @@ def _run_options(command: str):
 )
 @_data_options("extract", click.Path(dir_okay=False), "Store to write.")
 @field_option("extract", "weights", help="Local weights: directory or .safetensors file.")
-@field_option("extract", "splits")
+@field_option(
+    "extract",
+    "splits",
+    help="The store's splits by the dataset's names; test=validation stores another as test.",
+)
+@field_option("extract", "image_column", help="hfds: the image column [its Image feature].")
+@field_option("extract", "label_column", help="hfds: the label column [its ClassLabel].")
 @_option("--per-class", type=int, default=None, help="Images per class in every split.")
 @_option(
     "--split-patterns",

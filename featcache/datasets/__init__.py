@@ -10,6 +10,9 @@ Specs (``featcache datasets`` lists them):
     ``csv:FILE``         ``path,label,split`` rows, or ``csv:TRAIN.csv,TEST.csv`` (``folders``).
     ``wds:DIR``          webdataset tar shards in CLIP_benchmark's layout, or a brace pattern
                          (``wds:shards/train-{000..009}.tar``) (``tars``).
+    ``hfds:NAME[:CONFIG]``, ``hfds-disk:DIR``
+                         Hugging Face ``datasets``: by name or parquet folder, or a
+                         ``save_to_disk`` folder (``hf``).
 
 No image is decoded while listing; ``Split.load(i)`` decodes one.
 """
@@ -43,9 +46,14 @@ __all__ = [
 
 
 def load_dataset(
-    spec: str, data_root: str | Path | None = None, splits: tuple[str, ...] = SPLITS
+    spec: str,
+    data_root: str | Path | None = None,
+    splits: tuple[str, ...] = SPLITS,
+    image_column: str | None = None,
+    label_column: str | None = None,
 ) -> dict[str, Split]:
-    """Parse a dataset spec and list the asked splits that it has (no image is decoded)."""
+    """Parse a dataset spec and list the asked splits that it has (no image is decoded).
+    ``image_column`` and ``label_column`` choose a Hugging Face dataset's columns."""
     if spec in DATASETS:
         found = load_standard(spec, Path(data_root).expanduser() if data_root else Path("data"))
         return {name: s for name, s in found.items() if name in splits}
@@ -59,10 +67,15 @@ def load_dataset(
         return csv_dataset(arg, splits)
     if kind == "wds":
         return webdataset(arg, splits)
+    if kind in ("hfds", "hfds-disk"):
+        from featcache.datasets.hf import hf_dataset
+
+        return hf_dataset(kind, arg, splits, image_column, label_column)
     raise DatasetError(
         f"unknown dataset {spec!r}; use one of {', '.join(DATASETS)}, 'imagefolder:DIR' "
-        "(DIR holds train/ and test/, each with one folder per class), 'csv:FILE' or "
-        "'wds:DIR' (webdataset shards) (see `featcache datasets`)"
+        "(DIR holds train/ and test/, each with one folder per class), 'csv:FILE', "
+        "'wds:DIR' (webdataset shards) or 'hfds:NAME' (Hugging Face datasets; hf: names "
+        "backbones) (see `featcache datasets`)"
     )
 
 
@@ -88,5 +101,12 @@ def describe() -> str:
         "wds:PATTERN       shards by brace pattern (wds:shards/train-{000..099}.tar), each",
         "                  shard's split from its folder or file name; or name them:",
         "                  wds:train=PATTERN;test=PATTERN",
+        "hfds:NAME[:CONFIG] a Hugging Face dataset (datasets.load_dataset; a local folder of",
+        "                  parquet files offline); hfds-disk:DIR a save_to_disk folder.",
+        "                  Columns: the Image and ClassLabel features, or --image-column and",
+        "                  --label-column; pip install 'featcache[hf]'. (hf: names backbones.)",
+        "",
+        "--splits train,test picks splits by name; test=validation stores a dataset's",
+        "validation split as the store's test split.",
     ]
     return "\n".join(rows)

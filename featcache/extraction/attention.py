@@ -20,6 +20,7 @@ from PIL import Image
 from featcache.backbones import get_spec, load_backbone, weights_identity
 from featcache.datasets import IMAGE_EXTENSIONS, load_dataset, open_image
 from featcache.errors import ArgumentError, FeatcacheError
+from featcache.extraction.extract import split_source
 from featcache.io import write_atomic
 from featcache.preprocessing import to_rgb
 from featcache.store import Store, attention_path
@@ -69,7 +70,11 @@ def save_store_attention(store_path: str | Path, count: int = AttentionConfig.ma
         raise ArgumentError(f"--max-images must be at least 1, got {count}")
     store.check("test")
     cfg = store.config
-    split = load_dataset(cfg["dataset"], cfg.get("data_root"), ("test",))["test"]
+    source = dict(map(split_source, cfg.get("splits", ["test"]))).get("test", "test")
+    split = load_dataset(
+        cfg["dataset"], cfg.get("data_root"), (source,), cfg.get("image_column"),
+        cfg.get("label_column"),
+    )[source]  # fmt: skip
     index = {sid: i for i, sid in enumerate(split.ids)}
     ids = store.read("test", "ids")[:count].tolist()
     missing = [i for i in ids if i not in index]

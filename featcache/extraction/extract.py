@@ -54,7 +54,11 @@ class ExtractConfig:
     out: str
     weights: str | None = None
     data_root: str | None = None
+    # The store's splits; "test=validation" stores the dataset's validation split as test.
     splits: tuple[str, ...] = ("train", "test")
+    # A Hugging Face dataset's columns (default: its Image and ClassLabel features).
+    image_column: str | None = None
+    label_column: str | None = None
     # Class-balanced subset sizes per split (None: every image). --per-class sets both.
     train_per_class: int | None = None
     test_per_class: int | None = None
@@ -207,22 +211,36 @@ def fingerprint_fields(
         "dataset": {
             "kind": dataset_identity(cfg.dataset),
             "splits": {name: s.identity() for name, s in splits.items()},
+            # Where set (Hugging Face datasets): which image column the pixels came from.
+            **({"image_column": cfg.image_column} if cfg.image_column else {}),
         },
     }
 
 
 def prepare_splits(cfg: ExtractConfig) -> dict[str, Split]:
-    available = load_dataset(cfg.dataset, cfg.data_root, cfg.splits)
+    """The store's splits, each the dataset's split of that name (or of the name after ``=``),
+    class-balanced where asked."""
+    sources = dict(split_source(s) for s in cfg.splits)
+    available = load_dataset(
+        cfg.dataset, cfg.data_root, tuple(sources.values()), cfg.image_column, cfg.label_column
+    )
     per_class = {"train": cfg.train_per_class, "test": cfg.test_per_class}
     splits = {}
-    for name in cfg.splits:
-        if name not in available:
+    for name, source in sources.items():
+        if source not in available:
             raise DatasetError(
-                f"dataset {cfg.dataset} has no '{name}' split (it has: {sorted(available)}); "
-                "pass --splits with the ones it has"
+                f"dataset {cfg.dataset} has no '{source}' split (it has: {sorted(available)}); "
+                "pass --splits with the ones it has (test=validation stores another as test)"
             )
-        splits[name] = balanced_subset(available[name], per_class.get(name), cfg.seed)
+        split = replace(available[source], name=name)
+        splits[name] = balanced_subset(split, per_class.get(name), cfg.seed)
     return splits
+
+
+def split_source(text: str) -> tuple[str, str]:
+    """``"test=validation"`` -> (store's split, dataset's split); ``"test"`` -> both test."""
+    name, _, source = text.partition("=")
+    return name.strip(), (source or name).strip()
 
 
 def extract(cfg: ExtractConfig, clock: PhaseClock | None = None) -> ExtractResult:
