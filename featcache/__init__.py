@@ -20,6 +20,7 @@ _PUBLIC = {
     "cluster": "featcache.api",
     "shots": "featcache.api",
     "retrieval": "featcache.api",
+    "export": "featcache.api",
     "Store": "featcache.store",
     "ProbeResult": "featcache.api",
     "KnnResult": "featcache.api",

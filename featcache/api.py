@@ -215,6 +215,16 @@ def extract(backbone: str, dataset: str, out: str | Path, clock=None, **options)
     return ExtractResult.of(run(cfg, clock).to_dict())
 
 
+def export(store: str | Path | Store, out: str | Path, **options) -> Path:
+    """Write a store's features to the folder ``out`` (``format="npy"`` or ``"parquet"``,
+    clip-retrieval's layout) -> ``out``. Options: ``featcache export``'s, as ``ExportConfig``."""
+    from featcache.store.export import ExportConfig
+    from featcache.store.export import export as run
+
+    path = store.path if isinstance(store, Store) else store
+    return run(path, out, config(ExportConfig, options))
+
+
 def probe(store=None, *, train=None, test=None, features=None, **options) -> ProbeResult:
     """DINO-style linear probe (SGD heads, a weight-decay sweep with early stopping, then a
     retrain) -> ``ProbeResult``. Options: ``featcache probe``'s, as ``ProbeConfig``."""

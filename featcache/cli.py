@@ -51,6 +51,7 @@ CONFIGS = {
     "report": ("featcache.studies.report", "ReportConfig"),
     "simclr": ("featcache.pretraining.simclr", "SimCLRConfig"),
     "attention": ("featcache.extraction.attention", "AttentionConfig"),
+    "export": ("featcache.store.export", "ExportConfig"),
 }
 
 
@@ -464,6 +465,30 @@ def info(store: str, as_json: bool) -> None:
         click.echo(json.dumps(s.info(), indent=1))
     else:
         click.echo(s.describe())
+
+
+@main.command()
+@click.argument("store", type=click.Path(dir_okay=False))
+@_option(
+    "--out", required=True, type=click.Path(), help="Folder to write (made whole, then renamed)."
+)
+@field_option("export", "format", type=click.Choice(["npy", "parquet"]),
+              help="npy: a .npy per split and feature set; parquet: clip-retrieval's img_emb/ "
+              "and metadata/.")  # fmt: skip
+@field_option("export", "features",
+              help="Comma-separated feature sets, or all [npy: all; parquet: the "
+              "default].")  # fmt: skip
+@field_option("export", "dtype", type=click.Choice(["float32"]),
+              help="Widen float16 features [as stored].")  # fmt: skip
+@field_option("export", "shard_size", type=int, help="Rows per file (parquet layout).")
+@field_option("export", "overwrite", flag=True, help="Replace a non-empty --out folder.")
+@_friendly
+def export(store: str, out: str, **kw) -> None:
+    """Write a store's features as numpy files, or in clip-retrieval's layout (parquet)."""
+    import featcache.api as api
+
+    path = api.export(store, out, **options_of("export", kw))
+    click.echo(f"exported {store} ({kw['format']}) -> {path}")
 
 
 @main.group()

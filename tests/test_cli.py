@@ -236,6 +236,7 @@ NOT_FIELDS = {
     },  # fmt: skip
     "report": {},
     "simclr": {},
+    "export": {"store": "input", "out": "output"},
 }
 # Config fields without an option, and why.
 NO_OPTION: dict[str, dict] = {}

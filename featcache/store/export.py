@@ -1,0 +1,175 @@
+"""Features out of a store, for tools that read numpy or parquet (``featcache export``).
+
+``npy``: ``DIR/<split>/<feature>.npy`` (N, D) per split and feature set, with
+``DIR/<split>/ids.txt`` (one id a line) and ``DIR/<split>/labels.npy``, and
+``DIR/class_names.txt``. ``parquet``: clip-retrieval's layout, which autofaiss reads:
+``DIR/img_emb/img_emb_<k>.npy`` beside ``DIR/metadata/metadata_<k>.parquet`` (columns ``id``,
+``label``, ``class_name``, ``split``), row for row, ``shard_size`` rows a file, the splits one
+after the other; several feature sets go to ``DIR/<feature>/`` each.
+
+Features keep their stored dtype (float16 stays float16) unless ``dtype="float32"``; rows are
+copied a chunk at a time (stores larger than memory export too). The files are written into a
+temporary folder beside ``out``, renamed into place when whole.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from featcache.errors import ArgumentError, OutputError
+from featcache.store.reader import Store
+
+FORMATS = ("npy", "parquet")
+_CHUNK = 1 << 16  # rows copied at a time
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    format: str = "npy"
+    # Feature sets to export; empty: every set (npy) or the store's default set (parquet).
+    features: tuple[str, ...] = ()
+    # None keeps the stored dtype; "float32" widens float16 features.
+    dtype: str | None = None
+    # Rows per img_emb / metadata file (parquet layout).
+    shard_size: int = 1_000_000
+    overwrite: bool = False
+
+    def __post_init__(self):
+        if self.format not in FORMATS:
+            raise ArgumentError(
+                f"--format must be one of {', '.join(FORMATS)}, got {self.format!r}"
+            )
+        if self.dtype not in (None, "float32"):
+            raise ArgumentError(f"--dtype is float32 or left out, got {self.dtype!r}")
+        if self.shard_size < 1:
+            raise ArgumentError(f"--shard-size must be at least 1, got {self.shard_size}")
+
+
+def export(store: str | Path, out: str | Path, cfg: ExportConfig = ExportConfig()) -> Path:
+    """Write ``store``'s features to the folder ``out`` in ``cfg.format``; returns ``out``."""
+    store = Store(store)
+    out = Path(out)
+    if not out.parent.is_dir():
+        raise OutputError(f"--out {out}: directory {out.parent} does not exist; create it first")
+    if out.exists() and any(out.iterdir()) and not cfg.overwrite:
+        raise OutputError(f"--out {out} exists and is not empty; pass --overwrite to replace it")
+    features = _features(store, cfg)
+    if cfg.format == "parquet":
+        _parquet_writer()  # refused before any file is written
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    try:
+        if cfg.format == "npy":
+            _npy(store, tmp, features, cfg)
+        else:
+            for name in features:
+                _clip_retrieval(store, tmp / name if len(features) > 1 else tmp, name, cfg)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _features(store: Store, cfg: ExportConfig) -> list[str]:
+    if not cfg.features:
+        return store.feature_sets if cfg.format == "npy" else [store.default_feature()]
+    if cfg.features == ("all",):
+        return store.feature_sets
+    for split in store.splits:
+        for name in cfg.features:
+            store.check(split, name)
+    return list(cfg.features)
+
+
+def _in_order(splits) -> list[str]:
+    """train, then test, then any other split by name."""
+    return sorted(splits, key=lambda s: (s != "train", s != "test", s))
+
+
+def _chunks(store: Store, split: str, feature: str, dtype: str | None):
+    """The split's feature rows, ``_CHUNK`` at a time, in the stored dtype or ``dtype``."""
+    with h5py.File(store.path, "r") as f:
+        data = f[split]["features"][feature]
+        for start in range(0, data.shape[0], _CHUNK):
+            rows = data[start : start + _CHUNK]
+            yield rows.astype(dtype) if dtype else rows
+
+
+def _npy(store: Store, root: Path, features: list[str], cfg: ExportConfig) -> None:
+    (root / "class_names.txt").write_text("\n".join(store.class_names) + "\n", encoding="utf-8")
+    for split in store.splits:
+        folder = root / split
+        folder.mkdir()
+        ids = store.read(split, "ids")
+        (folder / "ids.txt").write_text("".join(f"{i}\n" for i in ids), encoding="utf-8")
+        np.save(folder / "labels.npy", store.read(split, "labels"))
+        with h5py.File(store.path, "r") as f:
+            shapes = {n: (f[split]["features"][n].shape, f[split]["features"][n].dtype)
+                      for n in features}  # fmt: skip
+        for name in features:
+            shape, dtype = shapes[name]
+            array = np.lib.format.open_memmap(
+                folder / f"{name}.npy", mode="w+", dtype=cfg.dtype or dtype, shape=shape
+            )
+            at = 0
+            for rows in _chunks(store, split, name, cfg.dtype):
+                array[at : at + len(rows)] = rows
+                at += len(rows)
+            array.flush()
+            del array
+
+
+def _parquet_writer():
+    try:
+        import pyarrow
+        import pyarrow.parquet
+    except ImportError:
+        raise ArgumentError(
+            "--format parquet needs pyarrow: pip install 'featcache[parquet]' (or pip install "
+            "pyarrow)"
+        ) from None
+    return pyarrow, pyarrow.parquet
+
+
+def _clip_retrieval(store: Store, root: Path, feature: str, cfg: ExportConfig) -> None:
+    """img_emb/img_emb_<k>.npy and metadata/metadata_<k>.parquet, shard_size rows each."""
+    pa, pq = _parquet_writer()
+    (root / "img_emb").mkdir(parents=True)
+    (root / "metadata").mkdir()
+    emb, meta, shard = [], [], 0
+
+    def flush():
+        nonlocal emb, meta, shard
+        np.save(root / "img_emb" / f"img_emb_{shard}.npy", np.concatenate(emb))
+        table = pa.table({k: [v for m in meta for v in m[k]] for k in meta[0]})
+        pq.write_table(table, root / "metadata" / f"metadata_{shard}.parquet")
+        emb, meta, shard = [], [], shard + 1
+
+    for split in _in_order(store.splits):
+        ids, labels = store.read(split, "ids"), store.read(split, "labels")
+        at = 0
+        for rows in _chunks(store, split, feature, cfg.dtype):
+            while len(rows):
+                room = cfg.shard_size - sum(len(e) for e in emb)
+                take, rows = rows[:room], rows[room:]
+                part = slice(at, at + len(take))
+                emb.append(take)
+                meta.append({
+                    "id": ids[part].tolist(),
+                    "label": labels[part].tolist(),
+                    "class_name": [store.class_names[y] for y in labels[part]],
+                    "split": [split] * len(take),
+                })  # fmt: skip
+                at += len(take)
+                if sum(len(e) for e in emb) == cfg.shard_size:
+                    flush()
+    if emb:
+        flush()
