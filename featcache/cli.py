@@ -197,6 +197,12 @@ def _run_options(command: str):
     "splits",
     help="The store's splits by the dataset's names; test=validation stores another as test.",
 )
+@field_option(
+    "extract",
+    "layers",
+    help="Inner layers stored too, from the same pass: last, last4, all, indices (3,7,-1) "
+    "or module names (blocks.3).",
+)
 @field_option("extract", "image_column", help="hfds: the image column [its Image feature].")
 @field_option("extract", "label_column", help="hfds: the label column [its ClassLabel].")
 @_option("--per-class", type=int, default=None, help="Images per class in every split.")

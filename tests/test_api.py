@@ -111,7 +111,7 @@ def test_in_memory_features_give_the_store_numbers(store):
 
 def test_the_store_record(store):
     s = featcache.Store(store)
-    assert s.feature_sets == ["maxpool", "pooled"] and s.class_names == ["cat", "dog", "frog"]
+    assert s.feature_sets == ["pooled", "maxpool"] and s.class_names == ["cat", "dog", "frog"]
     record = s.features("test", "maxpool", torch=True)
     assert record._x is None  # nothing read until x is used
     x, y, ids = record

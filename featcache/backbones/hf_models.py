@@ -16,13 +16,16 @@ image embedding ``embed``. Never a randomly initialised pooler or head.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from featcache.backbones.layers import Blocks
 from featcache.backbones.loading import check_loading_info, load_safetensors, no_hub_error
 from featcache.backbones.registry import (
     BackboneSpec,
@@ -84,27 +87,68 @@ def _prefix_tokens(config) -> int:
     return 1 + getattr(config, "num_register_tokens", 0)  # CLS, then DINOv2's registers
 
 
-def _token_features(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
-    tokens = model(pixel_values=x).last_hidden_state  # (B, prefix + N, D), after the final norm
-    out = token_features(tokens, _prefix_tokens(model.config))
+def _token_features(model: nn.Module, out) -> dict[str, torch.Tensor]:
+    tokens = out.last_hidden_state  # (B, prefix + N, D), after the final norm
+    feats = token_features(tokens, _prefix_tokens(model.config))
     if model.config.model_type.startswith("dinov2"):  # DINOv2's linear protocol
-        out["cls_patch"] = torch.cat([out["cls"], out["patch_mean"]], dim=-1)
-    return out
+        feats["cls_patch"] = torch.cat([feats["cls"], feats["patch_mean"]], dim=-1)
+    return feats
 
 
-def _clip_features(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
-    out = model(pixel_values=x)
+def _clip_features(model: nn.Module, out) -> dict[str, torch.Tensor]:
     # Tokens after the final norm, as for every other model (CLIP keeps it out of its
     # last_hidden_state and applies it to the CLS token, which the projection reads).
     tokens = model.vision_model.post_layernorm(out.last_hidden_state)
     return {"embed": out.image_embeds, **token_features(tokens, 1)}  # embed: projected
 
 
-def _pooled_features(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
-    return {"pooled": model(pixel_values=x).pooler_output.flatten(1)}
+def _pooled_features(model: nn.Module, out) -> dict[str, torch.Tensor]:
+    return {"pooled": out.pooler_output.flatten(1)}
 
 
-_EXTRACT = {"tokens": _token_features, "clip": _clip_features, "pooled": _pooled_features}
+# The feature sets of a model's output, by _Type.features.
+_FEATURES = {"tokens": _token_features, "clip": _clip_features, "pooled": _pooled_features}
+
+
+def _extract(kind: str, model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    return _FEATURES[kind](model, model(pixel_values=x))
+
+
+def _run(features: Callable, count: int, model: nn.Module, x: torch.Tensor, indices: list[int]):
+    """The features and the chosen layers' outputs of one pass: hidden_states[0] is the
+    embeddings' output, hidden_states[i + 1] layer i's (of ``count`` layers)."""
+    out = model(pixel_values=x, output_hidden_states=True)
+    if len(out.hidden_states) != count + 1:
+        raise UnsupportedModelError(
+            f"--layers: {type(model).__name__} returns {len(out.hidden_states)} hidden states "
+            f"for its {count} layers; name its modules instead (hooks)"
+        )
+    return features(model, out), {i: out.hidden_states[i + 1] for i in indices}
+
+
+# Where a transformers model keeps its layers (those whose outputs are its hidden_states).
+_LAYERS = (
+    "layers", "encoder.layer", "encoder.layers", "vision_model.encoder.layers",
+    "vision_model.layers", "encoder.stages",
+)  # fmt: skip
+
+
+def _blocks(model: nn.Module, features: Callable) -> Blocks:
+    for path in _LAYERS:
+        try:
+            layers = model.get_submodule(path)
+        except AttributeError:
+            continue
+        tokens = model.config.model_type not in ("convnext", "resnet")
+        prefix = _prefix_tokens(getattr(model.config, "vision_config", model.config))
+        names = tuple(f"{path}.{i}" for i in range(len(layers)))
+        return Blocks(names, prefix if tokens else 0, partial(_run, features, len(names)))
+    raise UnsupportedModelError(f"--layers: no encoder layers found in {type(model).__name__}")
+
+
+def _hf_blocks(model: nn.Module) -> Blocks:
+    kind = _type(model.config.model_type, type(model).__name__).features
+    return _blocks(model, _FEATURES[kind])
 
 
 def _feature_widths(config) -> tuple[tuple[str, int], ...]:
@@ -215,7 +259,8 @@ def _quiet(transformers):
 
 def _build_hf(spec: BackboneSpec, weights: Path | None):
     model_type = spec.arch["model_type"]
-    return _pretrained(spec, weights, model_type), _EXTRACT[_type(model_type, spec.name).features]
+    kind = _type(model_type, spec.name).features
+    return _pretrained(spec, weights, model_type), partial(_extract, kind)
 
 
 def _random_hf(spec: BackboneSpec, root: Path) -> Path:
@@ -243,7 +288,7 @@ def _random_hf(spec: BackboneSpec, root: Path) -> Path:
     return path
 
 
-family("hf", random_weights=_random_hf)(_build_hf)
+family("hf", random_weights=_random_hf, blocks=_hf_blocks)(_build_hf)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -251,10 +296,17 @@ family("hf", random_weights=_random_hf)(_build_hf)
 
 
 def _vit_extract(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
-    out = model(pixel_values=x, output_hidden_states=True)
+    return _vit_features(model, model(pixel_values=x, output_hidden_states=True))
+
+
+def _vit_features(model: nn.Module, out) -> dict[str, torch.Tensor]:
     # DINO's linear protocol: the normalised CLS token of each of the last four blocks.
     last4 = [model.layernorm(h[:, 0]) for h in out.hidden_states[-4:]]
     return {**token_features(out.last_hidden_state, 1), "cls_last4": torch.cat(last4, dim=-1)}
+
+
+def _vit_blocks(model: nn.Module) -> Blocks:
+    return _blocks(model, _vit_features)
 
 
 def _vit_model(spec: BackboneSpec) -> nn.Module:
@@ -279,7 +331,7 @@ def _random_vit(spec: BackboneSpec, root: Path) -> Path:
     return path
 
 
-family("vit-hub", random_weights=_random_vit)(_build_vit_hub)
+family("vit-hub", random_weights=_random_vit, blocks=_vit_blocks)(_build_vit_hub)
 
 
 def _vit_random_identity(spec: BackboneSpec) -> str:
@@ -288,7 +340,7 @@ def _vit_random_identity(spec: BackboneSpec) -> str:
     return f"{spec.weights_id}:transformers={transformers.__version__}"
 
 
-@family("vit-random", identity=_vit_random_identity, random_weights=_random_vit)
+@family("vit-random", identity=_vit_random_identity, random_weights=_random_vit, blocks=_vit_blocks)
 def _build_vit_random(spec: BackboneSpec, weights: Path | None):
     if weights is not None:
         return _pretrained(_vit_arch(spec), weights, "vit"), _vit_extract

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from featcache.backbones.layers import add_layers
 from featcache.errors import (
     ArgumentError,
     UnknownBackboneError,
@@ -133,6 +134,8 @@ class Family:
     identity: Callable | None = None
     # fn(spec, root) -> path: random weights of the real architecture, as --weights takes them.
     random_weights: Callable | None = None
+    # fn(model) -> layers.Blocks: the model's layers in depth order (extract --layers).
+    blocks: Callable | None = None
 
 
 @dataclass(frozen=True)
@@ -151,7 +154,12 @@ _FAMILIES: dict[str, Family] = {}
 _KINDS: dict[str, Kind] = {}
 
 
-def family(name: str, identity: Callable | None = None, random_weights: Callable | None = None):
+def family(
+    name: str,
+    identity: Callable | None = None,
+    random_weights: Callable | None = None,
+    blocks: Callable | None = None,
+):
     """Register the builder of a model family: ``fn(spec, weights) -> (model, extract[, spec])``.
 
     ``extract(model, x)`` maps normalised images to the dict of feature sets. A builder may
@@ -159,7 +167,7 @@ def family(name: str, identity: Callable | None = None, random_weights: Callable
     """
 
     def deco(fn):
-        _FAMILIES[name] = Family(fn, identity, random_weights)
+        _FAMILIES[name] = Family(fn, identity, random_weights, blocks)
         return fn
 
     return deco
@@ -217,7 +225,9 @@ def unknown_model(prefix: str, model: str, known: list[str]) -> UnknownBackboneE
     )
 
 
-def load_backbone(name: str, weights: str | Path | None = None) -> tuple[Backbone, Preprocess]:
+def load_backbone(
+    name: str, weights: str | Path | None = None, layers: str | None = None
+) -> tuple[Backbone, Preprocess]:
     """Build a frozen backbone in eval mode and its preprocessing, like ``clip.load``.
 
     Args:
@@ -225,6 +235,8 @@ def load_backbone(name: str, weights: str | Path | None = None) -> tuple[Backbon
             ``hf:REPO``.
         weights: optional local weights (directory or ``.safetensors`` file) replacing the
             entry's default source, e.g. for hub models on machines without network.
+        layers: inner layers whose features the same pass yields too (``last4``, ``all``,
+            ``3,7``, ``blocks.3``; see ``backbones.layers``); their widths join the spec.
     """
     path = Path(weights).expanduser() if weights is not None else None
     spec = get_spec(name, path)
@@ -233,6 +245,11 @@ def load_backbone(name: str, weights: str | Path | None = None) -> tuple[Backbon
     model, extract, *refined = _FAMILIES[spec.family].build(spec, path)
     spec = refined[0] if refined else spec
     backbone = Backbone(spec, model, extract).eval().requires_grad_(False)
+    if layers:
+        blocks = _FAMILIES[spec.family].blocks
+        if blocks is None:
+            raise UnsupportedModelError(f"{spec.name}: its family has no --layers")
+        add_layers(backbone, layers, blocks(model))
     return backbone, spec.preprocess()
 
 

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from featcache.backbones.layers import Blocks
 from featcache.backbones.loading import load_strict, load_tensors, save_tensors
 from featcache.backbones.registry import BackboneSpec, family
 from featcache.errors import FeatcacheError, WeightsError
@@ -107,7 +108,12 @@ def _random_encoder(spec: BackboneSpec, root: Path) -> Path:
     return path
 
 
-@family("simclr-cifar", random_weights=_random_encoder)
+def _stages(model: nn.Module) -> Blocks:
+    """Its four stages, read by forward hooks."""
+    return Blocks(tuple(f"layers.{i}" for i in range(len(model.layers))), 0)
+
+
+@family("simclr-cifar", random_weights=_random_encoder, blocks=_stages)
 def _build_simclr(spec: BackboneSpec, weights: Path):
     """An encoder trained by `featcache pretrain simclr`; its width decides the feature width."""
     tensors, meta, path = read_encoder(weights)

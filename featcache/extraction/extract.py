@@ -56,6 +56,9 @@ class ExtractConfig:
     data_root: str | None = None
     # The store's splits; "test=validation" stores the dataset's validation split as test.
     splits: tuple[str, ...] = ("train", "test")
+    # Inner layers whose features the same pass stores too: last, last4, all, indices or module
+    # names (backbones.layers), as feature sets layer.<i>.cls, layer.<i>.patch_mean, ...
+    layers: str | None = None
     # A Hugging Face dataset's columns (default: its Image and ClassLabel features).
     image_column: str | None = None
     label_column: str | None = None
@@ -264,7 +267,7 @@ def extract(cfg: ExtractConfig, clock: PhaseClock | None = None) -> ExtractResul
     clock.mark("dataset")
     # Loaded before any file is made (a failed load leaves nothing behind); the loaded spec
     # is the one fingerprinted, as weights may refine it (e.g. a SimCLR encoder's width).
-    model, preprocess = load_backbone(cfg.backbone, cfg.weights)
+    model, preprocess = load_backbone(cfg.backbone, cfg.weights, cfg.layers)
     fields = fingerprint_fields(cfg, model.spec, splits, precision)
     writer = ShardedWriter(Path(cfg.out), fields, overwrite=cfg.overwrite)
     if writer.complete:
@@ -275,6 +278,8 @@ def extract(cfg: ExtractConfig, clock: PhaseClock | None = None) -> ExtractResul
     attrs = {
         "class_names": next(iter(splits.values())).class_names,
         "backbone_spec": model.spec.to_dict(),
+        # The order `info` lists feature sets in: the backbone's own, then layers by depth.
+        "feature_order": [name for name, _ in model.spec.features],
     }
     try:
         if dist.rank == 0:

@@ -153,8 +153,13 @@ class Store:
                     raise StoreError(f"{self.path} is not a featcache store (no format {FORMAT})")
                 _refuse_foreign_data(f, self.path)
                 self.attrs = {k: f.attrs[k] for k in f.attrs}
+                # Feature sets in the order recorded (the backbone's, then inner layers by
+                # depth); by name in stores made before it was.
+                rank = {
+                    n: k for k, n in enumerate(json.loads(self.attrs.get("feature_order", "[]")))
+                }
                 self.splits = {
-                    s: sorted(f[s]["features"].keys())
+                    s: sorted(f[s]["features"].keys(), key=lambda n: (rank.get(n, len(rank)), n))
                     for s in f.keys()
                     if isinstance(f[s], h5py.Group) and "features" in f[s]
                 }
@@ -176,7 +181,8 @@ class Store:
     def feature_sets(self) -> list[str]:
         """The feature sets every split holds (``cls``, ``patch_mean``, ...)."""
         sets = [set(f) for f in self.splits.values()]
-        return sorted(set.intersection(*sets)) if sets else []
+        common = set.intersection(*sets) if sets else set()
+        return [name for name in next(iter(self.splits.values()), []) if name in common]
 
     def features(self, split: str, name: str | None = None, torch: bool = False) -> Features:
         """One split's features as a record that unpacks as ``x, y, ids``; ``x`` (N, D)
