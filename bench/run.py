@@ -4,6 +4,8 @@ Everything in one run on one machine, so ratios are meaningful on a shared, nois
 
 - pipeline and resize: featcache's own cost with a near-free backbone, beside its loader and
   its preprocessing alone; and every way it has had of resizing (bench/pipeline.py);
+- inputs: webdataset shards against the same images as a folder, and `--layers all` against
+  the last layer alone (bench/inputs.py);
 - extraction images/s on CIFAR images at 224: (a) featcache end to end (dataset to finished
   store), (b) the bare forward on ready-made tensors at the same precision and memory layout,
   (c) the naive pipeline (per-image PIL resize, transformers' image processor, fp32 forward);
@@ -16,8 +18,8 @@ Everything in one run on one machine, so ratios are meaningful on a shared, nois
 
 Results go to stdout and to BENCHMARKS.md (with the command and the machine).
 
-    python bench/run.py [--only pipeline,resize,extract,precision,compile,probe,knn,scaling,large]
-                        [--quick]
+    python bench/run.py [--only pipeline,resize,inputs,extract,precision,compile,probe,knn,
+                                scaling,large] [--quick]
                          [--json FILE]  # the large section as JSON
 """
 
@@ -797,9 +799,16 @@ def bench_resize(quick: bool) -> str:
     return pipeline.bench_resize(quick, cifar())
 
 
+def bench_inputs(quick: bool) -> str:
+    import inputs
+
+    return inputs.bench_inputs(quick, cifar(), WORK)
+
+
 SECTIONS = {
     "pipeline": bench_pipeline,
     "resize": bench_resize,
+    "inputs": bench_inputs,
     "extract": bench_extract,
     "precision": bench_precision,
     "compile": bench_compile,
