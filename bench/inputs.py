@@ -19,7 +19,7 @@ import tarfile
 from pathlib import Path
 
 import numpy as np
-from pipeline import _child
+from pipeline import pipeline_child
 
 
 def write_shards(folder: Path, root: Path, counts: dict[str, int]) -> Path:
@@ -50,7 +50,7 @@ def write_shards(folder: Path, root: Path, counts: dict[str, int]) -> Path:
 def _extract(work: Path, name: str, backbone: str, dataset: str, *extra: str) -> dict:
     out, result = work / f"{name}.h5", work / f"{name}.json"
     out.unlink(missing_ok=True)
-    _child("extract", "--backbone", backbone, "--dataset", dataset, "--out", str(out),
+    pipeline_child("extract", "--backbone", backbone, "--dataset", dataset, "--out", str(out),
            "--no-progress", "--json", str(result), *extra)  # fmt: skip
     return {**json.loads(result.read_text()), "out": out}
 

@@ -46,7 +46,7 @@ def register() -> None:
     )  # fmt: skip
 
 
-def _child(*args: str) -> dict:
+def pipeline_child(*args: str) -> dict:
     """Run ``python bench/pipeline.py ARGS`` in a fresh process; its last line is JSON."""
     r = subprocess.run([PY, __file__, *args], capture_output=True, text=True, check=False)
     if r.returncode != 0:
@@ -93,7 +93,7 @@ def _spec_preprocess():
 def _extraction(data: Path, work: Path, subset: list[str], *extra: str) -> dict:
     out, result = work / "pool384.h5", work / "pool384.json"
     out.unlink(missing_ok=True)
-    _child("extract", "--backbone", "bench-pool384", "--dataset", f"imagefolder:{data}",
+    pipeline_child("extract", "--backbone", "bench-pool384", "--dataset", f"imagefolder:{data}",
            "--out", str(out), "--no-progress", "--json", str(result), *subset, *extra)  # fmt: skip
     return json.loads(result.read_text())
 
@@ -104,8 +104,8 @@ def bench_pipeline(quick: bool, data: Path, work: Path) -> str:
     runs = {"default (no worker)": _extraction(data, work, subset),
             "--workers 1": _extraction(data, work, subset, "--workers", "1")}  # fmt: skip
     images = runs["default (no worker)"]["images"]
-    loader = _child("loader", str(data), str(per_class or 0))
-    pre = _child("preprocess", str(20 if quick else 100))
+    loader = pipeline_child("loader", str(data), str(per_class or 0))
+    pre = pipeline_child("preprocess", str(20 if quick else 100))
     rates = {
         "loader alone (default)": loader["images"] / loader["seconds"],
         "preprocessing alone": pre["images"] / pre["seconds"],
@@ -247,7 +247,7 @@ def _pil_reference(x: torch.Tensor) -> torch.Tensor:
 
 def bench_resize(quick: bool, data: Path) -> str:
     del quick  # 1024 images either way: the acceptance's batch
-    rows = [(name, _child("resize", name, str(data))) for name in RESIZERS]
+    rows = [(name, pipeline_child("resize", name, str(data))) for name in RESIZERS]
     lines = [
         "1024 CIFAR-10 test images (uint8, 32x32) to the model's input at 224 (bicubic, "
         "ImageNet normalisation, float32 channels_last), on the CPU, each way in a fresh "

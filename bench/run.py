@@ -19,7 +19,7 @@ Everything in one run on one machine, so ratios are meaningful on a shared, nois
 Results go to stdout and to BENCHMARKS.md (with the command and the machine).
 
     python bench/run.py [--only pipeline,resize,inputs,extract,precision,compile,probe,knn,
-                                scaling,large] [--quick]
+                                scaling,large,similarity] [--quick]
                          [--json FILE]  # the large section as JSON
 """
 
@@ -787,6 +787,71 @@ def bench_large(quick: bool, json_path: str | None = None) -> str:
     return "\n".join(lines)
 
 
+_LINEAR_CKA = """
+import json, sys, time
+from featcache.evaluation.similarity import (SimilarityConfig, column_means, feature_sets,
+                                             linear_cka, match)
+t = time.perf_counter()
+sets = feature_sets(sys.argv[1]) + feature_sets(sys.argv[2])
+cfg = SimilarityConfig()
+match(sets, cfg)
+means = {s.name: column_means(s, cfg.split) for s in sets}
+value = linear_cka(sets[0], sets[1], cfg.split, means)
+print(json.dumps({**value, "seconds": time.perf_counter() - t}))
+"""
+
+
+def bench_similarity(quick: bool) -> str:
+    """Linear CKA of two 50,000 x 768 sets (matched by id, read in chunks), in a fresh
+    process: its time and peak memory; then the whole command (RBF CKA and RSA on 5,000)."""
+    import h5py
+    import numpy as np
+
+    sys.path.insert(0, str(REPO / "bench"))
+    from synthetic import write_synthetic
+
+    n = 5_000 if quick else 50_000
+    a, b = WORK / f"sim-a-{n}.h5", WORK / f"sim-b-{n}.h5"
+    if not b.exists():
+        write_synthetic(a, 1000, n, 768, 100)
+        tmp = b.with_suffix(".tmp")
+        tmp.write_bytes(a.read_bytes())
+        q = np.linalg.qr(np.random.default_rng(1).normal(size=(768, 768)))[0].astype(np.float32)
+        with h5py.File(tmp, "r+") as f:  # a rotated, noisier copy: CKA below 1, known shape
+            x = f["test"]["features"]["x"]
+            for i in range(0, n, 8192):
+                rows = x[i : i + 8192]
+                noise = np.random.default_rng(i).normal(size=rows.shape).astype(np.float32)
+                x[i : i + 8192] = np.tanh(rows @ q) + 0.5 * noise
+        tmp.rename(b)
+    out = subprocess.run([PY, "-c", _LINEAR_CKA, str(a), str(b)], capture_output=True, text=True,
+                         check=True)  # fmt: skip
+    linear = json.loads(out.stdout.strip().splitlines()[-1])
+    peak_linear = peak_memory_mib([PY, "-c", _LINEAR_CKA, str(a), str(b)])
+    result = WORK / "sim.json"
+    t = time.perf_counter()
+    cmd = [PY, "-m", "featcache", "similarity", str(a), str(b), "--json", str(result)]
+    peak_all = peak_memory_mib(cmd)
+    whole = time.perf_counter() - t
+    r = json.loads(result.read_text())
+    return "\n".join([
+        f"Two stores of {n:,} x 768 float32 test features (synthetic; the second a rotated, "
+        "tanh-squashed, noisier copy of the first), matched by id; each measurement a fresh "
+        "process on this CPU.",
+        "",
+        "| measurement | seconds | peak MiB | value |",
+        "| --- | --- | --- | --- |",
+        f"| linear CKA (biased and unbiased, every row; after imports) | "
+        f"{linear['seconds']:.2f} | {peak_linear:.0f} | {linear['linear_cka']:.4f} / "
+        f"{linear['linear_cka_unbiased']:.4f} |",
+        f"| `featcache similarity A B` (+ RBF CKA and RSA on {r['sample_images']:,}) | "
+        f"{whole:.1f} (method {r['seconds']:.1f}) | {peak_all:.0f} | RBF {r['rbf_cka'][0][1]:.4f}, "
+        f"RSA {r['rsa'][0][1]:.4f} |",
+        "",
+        "Goal (linear CKA): under 5 s on 2 cores, peak under 1 GiB.",
+    ])  # fmt: skip
+
+
 def bench_pipeline(quick: bool) -> str:
     import pipeline
 
@@ -816,6 +881,7 @@ SECTIONS = {
     "knn": bench_knn,
     "scaling": bench_scaling,
     "large": bench_large,
+    "similarity": bench_similarity,
 }
 
 

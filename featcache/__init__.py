@@ -21,6 +21,8 @@ _PUBLIC = {
     "shots": "featcache.api",
     "retrieval": "featcache.api",
     "export": "featcache.api",
+    "similarity": "featcache.api",
+    "SimilarityResult": "featcache.api",
     "Store": "featcache.store",
     "ProbeResult": "featcache.api",
     "KnnResult": "featcache.api",

@@ -141,6 +141,20 @@ class ExtractResult(Result):
         return Store(self.path)
 
 
+@dataclass(frozen=True)
+class SimilarityResult(Result):
+    sets: tuple[str, ...] = ()  # "store:feature" of each set, the matrices' order
+    images: int = 0  # images the sets share (linear CKA reads them all)
+
+    def matrix(self, measure: str = "linear_cka") -> np.ndarray:
+        """linear_cka, linear_cka_unbiased, rbf_cka or rsa, as a (sets, sets) array."""
+        return np.asarray(self.data[measure])
+
+    @classmethod
+    def of(cls, data: dict) -> SimilarityResult:
+        return cls(data, tuple(data["sets"]), data["images"])
+
+
 RESULTS = {
     "probe": ProbeResult,
     "knn": KnnResult,
@@ -223,6 +237,17 @@ def export(store: str | Path | Store, out: str | Path, **options) -> Path:
 
     path = store.path if isinstance(store, Store) else store
     return run(path, out, config(ExportConfig, options))
+
+
+def similarity(*sets: str | Path, **options) -> SimilarityResult:
+    """Linear CKA (Kornblith et al. 2019, biased and unbiased HSIC), RBF CKA (median
+    bandwidth) and RSA (Spearman between correlation-distance RDMs) between every pair of
+    feature sets: ``"a.h5"`` (its default set), ``"a.h5:cls,patch_mean"``, ``"a.h5:all"``.
+    Images are matched by id. Options: ``featcache similarity``'s, as ``SimilarityConfig``."""
+    from featcache.evaluation.methods import METHODS, compare
+
+    cfg = config(METHODS["similarity"].config, options)
+    return SimilarityResult.of(compare([str(s) for s in sets], "similarity", cfg))
 
 
 def probe(store=None, *, train=None, test=None, features=None, **options) -> ProbeResult:

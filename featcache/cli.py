@@ -52,6 +52,7 @@ CONFIGS = {
     "simclr": ("featcache.pretraining.simclr", "SimCLRConfig"),
     "attention": ("featcache.extraction.attention", "AttentionConfig"),
     "export": ("featcache.store.export", "ExportConfig"),
+    "similarity": ("featcache.evaluation.similarity", "SimilarityConfig"),
 }
 
 
@@ -495,6 +496,38 @@ def export(store: str, out: str, **kw) -> None:
 
     path = api.export(store, out, **options_of("export", kw))
     click.echo(f"exported {store} ({kw['format']}) -> {path}")
+
+
+@main.command()
+@click.argument("sets", nargs=-1, required=True)
+@field_option("similarity", "split")
+@field_option(
+    "similarity", "rsa_images", type=int, help="Images of the sample RBF CKA and RSA use."
+)
+@field_option("similarity", "min_images", type=int, help="Fewest images the sets must share.")
+@field_option("similarity", "seed", type=int)
+@_option("--json", "json_out", default=None, help="Write the matrices as JSON.")
+@_option("--plot", default=None, help="Draw the matrices as heatmaps (PNG).")
+@_friendly
+def similarity(sets, json_out, plot, **kw) -> None:
+    """CKA and RSA between feature sets: STORE (its default set), STORE:FEATURE,... or
+    STORE:all (every set, e.g. every layer), matched by image id."""
+    import featcache.api as api
+
+    result = api.similarity(*sets, **options_of("similarity", kw)).to_dict()
+    _write_json(result, json_out)
+    if plot:
+        from featcache.evaluation.similarity import plot_similarity
+
+        plot_similarity(result, plot)
+    names = result["sets"]
+    click.echo(f"{result['images']} {result['split']} images in common "
+               f"(RBF CKA and RSA on {result['sample_images']})")  # fmt: skip
+    for i in range(len(names)):
+        for j in range(i + 1, len(names)):
+            values = "  ".join(f"{m} {result[m][i][j]:.4f}" for m in
+                               ("linear_cka", "linear_cka_unbiased", "rbf_cka", "rsa"))  # fmt: skip
+            click.echo(f"{names[i]} ~ {names[j]}: {values}")
 
 
 @main.group()

@@ -237,6 +237,7 @@ NOT_FIELDS = {
     "report": {},
     "simclr": {},
     "export": {"store": "input", "out": "output"},
+    "similarity": {"sets": "input", "json_out": "output", "plot": "output"},
 }
 # Config fields without an option, and why.
 NO_OPTION: dict[str, dict] = {}

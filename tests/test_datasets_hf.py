@@ -113,3 +113,28 @@ def test_without_the_datasets_library_the_error_says_how_to_install_it(monkeypat
     monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets -> ImportError
     with pytest.raises(DatasetError, match=r"pip install 'featcache\[hf\]'"):
         load_dataset("hfds:cifar10")
+
+
+def test_rows_selected_images_kept_as_files_and_missing_labels(folder, tmp_path):
+    from datasets import Dataset, Image
+
+    dd, ref = _dataset_dict(folder)
+    train = dd["train"].select([4, 0, 2])  # an indices mapping over the Arrow table
+    split = _one(train, "train")
+    assert split.labels.tolist() == ref["train"].labels[[4, 0, 2]].tolist()
+    assert np.array_equal(np.asarray(split.load(0)), np.asarray(ref["train"].load(4)))
+    # Images as file paths (no bytes in the table): the files' sizes go into the identity.
+    assert split.sizes == [ref["train"].sizes[i] for i in (4, 0, 2)]
+    files = [str(ref["test"].root / i) for i in ref["test"].ids[:3]]
+    unlabelled = Dataset.from_dict({"image": files, "label": [0, None, 1]}).cast_column(
+        "image", Image()
+    )
+    with pytest.raises(DatasetError, match=r"1 rows have no label in 'label'.*test=validation"):
+        _one(unlabelled, "test", label_column="label")
+
+
+def _one(ds, name, **kw):
+    from featcache.datasets.hf import _split
+
+    label = kw.get("label_column", "label")
+    return _split(name, ds, "image", label, "test-dataset")

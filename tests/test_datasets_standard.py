@@ -250,8 +250,10 @@ def test_cifar100_reads_fine_labels_and_their_names_without_unpickling_objects(t
         ({"data": np.zeros((1, 3072), np.uint8)}, r"needs the keys \['data', 'labels'\]"),
         ({"data": np.zeros((1, 1024), np.uint8), "labels": [0]}, "uint8 rows of 3x32x32"),
         ([1, 2, 3], "a list, not a dict"),
+        ({"data": np.zeros((2, 3072), np.uint8), "labels": ["a", "b"]}, "2 integers, one per"),
+        ({"data": np.zeros((2, 3072), np.uint8), "labels": [1]}, "2 integers, one per image"),
     ],
-    ids=["tensor", "no-labels", "shape", "list"],
+    ids=["tensor", "no-labels", "shape", "list", "text-labels", "too-few-labels"],
 )
 def test_an_unexpected_cifar_batch_is_an_error_naming_the_file_and_what_was_expected(
     tmp_path, batch, expected

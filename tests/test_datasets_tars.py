@@ -74,8 +74,13 @@ def test_brace_patterns_and_named_splits_find_the_same_samples(shards):
     for other in (by_folder, named):
         assert {k: v.ids for k, v in other.items()} == {k: v.ids for k, v in whole.items()}
         assert other["train"].class_names == ["cat", "dog", "frog"]  # classnames.txt one up
+    # As the braceexpand package (webdataset's) expands them.
     assert expand_braces("s/train-{008..011}.tar") == [f"s/train-{i:03d}.tar" for i in range(8, 12)]
     assert expand_braces("{a,b}{1..2}") == ["a1", "a2", "b1", "b2"]
+    assert expand_braces("s-{1..010}") == [f"s-{i:03d}" for i in range(1, 11)]  # padded
+    assert expand_braces("s{3..1}") == ["s3", "s2", "s1"]  # descending
+    assert expand_braces("{a,{b,c}}x") == ["ax", "bx", "cx"]  # nested
+    assert expand_braces("x{y}z") == ["x{y}z"]  # neither: as written
 
 
 def test_a_pattern_whose_split_cannot_be_told_or_with_missing_shards_is_refused(shards, tmp_path):
@@ -109,6 +114,9 @@ def test_a_corrupt_truncated_or_damaged_shard_is_an_error_naming_it(shards):
     second.write_bytes(good)
     with tarfile.open(second) as tar:
         header = tar.getmembers()[2].offset  # the second sample's first header
+    second.write_bytes(good[:header])  # cut exactly between two samples
+    with pytest.raises(DatasetError, match=f"shard {second} is truncated: it ends without"):
+        load_dataset(f"wds:{shards}")
     damaged = bytearray(good)
     damaged[header + 100 : header + 108] = b"garbage!"  # its mode field: a bad checksum
     second.write_bytes(bytes(damaged))  # tarfile alone would stop there without a word
@@ -125,6 +133,17 @@ def test_samples_without_image_or_label_and_keys_twice_are_refused(shards, tmp_p
     shutil.copy(shards / "train" / "0.tar", shards / "test" / "1.tar")
     with pytest.raises(DatasetError, match="appears twice in the test split"):
         load_dataset(f"wds:{shards}")
+
+
+def test_an_entry_twice_in_a_sample_and_blank_class_names_are_refused(shards):
+    _add(shards / "test" / "0.tar", "zz.png", (shards / "test" / "0.tar").read_bytes()[:10])
+    _add(shards / "test" / "0.tar", "zz.cls", b"0")
+    _add(shards / "test" / "0.tar", "zz.cls", b"1")
+    with pytest.raises(DatasetError, match=r"holds zz.cls twice in sample 'zz'"):
+        load_dataset(f"wds:{shards}")
+    (shards / "classnames.txt").write_text("cat\n\ndog\nfrog\n\n")
+    with pytest.raises(DatasetError, match="classnames.txt: one class name a line.*blank line 2"):
+        load_dataset(f"wds:{shards}", splits=("train",))
 
 
 def test_a_broken_image_in_a_good_shard_names_it_and_is_a_recorded_skip(shards, tmp_path):

@@ -40,6 +40,14 @@ def _stored(store, split, feature):
         return f[split]["features"][feature][:]
 
 
+@pytest.fixture(autouse=True)
+def _small_chunks(monkeypatch):
+    """Rows are copied 4 at a time: chunk and shard boundaries fall everywhere."""
+    import featcache.store.export as export
+
+    monkeypatch.setattr(export, "_CHUNK", 4)
+
+
 def test_npy_per_split_and_feature_set_reads_back_exactly(stores, tmp_path):
     store = Store(stores["float16"])
     out = featcache.export(store, tmp_path / "npy")
@@ -62,13 +70,15 @@ def test_npy_per_split_and_feature_set_reads_back_exactly(stores, tmp_path):
     np.testing.assert_array_equal(x, store.load("test", "pooled").features)
 
 
-def test_clip_retrievals_layout_in_shards_reads_back_exactly(stores, tmp_path):
-    store = Store(stores["float32"])
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_clip_retrievals_layout_in_shards_reads_back_exactly(stores, tmp_path, dtype):
+    store = Store(stores[dtype])
     out = featcache.export(store, tmp_path / "cr", format="parquet", shard_size=7)
     n = sum(store.sizes.values())  # 15 train + 9 test rows: shards of 7, 7, 7, 3
     files = sorted((out / "img_emb").iterdir(), key=lambda p: int(p.stem.split("_")[-1]))
     assert [p.name for p in files] == [f"img_emb_{k}.npy" for k in range(4)]
     emb = np.concatenate([np.load(p) for p in files])
+    assert emb.dtype == np.dtype(dtype)  # float16 stays float16
     meta = [pq.read_table(out / "metadata" / f"metadata_{k}.parquet") for k in range(4)]
     assert [len(m) for m in meta] == [len(np.load(p)) for p in files] == [7, 7, 7, 3]
     rows = {k: sum((m.column(k).to_pylist() for m in meta), []) for k in meta[0].column_names}

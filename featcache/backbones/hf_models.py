@@ -139,10 +139,10 @@ def _blocks(model: nn.Module, features: Callable) -> Blocks:
             layers = model.get_submodule(path)
         except AttributeError:
             continue
-        tokens = model.config.model_type not in ("convnext", "resnet")
+        maps = _type(model.config.model_type, type(model).__name__).features == "pooled"
         prefix = _prefix_tokens(getattr(model.config, "vision_config", model.config))
         names = tuple(f"{path}.{i}" for i in range(len(layers)))
-        return Blocks(names, prefix if tokens else 0, partial(_run, features, len(names)))
+        return Blocks(names, 0 if maps else prefix, partial(_run, features, len(names)))
     raise UnsupportedModelError(f"--layers: no encoder layers found in {type(model).__name__}")
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -116,15 +116,11 @@ class Layered:
         return features
 
 
-def add_layers(backbone, text: str, blocks: Blocks):
-    """``backbone`` yielding the layers ``text`` names too; its spec lists their widths (one
-    image through the model, on the CPU, measures them)."""
-    chosen = parse(text, blocks, backbone.model)
-    backbone._extract = Layered(backbone._extract, blocks, chosen)
+def widths(backbone) -> tuple[tuple[str, int], ...]:
+    """The feature sets a backbone yields beyond its entry's, with their widths: one image
+    through the model, on the CPU, measures them."""
     side = backbone.spec.input_size
     with torch.no_grad():
         out = backbone(torch.zeros(1, 3, side, side))
     known = dict(backbone.spec.features)
-    extra = tuple((k, int(v.shape[-1])) for k, v in out.items() if k not in known)
-    backbone.spec = replace(backbone.spec, features=backbone.spec.features + extra)
-    return backbone
+    return tuple((k, int(v.shape[-1])) for k, v in out.items() if k not in known)

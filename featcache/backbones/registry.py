@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from featcache.backbones.layers import add_layers
+from featcache.backbones.layers import Layered, parse, widths
 from featcache.errors import (
     ArgumentError,
     UnknownBackboneError,
@@ -244,12 +244,15 @@ def load_backbone(
         raise WeightsError(f"{spec.name} has no default weights: {spec.description}")
     model, extract, *refined = _FAMILIES[spec.family].build(spec, path)
     spec = refined[0] if refined else spec
-    backbone = Backbone(spec, model, extract).eval().requires_grad_(False)
     if layers:
         blocks = _FAMILIES[spec.family].blocks
         if blocks is None:
             raise UnsupportedModelError(f"{spec.name}: its family has no --layers")
-        add_layers(backbone, layers, blocks(model))
+        found = blocks(model)
+        extract = Layered(extract, found, parse(layers, found, model))
+    backbone = Backbone(spec, model, extract).eval().requires_grad_(False)
+    if layers:  # the layers' widths join the entry's sets (the store is sized by them)
+        backbone.spec = dataclasses.replace(spec, features=spec.features + widths(backbone))
     return backbone, spec.preprocess()
 
 

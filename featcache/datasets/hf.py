@@ -99,8 +99,16 @@ def _column_of(ds, feature: str, option: str, source: str) -> str:
 def _split(name: str, ds, image: str, label: str, source: str) -> Split:
     import pyarrow.compute as pc
 
+    if getattr(ds, "_indices", None) is not None:  # select/filter/shuffle: rows by a mapping
+        ds = ds.flatten_indices()  # so that its Arrow table is its rows, in order
     feature = ds.features[label]
-    labels = np.asarray(ds.data.column(label).to_numpy(zero_copy_only=False))
+    column = ds.data.column(label)
+    if column.null_count:
+        raise DatasetError(
+            f"{source} [{name}]: {column.null_count} rows have no label in {label!r}; "
+            "extract labelled splits (e.g. --splits train,test=validation)"
+        )
+    labels = np.asarray(column.to_numpy(zero_copy_only=False))
     if type(feature).__name__ == "ClassLabel":
         classes = list(feature.names)
     elif labels.dtype.kind in "iu":
@@ -113,14 +121,18 @@ def _split(name: str, ds, image: str, label: str, source: str) -> Split:
     if labels.size and (labels.min() < 0 or labels.max() >= len(classes)):
         raise DatasetError(
             f"{source} [{name}]: labels of {label!r} run {labels.min()}..{labels.max()}, "
-            f"outside its {len(classes)} classes (unlabelled rows are -1: drop them first)"
+            f"outside its {len(classes)} classes (unlabelled rows are -1: extract labelled "
+            "splits, e.g. --splits train,test=validation)"
         )
     column = ds.data.column(image)
     if not hasattr(column.type, "get_field_index") or column.type.get_field_index("bytes") < 0:
         raise DatasetError(
             f"{source} [{name}]: column {image!r} holds no images; pass --image-column"
         )
-    sizes = pc.binary_length(pc.struct_field(column, "bytes")).to_numpy(zero_copy_only=False)
+    lengths = pc.binary_length(pc.struct_field(column, "bytes")).to_pylist()
+    paths = pc.struct_field(column, "path").to_pylist()
+    # An image kept as a file (no bytes in the table): the file's size, as folders have.
+    sizes = [n if n is not None else _file_size(p) for n, p in zip(lengths, paths)]
     rows = _Rows(ds.select_columns([image]), image, source)
     width = len(str(max(len(ds) - 1, 0)))
     return Split(
@@ -128,10 +140,17 @@ def _split(name: str, ds, image: str, label: str, source: str) -> Split:
         class_names=classes,
         ids=[f"{name}/{i:0{width}d}" for i in range(len(ds))],
         labels=labels,
-        sizes=[int(s) if s == s else -1 for s in sizes],  # NaN: an image kept as a path
+        sizes=sizes,
         where=list(range(len(ds))),
         reader=rows,
     )
+
+
+def _file_size(path: str | None) -> int:
+    try:
+        return os.stat(path).st_size if path else -1
+    except OSError:
+        return -1
 
 
 @dataclass

@@ -165,8 +165,9 @@ def _read_batch(path: Path, keys: tuple[str, ...]) -> dict:
     try:
         with open(path, "rb") as f:
             d = _ArrayOnlyUnpickler(f, encoding="bytes").load()
-    except (OSError, pickle.UnpicklingError, EOFError, ValueError) as exc:
-        raise DatasetError(f"{path}: not a CIFAR batch ({exc})") from exc
+    except (OSError, pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError,
+            IndexError, AttributeError) as exc:  # fmt: skip
+        raise DatasetError(f"{path}: not a CIFAR batch ({type(exc).__name__}: {exc})") from exc
     if not isinstance(d, dict):
         raise DatasetError(f"{path}: not a CIFAR batch (a {type(d).__name__}, not a dict)")
     d = {_text(k): v for k, v in d.items()}
@@ -196,7 +197,13 @@ def _cifar(folder: Path, batches: dict, label_key: str, class_names: list[str]) 
                     f"{data.dtype} {data.shape}"
                 )
             arrays.append(data.reshape(-1, 3, 32, 32))
-            labels.extend(np.asarray(d[label_key]).ravel().tolist())
+            own = np.asarray(d[label_key]).ravel()
+            if own.dtype.kind not in "iu" or len(own) != len(data):
+                raise DatasetError(
+                    f"{folder / b}: {label_key!r} must be {len(data)} integers, one per image, "
+                    f"got {len(own)} of {own.dtype}"
+                )
+            labels.extend(own.tolist())
         array = np.ascontiguousarray(np.concatenate(arrays).transpose(0, 2, 3, 1))
         splits[name] = _array_split(name, class_names, array, labels)
     return splits

@@ -26,7 +26,6 @@ from featcache.datasets.split import SPLITS, Split, open_image
 from featcache.errors import DatasetError
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
-_BRACE = re.compile(r"\{([^{}]*)\}")
 # webdataset's sample key: the path up to the first dot of the base name.
 _KEY = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
 
@@ -75,7 +74,7 @@ def _shards(source: str) -> tuple[dict[str, list[Path]], Path | None]:
     """{split: shards in order} and the class names file, if any."""
     if not source:
         raise DatasetError("wds: needs a folder or a shard pattern, e.g. wds:path/to/shards")
-    if "=" in source:
+    if re.match(r"^\w+=", source):  # train=PATTERN;test=PATTERN
         shards = {}
         for part in filter(None, source.split(";")):
             name, _, pattern = part.partition("=")
@@ -125,23 +124,63 @@ def _names_beside(paths: list[Path]) -> Path | None:
 
 
 def expand_braces(pattern: str) -> list[str]:
-    """webdataset's (braceexpand's) patterns: ``{000..099}`` zero-padded ranges and ``{a,b}``."""
-    m = _BRACE.search(pattern)
+    """webdataset's patterns, as the braceexpand package expands them: ``{a,b}`` (nested
+    too), ``{000..099}`` ranges (zero-padded to the wider bound when either has a leading zero;
+    descending when the first is larger); a brace with neither stays as written."""
+    start = pattern.find("{")
+    while start >= 0:
+        end = _closing(pattern, start)
+        if end < 0:
+            return [pattern]
+        body = pattern[start + 1 : end]
+        options = _range(body) or (_alternatives(body) if "," in _top_level(body) else None)
+        if options is not None:
+            head, tail = pattern[:start], pattern[end + 1 :]
+            return [head + o + rest for o in options for rest in expand_braces(tail)]
+        start = pattern.find("{", start + 1)
+    return [pattern]
+
+
+def _closing(text: str, start: int) -> int:
+    depth = 0
+    for i in range(start, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[i], 0)
+        if depth == 0:
+            return i
+    return -1
+
+
+def _top_level(body: str) -> str:
+    """``body`` with nested braces blanked out (to find its own commas)."""
+    out, depth = [], 0
+    for c in body:
+        depth += c == "{"
+        out.append(c if depth == 0 else " ")
+        depth -= c == "}"
+    return "".join(out)
+
+
+def _alternatives(body: str) -> list[str]:
+    cuts = [i for i, c in enumerate(_top_level(body)) if c == ","]
+    parts = [body[a + 1 : b] for a, b in zip([-1, *cuts], [*cuts, len(body)])]
+    return [x for part in parts for x in expand_braces(part)]
+
+
+def _range(body: str) -> list[str] | None:
+    m = re.fullmatch(r"(\d+)\.\.(\d+)", body)
     if m is None:
-        return [pattern]
-    body, head, tail = m.group(1), pattern[: m.start()], pattern[m.end() :]
-    bounds = re.fullmatch(r"(\d+)\.\.(\d+)", body)
-    if bounds:
-        lo, hi = bounds.groups()
-        width = len(lo) if lo.startswith("0") else 0
-        options = [str(i).zfill(width) for i in range(int(lo), int(hi) + 1)]
-    else:
-        options = body.split(",")
-    return [head + o + rest for o in options for rest in expand_braces(tail)]
+        return None
+    lo, hi = m.groups()
+    padded = any(len(b) > 1 and b.startswith("0") for b in (lo, hi))
+    width = max(len(lo), len(hi)) if padded else 0
+    step = 1 if int(hi) >= int(lo) else -1
+    return [str(i).zfill(width) for i in range(int(lo), int(hi) + step, step)]
 
 
 def _expand(pattern: str) -> list[Path]:
     paths = [Path(p).expanduser() for p in expand_braces(pattern)]
+    if not paths:
+        raise DatasetError(f"wds:{pattern} names no shard")
     missing = [p for p in paths if not p.is_file()]
     if missing:
         raise DatasetError(
@@ -159,10 +198,12 @@ def _natural(path: Path):
 def _class_names(path: Path | None, count: int) -> list[str]:
     if path is None:
         return [str(c) for c in range(count)]
-    names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
-    names = [n for n in names if n]
-    if not names:
-        raise DatasetError(f"{path} names no class")
+    names = [line.strip() for line in path.read_text(encoding="utf-8").rstrip().splitlines()]
+    if not names or not all(names):
+        raise DatasetError(
+            f"{path}: one class name a line, line i naming class i; it has "
+            + ("no name" if not names else f"a blank line {names.index('') + 1}")
+        )
     return names
 
 
@@ -213,7 +254,13 @@ def _samples(shard: Path):
                     if key is not None:
                         yield _sample(shard, tar, key, group)
                     key, group = m.group(1), {}
-                group[m.group(2).lower()] = member
+                ext = m.group(2).lower()
+                if ext in group:  # webdataset refuses it too
+                    raise DatasetError(
+                        f"shard {shard} holds {member.name} twice in sample {key!r}; "
+                        "each entry of a sample once"
+                    )
+                group[ext] = member
             if key is not None:
                 yield _sample(shard, tar, key, group)
             _check_end(shard, tar.offset, end)
@@ -237,8 +284,14 @@ def _sample(shard: Path, tar: tarfile.TarFile, key: str, group: dict):
 
 
 def _check_end(shard: Path, offset: int, end: int) -> None:
-    """tarfile stops silently at a damaged header past the first: what follows the last
-    member it read must be the archive's zero blocks."""
+    """tarfile stops silently at a damaged header past the first, and at the end of a file cut
+    between two members: what follows the last member it read must be the archive's end, zero
+    blocks (at least one)."""
+    if end - offset < 512:
+        raise DatasetError(
+            f"shard {shard} is truncated: it ends without the archive's end blocks after "
+            f"byte {offset}; copy it again"
+        )
     with open(shard, "rb") as f:
         f.seek(offset)
         while chunk := f.read(1 << 16):

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import importlib
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from featcache.distributed import Distributed
@@ -32,6 +32,9 @@ class Method:
     streams: bool = False
     # Whether it splits its work across torchrun's ranks (takes a ``dist`` argument).
     distributed: bool = False
+    # Whether it compares feature sets of one or more stores (``compare``) rather than
+    # evaluating one store's set (``run``): its function takes (FeatureSets, config).
+    compares: bool = False
 
     @property
     def config(self) -> type:
@@ -57,6 +60,9 @@ METHODS = {
                "retrieval by class: mAP, mAP@R, recall@k"),
         Method("shots", "featcache.evaluation.shots", "ShotsConfig",
                "label efficiency: probe and k-NN with k labelled images per class"),
+        Method("similarity", "featcache.evaluation.similarity", "SimilarityConfig",
+               "CKA (linear, unbiased, RBF) and RSA between feature sets, by image id",
+               compares=True),
     )
 }  # fmt: skip
 
@@ -71,6 +77,8 @@ def run(store: str | Path | Store, method: str, cfg=None, features: str | None =
     from featcache.evaluation.data import Splits
 
     m = METHODS[method]
+    if m.compares:
+        raise TypeError(f"{method} compares feature sets: use compare([...], {method!r})")
     cfg = cfg if cfg is not None else m.config()
     store = open_store(store)
     feature = features or store.default_feature()
@@ -82,6 +90,19 @@ def run(store: str | Path | Store, method: str, cfg=None, features: str | None =
     result = m.function(data, cfg, **extra)
     seconds = time.perf_counter() - start
     return {**store.provenance(method, feature, cfg), "seconds": seconds, **result}
+
+
+def compare(specs: list[str], method: str, cfg=None) -> dict:
+    """A method that compares feature sets (``STORE``, ``STORE:FEATURE,...``, ``STORE:all``),
+    timed; the stores' provenance is in its result."""
+    from featcache.evaluation.similarity import feature_sets
+
+    m = METHODS[method]
+    cfg = cfg if cfg is not None else m.config()
+    start = time.perf_counter()
+    sets = [s for spec in specs for s in feature_sets(str(spec))]
+    result = m.function(sets, cfg)
+    return {**result, "config": asdict(cfg), "seconds": time.perf_counter() - start}
 
 
 def run_in_memory(method: str, cfg, train, test, views=None) -> dict:

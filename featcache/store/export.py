@@ -5,7 +5,7 @@
 ``DIR/class_names.txt``. ``parquet``: clip-retrieval's layout, which autofaiss reads:
 ``DIR/img_emb/img_emb_<k>.npy`` beside ``DIR/metadata/metadata_<k>.parquet`` (columns ``id``,
 ``label``, ``class_name``, ``split``), row for row, ``shard_size`` rows a file, the splits one
-after the other; several feature sets go to ``DIR/<feature>/`` each.
+after the other (train, test, then others); several feature sets go to ``DIR/<feature>/``.
 
 Features keep their stored dtype (float16 stays float16) unless ``dtype="float32"``; rows are
 copied a chunk at a time (stores larger than memory export too). The files are written into a
@@ -19,7 +19,6 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import h5py
 import numpy as np
 
 from featcache.errors import ArgumentError, OutputError
@@ -96,11 +95,9 @@ def _in_order(splits) -> list[str]:
 
 def _chunks(store: Store, split: str, feature: str, dtype: str | None):
     """The split's feature rows, ``_CHUNK`` at a time, in the stored dtype or ``dtype``."""
-    with h5py.File(store.path, "r") as f:
-        data = f[split]["features"][feature]
-        for start in range(0, data.shape[0], _CHUNK):
-            rows = data[start : start + _CHUNK]
-            yield rows.astype(dtype) if dtype else rows
+    for start in range(0, store.sizes[split], _CHUNK):
+        rows = store.rows(split, feature, start, start + _CHUNK, as_stored=True)
+        yield rows.astype(dtype) if dtype else rows
 
 
 def _npy(store: Store, root: Path, features: list[str], cfg: ExportConfig) -> None:
@@ -111,13 +108,11 @@ def _npy(store: Store, root: Path, features: list[str], cfg: ExportConfig) -> No
         ids = store.read(split, "ids")
         (folder / "ids.txt").write_text("".join(f"{i}\n" for i in ids), encoding="utf-8")
         np.save(folder / "labels.npy", store.read(split, "labels"))
-        with h5py.File(store.path, "r") as f:
-            shapes = {n: (f[split]["features"][n].shape, f[split]["features"][n].dtype)
-                      for n in features}  # fmt: skip
         for name in features:
-            shape, dtype = shapes[name]
+            first = store.rows(split, name, 0, 1, as_stored=True)
+            shape = (store.sizes[split], first.shape[1])
             array = np.lib.format.open_memmap(
-                folder / f"{name}.npy", mode="w+", dtype=cfg.dtype or dtype, shape=shape
+                folder / f"{name}.npy", mode="w+", dtype=cfg.dtype or first.dtype, shape=shape
             )
             at = 0
             for rows in _chunks(store, split, name, cfg.dtype):
@@ -140,36 +135,47 @@ def _parquet_writer():
 
 
 def _clip_retrieval(store: Store, root: Path, feature: str, cfg: ExportConfig) -> None:
-    """img_emb/img_emb_<k>.npy and metadata/metadata_<k>.parquet, shard_size rows each."""
+    """img_emb/img_emb_<k>.npy and metadata/metadata_<k>.parquet, ``shard_size`` rows each
+    (the splits one after the other), written as the rows are read: memory holds a chunk."""
     pa, pq = _parquet_writer()
     (root / "img_emb").mkdir(parents=True)
     (root / "metadata").mkdir()
-    emb, meta, shard = [], [], 0
+    splits = _in_order(store.splits)
+    total = sum(store.sizes[s] for s in splits)
+    width = store.rows(splits[0], feature, 0, 1, as_stored=True)
+    shard, emb, meta, at = -1, None, None, 0  # at: row in the current shard
 
-    def flush():
-        nonlocal emb, meta, shard
-        np.save(root / "img_emb" / f"img_emb_{shard}.npy", np.concatenate(emb))
-        table = pa.table({k: [v for m in meta for v in m[k]] for k in meta[0]})
-        pq.write_table(table, root / "metadata" / f"metadata_{shard}.parquet")
-        emb, meta, shard = [], [], shard + 1
+    def open_shard(k: int):
+        rows = min(cfg.shard_size, total - k * cfg.shard_size)
+        emb = np.lib.format.open_memmap(
+            root / "img_emb" / f"img_emb_{k}.npy", mode="w+",
+            dtype=cfg.dtype or width.dtype, shape=(rows, width.shape[1]),
+        )  # fmt: skip
+        schema = pa.schema([("id", pa.string()), ("label", pa.int64()),
+                            ("class_name", pa.string()), ("split", pa.string())])  # fmt: skip
+        return emb, pq.ParquetWriter(root / "metadata" / f"metadata_{k}.parquet", schema)
 
-    for split in _in_order(store.splits):
+    for split in splits:
         ids, labels = store.read(split, "ids"), store.read(split, "labels")
-        at = 0
+        done = 0  # rows of this split written
         for rows in _chunks(store, split, feature, cfg.dtype):
             while len(rows):
-                room = cfg.shard_size - sum(len(e) for e in emb)
-                take, rows = rows[:room], rows[room:]
-                part = slice(at, at + len(take))
-                emb.append(take)
-                meta.append({
+                if emb is None or at == len(emb):
+                    if emb is not None:
+                        emb.flush()
+                        meta.close()
+                    shard, at = shard + 1, 0
+                    emb, meta = open_shard(shard)
+                take = min(len(rows), len(emb) - at)
+                part = slice(done, done + take)
+                emb[at : at + take] = rows[:take]
+                meta.write_table(pa.table({
                     "id": ids[part].tolist(),
                     "label": labels[part].tolist(),
                     "class_name": [store.class_names[y] for y in labels[part]],
-                    "split": [split] * len(take),
-                })  # fmt: skip
-                at += len(take)
-                if sum(len(e) for e in emb) == cfg.shard_size:
-                    flush()
-    if emb:
-        flush()
+                    "split": [split] * take,
+                }))  # fmt: skip
+                rows, at, done = rows[take:], at + take, done + take
+    if emb is not None:
+        emb.flush()
+        meta.close()

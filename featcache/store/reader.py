@@ -219,11 +219,14 @@ class Store:
                 ids=[x.decode() for x in g["ids"][:]],
             )
 
-    def rows(self, split: str, feature: str, start: int, stop: int) -> np.ndarray:
-        """Rows ``start:stop`` of a split's features, as float32: a chunk of a store that need
-        not fit in memory."""
+    def rows(
+        self, split: str, feature: str, start: int, stop: int, as_stored: bool = False
+    ) -> np.ndarray:
+        """Rows ``start:stop`` of a split's features, as float32 (or in the stored dtype,
+        ``as_stored``): a chunk of a store that need not fit in memory."""
         with h5py.File(self.path, "r") as f:
-            return as_float32(f[split]["features"][feature], slice(start, stop))
+            data = f[split]["features"][feature]
+            return data[start:stop] if as_stored else as_float32(data, slice(start, stop))
 
     def read(self, split: str, name: str) -> np.ndarray:
         """One small per-sample dataset of a split (``labels`` or ``ids``) without features."""

@@ -27,7 +27,8 @@ log = logging.getLogger(__name__)
 # Result kinds, as saved beside a store (S.<kind>.json): every method of the table, and
 # probe-noviews, the probe without the store's augmented views (the report makes it for
 # stores that have views).
-RESULT_KINDS = (*METHODS, "probe-noviews")
+# Results of one store's feature set (similarity compares sets: its results are matrices).
+RESULT_KINDS = (*(m for m in METHODS if not METHODS[m].compares), "probe-noviews")
 KNN_K = HEADLINE_K
 
 
