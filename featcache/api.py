@@ -194,7 +194,8 @@ def config(cls, options: dict):
 def evaluate(method: str, store=None, train: Pair = None, test: Pair = None, features=None,
              **options):  # fmt: skip
     """Any method of the table (``featcache.evaluation.methods``) on a store, or on in-memory
-    ``train=(x, y), test=(x, y)`` pairs: its typed result."""
+    ``train=(x, y), test=(x, y)`` pairs: its typed result; with ``features="all"``, a list of
+    them, one per feature set of the store (every layer of an ``extract --layers`` store)."""
     from featcache.evaluation.methods import METHODS, run, run_in_memory
 
     if method not in METHODS:
@@ -204,6 +205,11 @@ def evaluate(method: str, store=None, train: Pair = None, test: Pair = None, fea
     if store is not None and (train is not None or test is not None):
         raise TypeError("give a store, or train=(x, y) and test=(x, y), not both")
     if store is not None:
+        if features == "all":  # every feature set (every layer), in the store's order
+            from featcache.evaluation.methods import open_store
+
+            store = open_store(store)
+            return [RESULTS[method].of(run(store, method, cfg, f)) for f in store.feature_sets]
         return RESULTS[method].of(run(store, method, cfg, features))
     if test is None or (train is None and m.pair):
         raise TypeError(

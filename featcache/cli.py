@@ -116,7 +116,7 @@ def options_of(command: str, kw: dict) -> dict:
     return out
 
 
-def _write_json(result: dict, path: str | None) -> None:
+def _write_json(result: dict | list, path: str | None) -> None:
     from featcache.io import write_atomic
 
     if path is not None:
@@ -291,7 +291,7 @@ def extract(**kw) -> None:
 def _store_options(fn):
     """--store and --features (what a method reads) and --json (where its result goes)."""
     fn = _option("--json", "json_out", default=None, help="Write the full result as JSON.")(fn)
-    features = "Feature set (default: the backbone's first)."
+    features = "Feature set (default: the backbone's first); all: each set (every layer)."
     fn = _option("--features", default=None, help=features)(fn)
     return _option("--store", required=True, type=click.Path(dir_okay=False))(fn)
 
@@ -302,10 +302,17 @@ def _evaluate(method: str, kw: dict, show, **extra) -> None:
     import featcache.api as api
 
     options = {**options_of(method, kw), **extra}
-    result = api.evaluate(method, kw["store"], features=kw["features"], **options).to_dict()
-    if writes_results():
-        _write_json(result, kw["json_out"])
-        show(result, kw)
+    result = api.evaluate(method, kw["store"], features=kw["features"], **options)
+    if not writes_results():
+        return
+    if isinstance(result, list):  # --features all: one result per feature set
+        results = [r.to_dict() for r in result]
+        _write_json(results, kw["json_out"])
+        for r in results:
+            show(r, kw)
+        return
+    _write_json(result.to_dict(), kw["json_out"])
+    show(result.to_dict(), kw)
 
 
 @main.command()

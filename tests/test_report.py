@@ -12,6 +12,7 @@ import pytest
 from conftest import make_image_folder
 
 from featcache.extraction.extract import ExtractConfig, extract
+from featcache.store import Store
 from featcache.studies.report import ReportConfig, build_report, result_path
 
 
@@ -84,6 +85,7 @@ def vit(tmp_path_factory):
         test_per_class=2,
         workers=0,
         progress=False,
+        layers="0,11",  # the report's accuracy by depth
     )
     store = extract(cfg).path
     assert "no attention maps yet: run `featcache attention --store" in _page([store], root)
@@ -103,7 +105,15 @@ def test_attention_maps_are_made_in_stage_1_and_only_read_by_the_report(vit, tmp
     cfg, made = vit
     store = shutil.copy(made, tmp_path / "vit.h5")
     shutil.copy(attention_path(made), attention_path(store))
-    assert 'alt="attention vit"' in _page([store], tmp_path)
+    page = _page([store], tmp_path)
+    assert 'alt="attention vit"' in page
+    # Accuracy by depth: k-NN of each inner layer, kept beside the store as one list.
+    assert 'alt="accuracy by depth"' in page
+    layers = json.loads(result_path(store, "knn-layers").read_text())
+    assert [r["features"] for r in layers] == [
+        "layer.0.cls", "layer.0.patch_mean", "layer.11.cls", "layer.11.patch_mean"
+    ]  # fmt: skip
+    assert all(r["fingerprint"] == Store(store).fingerprint for r in layers)
     good = attention_path(store).read_bytes()
     attention_path(store).write_bytes(b"not a zip")  # a damaged file does not sink the report
     assert "vit.attention.npz is unreadable" in _page([store], tmp_path)

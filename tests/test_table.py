@@ -144,3 +144,20 @@ def test_the_bootstrap_interval_matches_the_normal_approximation():
         100 * p + half, abs=0.1
     )
     assert bootstrap_interval(np.ones(50, bool)) == [100.0, 100.0]
+
+
+def test_every_feature_set_gets_a_result_and_a_row(stores, tmp_path):
+    """--features all: one result per set (a JSON list), one table row per set."""
+    store = stores[2]
+    results = featcache.knn(store, features="all", k=(5,))
+    assert [r.data["features"] for r in results] == ["pooled", "maxpool"]  # the store's order
+    assert results[1].top1 == featcache.knn(store, features="maxpool", k=(5,)).top1
+    out = _run("probe", "--store", store, "--features", "all", "--epochs", "3",
+               "--json", tmp_path / "all.json")  # fmt: skip
+    saved = json.loads((tmp_path / "all.json").read_text())
+    assert [r["features"] for r in saved] == ["pooled", "maxpool"] and out.count("probe") >= 2
+    table = list(
+        csv.DictReader(io.StringIO(_run("table", tmp_path / "all.json", "--format", "csv")))
+    )
+    assert sorted(r["features"] for r in table) == ["maxpool", "pooled"]
+    assert all(float(r["probe_top1"]) > 0 for r in table)

@@ -23,7 +23,7 @@ import numpy as np
 
 from featcache import __version__
 from featcache.errors import ArgumentError
-from featcache.evaluation.knn import KS
+from featcache.evaluation.knn import HEADLINE_K, KS
 from featcache.io import check_output, write_atomic
 from featcache.store import Store, attention_path, result_path
 from featcache.studies.table import render, row
@@ -178,6 +178,35 @@ def gather(store: Store, cfg: ReportConfig) -> dict:
     return out
 
 
+def layer_knn(store: Store) -> list[dict] | None:
+    """k-NN (k = HEADLINE_K) on each inner layer's feature set of a store extracted with
+    --layers (None without layers): cached beside the store as ``S.knn-layers.json``, a list
+    with one result per set (``featcache knn --features all`` writes the same kind of list)."""
+    from featcache.evaluation.knn import KnnConfig
+    from featcache.evaluation.methods import run
+
+    sets = [f for f in store.feature_sets if f.startswith("layer.")]
+    if not sets:
+        return None
+    knn = KnnConfig(k=(min(HEADLINE_K, store.sizes.get("train", 1)),))
+    path = result_path(store.path, "knn-layers")
+    if path.is_file():
+        try:
+            kept = json.loads(path.read_text())
+        except ValueError:
+            kept = None
+        if (
+            isinstance(kept, list)
+            and [r.get("features") for r in kept] == sets
+            and all(r.get("fingerprint") == store.fingerprint for r in kept)
+            and all(_same(r.get("config", {}), knn) for r in kept)
+        ):
+            return kept
+    results = [run(store, "knn", knn, feature) for feature in sets]
+    write_atomic(path, json.dumps(results, indent=1))
+    return results
+
+
 # ---------------------------------------------------------------------------------------------
 # Figures
 
@@ -227,6 +256,26 @@ def fig_knn(names, results) -> str:
         rows = r["knn"]["results"]
         ax.plot([x["k"] for x in rows], [x["top1"] for x in rows], "o-", label=name)
     ax.set(xscale="log", xlabel="k", ylabel="top-1 (%)", title="weighted k-NN accuracy against k")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def fig_depth(names, layers) -> str:
+    """k-NN top-1 of every inner layer against its depth: a line per store and kind (CLS,
+    patch mean, pooled)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    for name, results in zip(names, layers):
+        lines: dict[str, list[tuple[int, float]]] = {}
+        for r in results or []:
+            _, depth, kind = r["features"].split(".", 2)
+            if depth.isdigit():
+                lines.setdefault(kind, []).append((int(depth), r["results"][0]["top1"]))
+        for kind, points in lines.items():
+            ax.plot(*zip(*sorted(points)), "o-", label=f"{name} {kind}")
+    ax.set(xlabel="layer (block or stage index)", ylabel="top-1 (%)",
+           title="k-NN accuracy of each layer (extract --layers)")  # fmt: skip
     ax.legend(fontsize=7)
     fig.tight_layout()
     return _png(fig)
@@ -371,6 +420,12 @@ def build_report(cfg: ReportConfig) -> Path:
         "<h2>k-NN accuracy against k</h2>",
         f'<img alt="knn against k" src="data:image/png;base64,{fig_knn(names, results)}">',
     ]
+    layers = [layer_knn(s) for s in stores]
+    if any(layers):
+        sections += [
+            f"<h2>Accuracy by depth (k-NN, k={HEADLINE_K})</h2>",
+            f'<img alt="accuracy by depth" src="data:image/png;base64,{fig_depth(names, layers)}">',
+        ]
     shots_png = fig_shots(names, results)
     if shots_png:
         sections += [

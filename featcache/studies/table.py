@@ -78,28 +78,30 @@ def collect(paths: list[str | Path]) -> list[dict]:
     stores: dict[str, Store] = {}  # fingerprint -> the store, where known
     for p in map(Path, paths):
         if p.suffix == ".json":
-            result = _read(p)
-            if result is None or result.get("kind") not in RESULT_KINDS:
-                raise StoreError(f"{p} is not a featcache result (probe, knn, retrieval, ...)")
-            kind = "probe-noviews" if p.name.endswith(".probe-noviews.json") else result["kind"]
-            key = (result.get("fingerprint"), result.get("features"))
-            groups.setdefault(key, {})[kind] = result
-            store = _open(result.get("store"))
-            if store is not None and store.fingerprint == result.get("fingerprint"):
-                stores.setdefault(store.fingerprint, store)
+            # A result, or a list of them (--features all: one per feature set, one row each).
+            found = _read(p)
+            for result in found if isinstance(found, list) else [found]:
+                if not isinstance(result, dict) or result.get("kind") not in RESULT_KINDS:
+                    raise StoreError(f"{p} is not a featcache result (probe, knn, retrieval, ...)")
+                noviews = p.name.endswith(".probe-noviews.json")
+                kind = "probe-noviews" if noviews else result["kind"]
+                key = (result.get("fingerprint"), result.get("features"))
+                groups.setdefault(key, {})[kind] = result
+                store = _open(result.get("store"))
+                if store is not None and store.fingerprint == result.get("fingerprint"):
+                    stores.setdefault(store.fingerprint, store)
             continue
         store = Store(p)
         stores[store.fingerprint] = store
         found = False
         for kind in RESULT_KINDS:
-            result = _read(result_path(store.path, kind))
-            if result is None:
-                continue
-            if result.get("fingerprint") != store.fingerprint:
-                log.warning("%s: computed from another version of the store; left out", kind)
-                continue
-            groups.setdefault((store.fingerprint, result.get("features")), {})[kind] = result
-            found = True
+            kept = _read(result_path(store.path, kind))
+            for result in kept if isinstance(kept, list) else [kept] if kept else []:
+                if result.get("fingerprint") != store.fingerprint:
+                    log.warning("%s: computed from another version of the store; left out", kind)
+                    continue
+                groups.setdefault((store.fingerprint, result.get("features")), {})[kind] = result
+                found = True
         if not found:  # a store without results is still a row
             groups.setdefault((store.fingerprint, None), {})
     rows = [row(stores.get(fp), results) for (fp, _), results in groups.items()]
@@ -112,7 +114,7 @@ def _probe_order(r: dict) -> float:
     return -top1 if isinstance(top1, float) and math.isfinite(top1) else math.inf
 
 
-def _read(path: Path) -> dict | None:
+def _read(path: Path) -> dict | list | None:
     if not path.is_file():
         return None
     try:
@@ -120,7 +122,7 @@ def _read(path: Path) -> dict | None:
     except ValueError:
         log.warning("%s is not valid JSON; left out", path)
         return None
-    return result if isinstance(result, dict) else None
+    return result if isinstance(result, (dict, list)) else None
 
 
 def _open(path: str | None) -> Store | None:
