@@ -317,6 +317,13 @@ def _evaluate(method: str, kw: dict, show, **extra) -> None:
 
 @main.command()
 @_store_options
+@field_option(
+    "probe",
+    "protocol",
+    type=click.Choice(["sgd", "logreg"]),
+    help="sgd: SGD heads, a weight-decay sweep; logreg: DINOv2's L-BFGS logistic regression "
+    "over a grid of C.",
+)
 @field_option("probe", "weight_decays", help="The sweep's grid.")
 @field_option("probe", "val_fraction", type=float)
 @field_option("probe", "max_epochs", "--epochs", type=int, help="Most epochs per head.")
@@ -332,6 +339,8 @@ def _evaluate(method: str, kw: dict, show, **extra) -> None:
     flag=True,
     help="Also train on the store's augmented views (extract --views K).",
 )
+@field_option("probe", "cs", help="logreg: the grid of C [DINOv2's 45, 1e-6 .. 1e5].")
+@field_option("probe", "lbfgs_iterations", type=int, help="logreg: L-BFGS iterations per fit.")
 @field_option("probe", "max_memory", help="Hold at most about SIZE of features at once "
               "(e.g. 2GiB): the store is read in chunks.")  # fmt: skip
 @_option("--shots", default=None, help="Label efficiency: labelled images per class, e.g. 1,5,10.")
@@ -362,12 +371,15 @@ def _show_probe(result: dict, kw: dict) -> None:
         plot_probe(result, kw["plot"])
     t, sel = result["test"], result["selected"]
     lo, hi = t["top1_ci95"]
+    if result.get("protocol") == "logreg":
+        chosen = f"logreg: C {sel['C']:g}, {sel['epochs']} L-BFGS iterations"
+    else:
+        chosen = f"weight decay {sel['weight_decay']:g}, {sel['epochs']} epochs"
     click.echo(
         f"probe {result['backbone']}/{result['features']}: test top-1 {t['top1']:.2f}% "
         f"(95% CI {lo:.2f}-{hi:.2f})  top-3 {t['top3']:.2f}%  mean per-class "
-        f"{t['mean_per_class']:.2f}%  loss {t['loss']:.4f}  (weight decay "
-        f"{sel['weight_decay']:g}, {sel['epochs']} epochs, {result['views']} views/image, "
-        f"{result['seconds']:.1f} s)"
+        f"{t['mean_per_class']:.2f}%  loss {t['loss']:.4f}  ({chosen}, "
+        f"{result['views']} views/image, {result['seconds']:.1f} s)"
     )
 
 

@@ -21,18 +21,30 @@ from featcache.device import rank_device, resolve_device
 from featcache.distributed import Distributed
 from featcache.errors import ArgumentError
 from featcache.evaluation.data import Splits
+from featcache.evaluation.logreg import C_GRID, logreg
 from featcache.evaluation.metrics import per_class_accuracies, summary_from_predictions
-from featcache.evaluation.rows import MemoryRows, StoreRows, check_finite, statistics
+from featcache.evaluation.rows import (
+    MemoryRows,
+    StoreRows,
+    check_finite,
+    standardise,
+    statistics,
+)
 
 TRAIN_CURVE_SAMPLES = 10_000
 MIN_FULL_STEPS = 10  # epochs of fewer steps use a proportionally smaller step size
 DEFAULT_WEIGHT_DECAYS = (0.0, 1e-4, 1e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0)
+PROTOCOLS = ("sgd", "logreg")
 
 
 @dataclass(frozen=True)
 class ProbeConfig:
     """The probe's settings (what it reads is the method's ``Splits``)."""
 
+    # "sgd": linear heads by SGD, a weight-decay sweep with early stopping (DINO's linear
+    # protocol, trained as featcache trains it); "logreg": DINOv2's logistic regression by
+    # L-BFGS over a grid of C (evaluation/logreg.py).
+    protocol: str = "sgd"
     weight_decays: tuple[float, ...] = DEFAULT_WEIGHT_DECAYS
     # Fraction of each training class held out to choose the weight decay and epoch count.
     val_fraction: float = 0.1
@@ -53,6 +65,9 @@ class ProbeConfig:
     # Bytes of features held at once (None: the splits in memory): the store is then read a
     # chunk of rows at a time (evaluation/streaming.py).
     max_memory: int | None = None
+    # logreg: the grid of C (DINOv2's 45 values, 1e-6 .. 1e5) and L-BFGS's iterations per fit.
+    cs: tuple[float, ...] = C_GRID
+    lbfgs_iterations: int = 1000
 
     def __post_init__(self):
         if not 0 < self.val_fraction < 1:
@@ -63,6 +78,12 @@ class ProbeConfig:
             raise ArgumentError("--epochs, --batch-size and --lr must be positive")
         if self.max_memory is not None and self.max_memory <= 0:
             raise ArgumentError(f"--max-memory must be positive, got {self.max_memory}")
+        if self.protocol not in PROTOCOLS:
+            raise ArgumentError(
+                f"--protocol is one of {', '.join(PROTOCOLS)}, got {self.protocol!r}"
+            )
+        if not self.cs or min(self.cs) <= 0 or self.lbfgs_iterations < 1:
+            raise ArgumentError("--cs must be positive values, --lbfgs-iterations at least 1")
 
 
 def stratified_split(labels: np.ndarray, fraction: float, seed: int):
@@ -148,16 +169,6 @@ def curvature(x: torch.Tensor, iters: int = 30) -> float:
         v = x.T @ (x @ v) / len(x)
         v = v / v.norm().clamp_min(1e-12)
     return 0.5 * float(v @ (x.T @ (x @ v)) / len(x))
-
-
-def standardise(train: np.ndarray, *others: np.ndarray):
-    """New arrays z-scored with the training rows' mean and std (one copy each)."""
-    mean = train.mean(0, keepdims=True)
-    std = train.std(0, keepdims=True) + 1e-6
-    out = [a - mean for a in (train, *others)]
-    for a in out:
-        a /= std
-    return out
 
 
 def scaled_step(cfg: ProbeConfig, rows: int) -> ProbeConfig:
@@ -267,6 +278,9 @@ def probe(data: Splits, cfg: ProbeConfig, dist: Distributed | None = None) -> di
     4. score the test split: top-1 (with its bootstrap interval), top-3, per class, loss.
     """
     # One function, over 60 lines: the protocol's four steps, read in order.
+    if cfg.protocol == "logreg":  # DINOv2's protocol, on the same validation split
+        fit_idx, val_idx = stratified_split(data.labels["train"], cfg.val_fraction, cfg.seed)
+        return logreg(data, cfg, fit_idx, val_idx)
     dist = dist or Distributed()
     device = rank_device(resolve_device(cfg.device))
     if data.bounded and cfg.views and data.store.num_views > 1:
@@ -312,6 +326,7 @@ def probe(data: Splits, cfg: ProbeConfig, dist: Distributed | None = None) -> di
     y_test = data.labels["test"]
     views = getattr(source, "views", None)
     return {
+        "protocol": "sgd",
         "test": {**summary_from_predictions(pred, hit3, y_test, classes), "loss": loss},
         "per_class_top1": per_class_accuracies(pred, y_test, classes),
         **sweep_result(cfg, sweep, chosen, curves, final_curve),
@@ -334,11 +349,24 @@ def sweep_result(cfg: ProbeConfig, sweep, chosen: int, curves, final_curve) -> d
 
 
 def plot_probe(result: dict, path: str) -> None:
-    """Per-epoch train/val curves of the chosen head, plus the validation loss of the sweep."""
+    """Per-epoch train/val curves of the chosen head, plus the validation loss of the sweep
+    (logreg: validation top-1 and loss against C)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    if result.get("protocol") == "logreg":
+        fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+        cs = [s["C"] for s in result["sweep"]]
+        for ax, metric in zip(axes, ("top1", "loss")):
+            ax.semilogx(cs, [s["val"][metric] for s in result["sweep"]], "o-")
+            ax.axvline(result["selected"]["C"], color="r", ls=":")
+            ax.set(xlabel="C", title=f"validation {metric} (logreg)")
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        return
 
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
     epochs = [e["epoch"] for e in result["epochs"]]

@@ -151,7 +151,7 @@ def check_finite(a: np.ndarray, name: str, where: str = "") -> None:
 
 
 def statistics(data: Splits, chunk: int, device):
-    """Mean and std (as ``probe.standardise``) of the training features, and the curvature
+    """Mean and std (as ``standardise``) of the training features, and the curvature
     bound (half the largest eigenvalue of the z-scored second-moment matrix), in one pass."""
     rows = StoreRows(data, "train", np.arange(data.size("train")), (0.0, 1.0), chunk, device)
     total, s, ss = 0, 0.0, 0.0
@@ -168,3 +168,13 @@ def statistics(data: Splits, chunk: int, device):
     scaled = second / np.outer(std, std)
     curvature = 0.5 * float(np.linalg.eigvalsh(scaled)[-1])
     return (mean.astype(np.float32)[None], std.astype(np.float32)[None]), curvature
+
+
+def standardise(train: np.ndarray, *others: np.ndarray):
+    """New arrays z-scored with the training rows' mean and std (one copy each)."""
+    mean = train.mean(0, keepdims=True)
+    std = train.std(0, keepdims=True) + 1e-6
+    out = [a - mean for a in (train, *others)]
+    for a in out:
+        a /= std
+    return out

@@ -19,8 +19,8 @@ from featcache.errors import ArgumentError
 from featcache.evaluation.data import Splits
 from featcache.evaluation.knn import HEADLINE_K, TEMPERATURE, knn_evaluate
 from featcache.evaluation.metrics import topk_accuracy
-from featcache.evaluation.probe import ProbeConfig, curvature, probe, standardise, train_head
-from featcache.evaluation.rows import MemoryRows
+from featcache.evaluation.probe import ProbeConfig, curvature, probe, train_head
+from featcache.evaluation.rows import MemoryRows, standardise
 
 
 @dataclass(frozen=True)

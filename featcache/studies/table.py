@@ -44,6 +44,7 @@ def row(store: Store | None, results: dict[str, dict]) -> dict:
         "dataset": store.config.get("dataset") if store else None,
         "subset": _subset(store) if store else None,
         "probe_top1": probe["test"]["top1"] if probe else None,
+        "probe_protocol": probe.get("protocol", "sgd") if probe else None,
         "probe_ci95": (probe["test"].get("top1_ci95") if probe else None),
         "mean_per_class": probe["test"].get("mean_per_class") if probe else None,
         "retrieval_map": retrieval["train_gallery"]["map"] if retrieval else None,
@@ -148,13 +149,16 @@ def columns(rows: list[dict], knn_ks: tuple[int, ...] = (KNN_K,)) -> list[str]:
         key=lambda k: int(k.split("_")[1]),
     )
     noviews = ["probe_noviews_top1"] if any("probe_noviews_top1" in r for r in rows) else []
-    return fixed + noviews + shots + ["images_per_second", "store"]
+    # Which probe protocol, where any row's is not the default (sgd).
+    protocol = ["probe_protocol"] if any(r.get("probe_protocol") == "logreg" for r in rows) else []
+    return fixed + protocol + noviews + shots + ["images_per_second", "store"]
 
 
 HEADERS = {
     "probe_top1": "probe top-1",
     "probe_ci95": "95% CI",
     "probe_noviews_top1": "probe top-1 without views",
+    "probe_protocol": "probe protocol",
     "mean_per_class": "mean per-class",
     "retrieval_map": "retrieval mAP",
     "kmeans_nmi": "k-means NMI",

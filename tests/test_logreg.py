@@ -1,0 +1,89 @@
+"""probe --protocol logreg (DINOv2's): the same choice and test predictions as scikit-learn's
+LogisticRegression(solver="lbfgs") over the same grid of C, validation split and criterion."""
+
+import numpy as np
+import pytest
+import torch
+
+import featcache
+from featcache.evaluation.logreg import C_GRID, fit
+from featcache.evaluation.probe import stratified_split
+from featcache.evaluation.rows import standardise
+
+
+def _data(seed=0, n=900, d=24, k=6, separation=0.45):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(k, d))
+    y = rng.integers(0, k, n)
+    x = (separation * centres[y] + rng.normal(size=(n, d))) * 3 + 1  # off-centre, scaled
+    return x.astype(np.float32), y
+
+
+def test_dinov2s_grid():
+    assert (
+        len(C_GRID) == 45 and C_GRID[0] == pytest.approx(1e-6) and C_GRID[-1] == pytest.approx(1e5)
+    )
+    assert np.allclose(np.diff(np.log10(C_GRID)), 11 / 44)
+
+
+def test_each_fit_is_scikit_learns_optimum():
+    from sklearn.linear_model import LogisticRegression
+
+    x, y = _data()
+    x = standardise(x.astype(np.float64))[0]
+    for c in (1e-3, 0.3, 30.0):
+        w, _ = fit(torch.tensor(x), torch.tensor(y), 6, c)
+        ours = torch.softmax(torch.tensor(x) @ w[:-1] + w[-1], 1).numpy()
+        ref = LogisticRegression(C=c, max_iter=10_000, tol=1e-10).fit(x, y).predict_proba(x)
+        np.testing.assert_allclose(ours, ref, atol=1e-5)
+
+
+def test_the_protocol_chooses_and_scores_as_scikit_learn():
+    from sklearn.linear_model import LogisticRegression
+
+    (xtr, ytr), (xte, yte) = _data(0), _data(1, n=400)
+    cs = C_GRID[::4]  # 12 of the 45: the same protocol, a quicker test
+    result = featcache.probe(train=(xtr, ytr), test=(xte, yte), protocol="logreg", cs=cs).to_dict()
+    assert result["protocol"] == "logreg" and [s["C"] for s in result["sweep"]] == sorted(cs)
+
+    # scikit-learn on the same z-scored features, validation split and criterion.
+    ztr, zte = standardise(xtr.astype(np.float64), xte.astype(np.float64))
+    fit_idx, val_idx = stratified_split(ytr, 0.1, 0)
+    val = []
+    for c in sorted(cs):
+        m = LogisticRegression(C=c, max_iter=10_000, tol=1e-10).fit(ztr[fit_idx], ytr[fit_idx])
+        val.append(100 * (m.predict(ztr[val_idx]) == ytr[val_idx]).mean())
+    assert [s["val"]["top1"] for s in result["sweep"]] == pytest.approx(val, abs=1e-9)
+    best = max(range(len(val)), key=lambda i: (val[i], -sorted(cs)[i]))
+    assert result["selected"]["C"] == sorted(cs)[best]
+    ref = LogisticRegression(C=sorted(cs)[best], max_iter=10_000, tol=1e-10).fit(ztr, ytr)
+    top1 = 100 * (ref.predict(zte) == yte).mean()
+    assert result["test"]["top1"] == pytest.approx(top1, abs=1e-9)
+
+
+def test_the_default_stays_the_sgd_probe_and_an_unknown_protocol_is_refused():
+    (xtr, ytr), (xte, yte) = _data(0, n=300), _data(1, n=100)
+    sgd = featcache.probe(train=(xtr, ytr), test=(xte, yte), max_epochs=3).to_dict()
+    assert sgd["protocol"] == "sgd" and "weight_decay" in sgd["selected"]
+    with pytest.raises(Exception, match="--protocol is one of sgd, logreg"):
+        featcache.probe(train=(xtr, ytr), test=(xte, yte), protocol="lbfgs")
+
+
+def test_the_result_records_the_protocol_and_the_table_shows_it(tmp_path):
+    from click.testing import CliRunner
+    from conftest import make_image_folder, tiny_extract_args
+
+    from featcache.cli import main
+
+    store = tmp_path / "s.h5"
+    run = CliRunner().invoke
+    assert (
+        run(main, tiny_extract_args(make_image_folder(tmp_path / "images"), store)).exit_code == 0
+    )
+    args = ["probe", "--store", store, "--protocol", "logreg", "--cs", "0.01,1,100",
+            "--json", tmp_path / "lr.json", "--plot", tmp_path / "lr.png"]  # fmt: skip
+    r = run(main, [str(a) for a in args])
+    assert r.exit_code == 0, r.output
+    assert "logreg: C " in r.output and (tmp_path / "lr.png").stat().st_size > 1000
+    table = run(main, ["table", str(tmp_path / "lr.json")]).output
+    assert "| probe protocol |" in table.splitlines()[0] and "| logreg |" in table
