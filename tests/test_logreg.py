@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import featcache
-from featcache.evaluation.logreg import C_GRID, fit
+from featcache.evaluation.logreg import C_GRID, fit, with_bias
 from featcache.evaluation.probe import stratified_split
 from featcache.evaluation.rows import standardise
 
@@ -32,8 +32,9 @@ def test_each_fit_is_scikit_learns_optimum():
     x, y = _data()
     x = standardise(x.astype(np.float64))[0]
     for c in (1e-3, 0.3, 30.0):
-        w, _ = fit(torch.tensor(x), torch.tensor(y), 6, c)
-        ours = torch.softmax(torch.tensor(x) @ w[:-1] + w[-1], 1).numpy()
+        xb = with_bias(torch.tensor(x))
+        w, _ = fit(xb, torch.tensor(y), 6, c)
+        ours = torch.softmax(xb @ w, 1).numpy()
         ref = LogisticRegression(C=c, max_iter=10_000, tol=1e-10).fit(x, y).predict_proba(x)
         np.testing.assert_allclose(ours, ref, atol=1e-5)
 
