@@ -22,6 +22,8 @@ _PUBLIC = {
     "retrieval": "featcache.api",
     "export": "featcache.api",
     "similarity": "featcache.api",
+    "zeroshot": "featcache.api",
+    "ZeroshotResult": "featcache.api",
     "SimilarityResult": "featcache.api",
     "Store": "featcache.store",
     "ProbeResult": "featcache.api",

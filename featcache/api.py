@@ -142,6 +142,19 @@ class ExtractResult(Result):
 
 
 @dataclass(frozen=True)
+class ZeroshotResult(Result):
+    top1: float = 0.0  # percent, as top5 and mean_per_class (mean per-class recall)
+    top5: float = 0.0
+    mean_per_class: float = 0.0
+    top1_ci95: tuple[float, float] = (0.0, 0.0)
+
+    @classmethod
+    def of(cls, data: dict) -> ZeroshotResult:
+        t = data["test"]
+        return cls(data, t["top1"], t["top5"], t["mean_per_class"], tuple(t["top1_ci95"]))
+
+
+@dataclass(frozen=True)
 class SimilarityResult(Result):
     sets: tuple[str, ...] = ()  # "store:feature" of each set, the matrices' order
     images: int = 0  # images the sets share (linear CKA reads them all)
@@ -156,6 +169,7 @@ class SimilarityResult(Result):
 
 
 RESULTS = {
+    "zeroshot": ZeroshotResult,
     "probe": ProbeResult,
     "knn": KnnResult,
     "cluster": ClusterResult,
@@ -243,6 +257,21 @@ def export(store: str | Path | Store, out: str | Path, **options) -> Path:
 
     path = store.path if isinstance(store, Store) else store
     return run(path, out, config(ExportConfig, options))
+
+
+def zeroshot(store: str | Path | Store, **options) -> ZeroshotResult:
+    """CLIP's zero-shot classification (Radford et al. 2021, as CLIP_benchmark runs it) of a
+    CLIP store's ``embed`` features: class names through prompt templates (``templates=
+    "openai"``, CLIP's 18 for CIFAR, or a file) into the text tower of the store's own weights
+    (``weights=`` where they are local), the classifier written beside the store; top-1,
+    top-5, mean per-class recall. Options: ``featcache zeroshot``'s, as ``ZeroshotConfig``."""
+    from featcache.evaluation.methods import METHODS, open_store, run
+    from featcache.extraction.zeroshot import write_head
+
+    cfg = config(METHODS["zeroshot"].config, options)
+    store = open_store(store)
+    write_head(store.path, cfg.templates, cfg.classnames, cfg.weights)
+    return ZeroshotResult.of(run(store, "zeroshot", cfg, "embed"))
 
 
 def similarity(*sets: str | Path, **options) -> SimilarityResult:

@@ -53,6 +53,7 @@ CONFIGS = {
     "attention": ("featcache.extraction.attention", "AttentionConfig"),
     "export": ("featcache.store.export", "ExportConfig"),
     "similarity": ("featcache.evaluation.similarity", "SimilarityConfig"),
+    "zeroshot": ("featcache.evaluation.zeroshot", "ZeroshotConfig"),
 }
 
 
@@ -515,6 +516,30 @@ def export(store: str, out: str, **kw) -> None:
 
     path = api.export(store, out, **options_of("export", kw))
     click.echo(f"exported {store} ({kw['format']}) -> {path}")
+
+
+@main.command()
+@_option("--store", required=True, type=click.Path(dir_okay=False))
+@field_option("zeroshot", "templates", help="openai (CLIP's 18 for CIFAR) or a file, one "
+              "template a line with {c} for the class name.")  # fmt: skip
+@field_option("zeroshot", "classnames", help="A file of class names, one a line [the store's].")
+@field_option("zeroshot", "weights", help="The store's CLIP weights, where they are local.")
+@field_option("zeroshot", "split")
+@_option("--json", "json_out", default=None, help="Write the full result as JSON.")
+@_friendly
+def zeroshot(store: str, json_out, **kw) -> None:
+    """CLIP zero-shot classification of a CLIP store's embed features (its own text tower)."""
+    import featcache.api as api
+
+    r = api.zeroshot(store, **options_of("zeroshot", kw)).to_dict()
+    _write_json(r, json_out)
+    t = r["test"]
+    lo, hi = t["top1_ci95"]
+    click.echo(
+        f"zero-shot {r['backbone']} ({r['templates']} templates, {r['split']}): top-1 "
+        f"{t['top1']:.2f}% (95% CI {lo:.2f}-{hi:.2f})  top-5 {t['top5']:.2f}%  mean per-class "
+        f"{t['mean_per_class']:.2f}%"
+    )
 
 
 @main.command()

@@ -238,6 +238,7 @@ NOT_FIELDS = {
     "simclr": {},
     "export": {"store": "input", "out": "output"},
     "similarity": {"sets": "input", "json_out": "output", "plot": "output"},
+    "zeroshot": {"store": "input", "json_out": "output"},
 }
 # Config fields without an option, and why.
 NO_OPTION: dict[str, dict] = {}

@@ -456,3 +456,88 @@ kind(
     "ResNet): hf:facebook/dinov2-small; preprocessing from its image processor config; "
     "--weights DIR (save_pretrained of the model and its image processor) offline",
 )
+
+
+# ---------------------------------------------------------------------------------------------
+# CLIP's text tower (zero-shot classification: featcache zeroshot)
+
+
+@dataclass
+class TextTower:
+    """CLIP's text tower with its projection, its tokenizer, and the model's logit scale."""
+
+    model: nn.Module
+    tokenizer: object
+    logit_scale: float  # exp of the checkpoint's logit_scale (CLIP's temperature)
+
+    @torch.inference_mode()
+    def embed(self, texts: list[str]) -> torch.Tensor:
+        """Unit-length projected text embeddings (len(texts), projection_dim), float32."""
+        tokens = self.tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
+        out = self.model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
+        return torch.nn.functional.normalize(out.text_embeds.float(), dim=-1)
+
+
+def load_text_tower(spec: BackboneSpec, weights: Path | None) -> TextTower:
+    """The text tower of a CLIP entry's own weights (the whole CLIP repo, or a save_pretrained
+    directory of CLIPModel with its tokenizer), loaded strictly: every text tensor read."""
+    import transformers
+
+    if spec.family != "hf" or spec.arch.get("model_type") not in ("clip", "clip_vision_model"):
+        raise UnsupportedModelError(
+            f"{spec.name} is not a CLIP model: zero-shot classification needs CLIP's text "
+            "tower (clip-vitb16, or an hf: CLIP repo)"
+        )
+    where = str(weights or spec.weights_id)
+    source = f"--weights {weights}" if weights is not None else spec.weights_id
+    try:
+        config = transformers.AutoConfig.from_pretrained(where)
+        if config.model_type != "clip":
+            raise WeightsError(
+                f"{source} holds CLIP's image tower only ({config.model_type}); zero-shot "
+                "needs the whole CLIP model (save_pretrained of CLIPModel and its tokenizer)"
+            )
+        # The text config with the model's projection width (from_pretrained of the text
+        # config alone would drop projection_dim, a top-level field, for its default).
+        text = transformers.CLIPTextConfig(
+            **config.text_config.to_dict() | {"projection_dim": config.projection_dim}
+        )
+        with _quiet(transformers):
+            model, info = transformers.CLIPTextModelWithProjection.from_pretrained(
+                where, config=text, use_safetensors=True, output_loading_info=True,
+                ignore_mismatched_sizes=True,  # reshaped tensors land in the report (refused)
+            )  # fmt: skip
+        tokenizer = transformers.AutoTokenizer.from_pretrained(where)
+        scale = _checkpoint_tensor(where, "logit_scale", weights is not None)
+    except OSError as exc:
+        if weights is not None:
+            raise WeightsError(f"{source}: no CLIP text tower or tokenizer in it ({exc})") from exc
+        raise no_hub_error(spec.name, spec.weights_id, exc) from exc
+    check_loading_info(source, info, ("vision_model.", "visual_projection.", "logit_scale"))
+    return TextTower(model.eval().requires_grad_(False), tokenizer, float(scale.exp()))
+
+
+def _checkpoint_tensor(where: str, name: str, local: bool) -> torch.Tensor:
+    """One tensor of a safetensors checkpoint (a single file or shards with an index)."""
+    from safetensors import safe_open
+
+    def path(filename: str) -> str | None:
+        if local:
+            p = Path(where) / filename
+            return str(p) if p.is_file() else None
+        from huggingface_hub import hf_hub_download
+
+        try:
+            return hf_hub_download(where, filename)
+        except Exception:  # noqa: BLE001 (the file is optional: the index or the single file)
+            return None
+
+    index = path("model.safetensors.index.json")
+    filename = (
+        json.loads(Path(index).read_text())["weight_map"][name] if index else "model.safetensors"
+    )
+    found = path(filename)
+    if found is None:
+        raise WeightsError(f"{where}: no {filename} with the tensor {name}")
+    with safe_open(found, "pt") as f:
+        return f.get_tensor(name)

@@ -11,6 +11,7 @@ from featcache.store.reader import (
     as_float32,
     attention_path,
     result_path,
+    zeroshot_path,
 )
 from featcache.store.writer import ShardedWriter, SplitLayout
 
@@ -28,4 +29,5 @@ __all__ = [
     "first_difference",
     "result_path",
     "storage_dtype",
+    "zeroshot_path",
 ]

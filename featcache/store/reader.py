@@ -87,6 +87,13 @@ def attention_path(store: str | Path) -> Path:
     return store.with_name(f"{store.stem}.attention.npz")
 
 
+def zeroshot_path(store: str | Path) -> Path:
+    """Where a store's zero-shot classifier lies (``featcache zeroshot`` makes it with the
+    store's own CLIP text tower; scoring reads it)."""
+    store = Path(store)
+    return store.with_name(f"{store.stem}.zeroshot.npz")
+
+
 def result_path(store: str | Path, kind: str) -> Path:
     """Where a result computed from a store is kept beside it: ``S.probe.json`` for ``S.h5``."""
     store = Path(store)

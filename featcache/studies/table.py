@@ -49,6 +49,7 @@ def row(store: Store | None, results: dict[str, dict]) -> dict:
         "mean_per_class": probe["test"].get("mean_per_class") if probe else None,
         "retrieval_map": retrieval["train_gallery"]["map"] if retrieval else None,
         "kmeans_nmi": cluster["nmi"] if cluster else None,
+        "zeroshot_top1": results["zeroshot"]["test"]["top1"] if results.get("zeroshot") else None,
         "images_per_second": store.extraction.get("images_per_second") if store else None,
     }  # fmt: skip
     if results.get("probe-noviews"):
@@ -151,7 +152,8 @@ def columns(rows: list[dict], knn_ks: tuple[int, ...] = (KNN_K,)) -> list[str]:
     noviews = ["probe_noviews_top1"] if any("probe_noviews_top1" in r for r in rows) else []
     # Which probe protocol, where any row's is not the default (sgd).
     protocol = ["probe_protocol"] if any(r.get("probe_protocol") == "logreg" for r in rows) else []
-    return fixed + protocol + noviews + shots + ["images_per_second", "store"]
+    zeroshot = ["zeroshot_top1"] if any(r.get("zeroshot_top1") is not None for r in rows) else []
+    return fixed + protocol + noviews + zeroshot + shots + ["images_per_second", "store"]
 
 
 HEADERS = {
@@ -159,6 +161,7 @@ HEADERS = {
     "probe_ci95": "95% CI",
     "probe_noviews_top1": "probe top-1 without views",
     "probe_protocol": "probe protocol",
+    "zeroshot_top1": "zero-shot top-1",
     "mean_per_class": "mean per-class",
     "retrieval_map": "retrieval mAP",
     "kmeans_nmi": "k-means NMI",

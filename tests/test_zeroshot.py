@@ -1,0 +1,130 @@
+"""featcache zeroshot: CLIP's zero-shot classification of a store's embed features, checked
+against transformers' CLIPModel logits computed directly from the same images with a small
+random CLIP saved locally (its tokenizer built offline)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import make_image_folder
+
+import featcache
+from featcache.cli import main
+from featcache.errors import FeatcacheError
+from featcache.extraction.extract import ExtractConfig, extract
+from featcache.extraction.zeroshot import OPENAI_CIFAR, templates_of
+from featcache.store import Store, zeroshot_path
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def _tiny_clip(path, seed=0):
+    """A random CLIPModel (32x32 images) with its image processor and a character-level
+    tokenizer (CLIP's byte alphabet, no merges): what save_pretrained writes for a real one."""
+    import transformers
+
+    path.mkdir()
+    chars = _byte_alphabet()
+    vocab = {t: i for i, t in enumerate(chars + [c + "</w>" for c in chars])}
+    vocab |= {"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1}
+    transformers.CLIPTokenizer(vocab=vocab, merges=[]).save_pretrained(path)
+    eos = vocab["<|endoftext|>"]
+    text = dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=2, max_position_embeddings=64, eos_token_id=eos,
+                bos_token_id=vocab["<|startoftext|>"], pad_token_id=eos)  # fmt: skip
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=2, image_size=32, patch_size=8)  # fmt: skip
+    config = transformers.CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)
+    torch.manual_seed(seed)
+    transformers.CLIPModel(config).save_pretrained(path)
+    transformers.CLIPImageProcessor(
+        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, do_center_crop=True,
+        resample=3, image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD),
+    ).save_pretrained(path)  # fmt: skip
+    return path
+
+
+def _byte_alphabet() -> list[str]:
+    """GPT-2's (and CLIP's) printable stand-in for each of the 256 bytes."""
+    keep = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    extra = [b for b in range(256) if b not in keep]
+    table = {b: chr(b) for b in keep} | {b: chr(256 + i) for i, b in enumerate(extra)}
+    return [table[b] for b in range(256)]
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory):
+    root = tmp_path_factory.mktemp("zeroshot")
+    weights = _tiny_clip(root / "tiny-clip")
+    folder = make_image_folder(root / "images", train=2, test=5)
+    cfg = ExtractConfig(backbone="hf:tiny-clip", weights=str(weights),
+                        dataset=f"imagefolder:{folder}", out=str(root / "clip.h5"), workers=0,
+                        progress=False, precision="fp32")  # fmt: skip
+    store = extract(cfg).path
+    (root / "one.txt").write_text("a photo of a {c}.\n")
+    return {"weights": weights, "folder": folder, "store": store, "root": root}
+
+
+def test_scores_equal_clipmodels_logits_from_the_same_images(clip):
+    import transformers
+    from PIL import Image
+
+    result = featcache.zeroshot(clip["store"], weights=str(clip["weights"]),
+                                templates=str(clip["root"] / "one.txt"))  # fmt: skip
+    store = Store(clip["store"])
+    test = store.load("test", "embed")
+    with np.load(zeroshot_path(store.path)) as saved:
+        head, scale = saved["head"], float(saved["logit_scale"])
+    x = test.features / np.linalg.norm(test.features, axis=1, keepdims=True)
+    ours = scale * x @ head.T
+
+    model = transformers.CLIPModel.from_pretrained(clip["weights"]).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(clip["weights"])
+    images = np.stack([np.asarray(Image.open(clip["folder"] / "test" / i)) for i in test.ids])
+    mean, std = (torch.tensor(v)[:, None, None] for v in (CLIP_MEAN, CLIP_STD))
+    pixels = (torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255 - mean) / std
+    texts = tokenizer([f"a photo of a {c}." for c in store.class_names], padding=True,
+                      return_tensors="pt")  # fmt: skip
+    with torch.no_grad():
+        ref = model(input_ids=texts["input_ids"], attention_mask=texts["attention_mask"],
+                    pixel_values=pixels).logits_per_image.numpy()  # fmt: skip
+    np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-4)
+    assert (ours.argmax(1) == ref.argmax(1)).all()
+    assert result.top1 == pytest.approx(100 * (ref.argmax(1) == test.labels).mean())
+    assert result.top5 == 100.0  # three classes
+    assert result.data["templates"] == 1 and result.data["classnames"] == store.class_names
+
+
+def test_clips_own_templates_and_the_command_line(clip, tmp_path):
+    assert len(OPENAI_CIFAR) == 18 and templates_of("openai")[0] == "a photo of a {c}."
+    args = ["zeroshot", "--store", str(clip["store"]), "--weights", str(clip["weights"]),
+            "--json", str(tmp_path / "z.json")]  # fmt: skip
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    assert "zero-shot hf:tiny-clip (18 templates, test): top-1" in r.output
+    saved = json.loads((tmp_path / "z.json").read_text())
+    assert saved["kind"] == "zeroshot" and saved["features"] == "embed"
+    table = CliRunner().invoke(main, ["table", str(tmp_path / "z.json")]).output
+    assert "zero-shot top-1" in table.splitlines()[0]
+
+
+def test_bad_input_is_a_clear_error(clip, tmp_path, image_folder):
+    bad = tmp_path / "bad.txt"
+    bad.write_text("a photo of a {c}.\na photo without the name.\n")
+    with pytest.raises(Exception, match=r"every line is a template with \{c\}.*'a photo without"):
+        featcache.zeroshot(clip["store"], weights=str(clip["weights"]), templates=str(bad))
+    names = tmp_path / "names.txt"
+    names.write_text("one\ntwo\n")
+    with pytest.raises(Exception, match="names 2 classes; the store has 3"):
+        featcache.zeroshot(clip["store"], weights=str(clip["weights"]), classnames=str(names))
+    other = _tiny_clip(tmp_path / "tiny-clip", seed=1)
+    with pytest.raises(FeatcacheError, match="are not those .* was made with"):
+        featcache.zeroshot(clip["store"], weights=str(other))
+    cfg = ExtractConfig(backbone="test-tiny", dataset=f"imagefolder:{image_folder}",
+                        out=str(tmp_path / "t.h5"), workers=0, progress=False)  # fmt: skip
+    tiny = extract(cfg).path
+    with pytest.raises(FeatcacheError, match="no projected image embedding"):
+        featcache.zeroshot(tiny)
