@@ -340,6 +340,9 @@ def _evaluate(method: str, kw: dict, show, **extra) -> None:
     flag=True,
     help="Also train on the store's augmented views (extract --views K).",
 )
+@field_option("probe", "cv_below", type=int, help="Below this many training rows, choose "
+              "by k-fold cross-validation (0: one validation split).")  # fmt: skip
+@field_option("probe", "cv_folds", type=int, help="Folds of that cross-validation.")
 @field_option("probe", "cs", help="logreg: the grid of C [DINOv2's 45, 1e-6 .. 1e5].")
 @field_option("probe", "lbfgs_iterations", type=int, help="logreg: L-BFGS iterations per fit.")
 @field_option("probe", "max_memory", help="Hold at most about SIZE of features at once "

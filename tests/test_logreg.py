@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import featcache
+from featcache.evaluation.data import stratified_split
 from featcache.evaluation.logreg import C_GRID, fit, with_bias
-from featcache.evaluation.probe import stratified_split
 from featcache.evaluation.rows import standardise
 
 
@@ -44,7 +44,9 @@ def test_the_protocol_chooses_and_scores_as_scikit_learn():
 
     (xtr, ytr), (xte, yte) = _data(0), _data(1, n=400)
     cs = C_GRID[::4]  # 12 of the 45: the same protocol, a quicker test
-    result = featcache.probe(train=(xtr, ytr), test=(xte, yte), protocol="logreg", cs=cs).to_dict()
+    result = featcache.probe(
+        train=(xtr, ytr), test=(xte, yte), protocol="logreg", cs=cs, cv_below=0
+    ).to_dict()
     assert result["protocol"] == "logreg" and [s["C"] for s in result["sweep"]] == sorted(cs)
 
     # scikit-learn on the same z-scored features, validation split and criterion.
@@ -88,3 +90,34 @@ def test_the_result_records_the_protocol_and_the_table_shows_it(tmp_path):
     assert "logreg: C " in r.output and (tmp_path / "lr.png").stat().st_size > 1000
     table = run(main, ["table", str(tmp_path / "lr.json")]).output
     assert "| probe protocol |" in table.splitlines()[0] and "| logreg |" in table
+
+
+def test_small_training_sets_choose_by_cross_validation_as_scikit_learn_does():
+    """Below cv_below rows: 5 stratified folds, the same for every C; the best mean
+    validation top-1 over them, refit on all rows (scikit-learn on the same folds)."""
+    from sklearn.linear_model import LogisticRegression
+
+    from featcache.evaluation.data import stratified_folds
+
+    (xtr, ytr), (xte, yte) = _data(0, n=600), _data(1, n=300)
+    cs = C_GRID[8::6]
+    result = featcache.probe(train=(xtr, ytr), test=(xte, yte), protocol="logreg", cs=cs).to_dict()
+    assert result["cv_folds"] == 5 and result["num_val"] == 0
+    ztr, zte = standardise(xtr.astype(np.float64), xte.astype(np.float64))
+    fold = stratified_folds(ytr, 5, 0)
+    counts = np.stack([np.bincount(ytr[fold == f], minlength=6) for f in range(5)])
+    assert (counts.max(0) - counts.min(0) <= 1).all()  # every class dealt evenly
+    mean = []
+    for c in sorted(cs):
+        scores = []
+        for f in range(5):
+            m = LogisticRegression(C=c, max_iter=10_000, tol=1e-10)
+            m.fit(ztr[fold != f], ytr[fold != f])
+            scores.append(100 * (m.predict(ztr[fold == f]) == ytr[fold == f]).mean())
+        mean.append(np.mean(scores))
+    assert [s["cv"]["top1_mean"] for s in result["sweep"]] == pytest.approx(mean, abs=1e-9)
+    best = max(range(len(mean)), key=lambda i: (mean[i], -sorted(cs)[i]))
+    assert result["selected"]["C"] == sorted(cs)[best]
+    assert result["selected"]["cv"]["top1_std"] >= 0
+    ref = LogisticRegression(C=sorted(cs)[best], max_iter=10_000, tol=1e-10).fit(ztr, ytr)
+    assert result["test"]["top1"] == pytest.approx(100 * (ref.predict(zte) == yte).mean())

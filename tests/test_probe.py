@@ -1,9 +1,11 @@
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
-from featcache.evaluation.data import Splits
+from featcache.evaluation.data import Splits, stratified_split
 from featcache.evaluation.metrics import topk_accuracy
-from featcache.evaluation.probe import ProbeConfig, probe, stratified_split
+from featcache.evaluation.probe import ProbeConfig, probe
 
 
 def fit_probe(x, y, xt, yt, num_classes, cfg, train_views=None):
@@ -84,7 +86,7 @@ def test_views_add_training_rows_but_not_validation_rows():
     x, y = _blobs(30, 3, 6, 0.3, 4)
     centres = np.stack([x[y == c].mean(0) for c in range(3)])
     views = np.repeat(centres[(y + 1) % 3][:, None, :], 4, axis=1)  # 4 views per image
-    cfg = ProbeConfig(max_epochs=10, weight_decays=(1e-3,))
+    cfg = ProbeConfig(max_epochs=10, weight_decays=(1e-3,), cv_below=0)  # one split
     with_views = fit_probe(x, y, x, y, 3, cfg, train_views=views)
     without = fit_probe(x, y, x, y, 3, cfg)
     assert with_views["views"] == 5 and without["views"] == 1
@@ -107,3 +109,29 @@ def test_a_sweep_with_no_finite_validation_loss_is_an_error_not_chance_accuracy(
     with pytest.raises(ValueError, match="no weight decay reached a finite validation loss") as e:
         fit_probe(x, y, x, y, 3, cfg)
     assert "0 from epoch 1, 0.1 from epoch 1" in str(e.value) and "lower --lr" in str(e.value)
+
+
+def test_small_training_sets_choose_the_weight_decay_by_cross_validation():
+    """Below cv_below rows the heads of 5 folds x the weight decays train together, each on
+    its fold's training rows: the choice is the lowest mean held-out loss, its spread kept."""
+    x, y = _blobs(40, 3, 6, 0.5, 7)
+    cfg = ProbeConfig(max_epochs=15, weight_decays=(1e-3, 1e-1, 3.0))
+    r = fit_probe(x, y, x, y, 3, cfg)
+    assert r["cv_folds"] == 5 and r["num_val"] == 0 and len(r["sweep"]) == 3
+    cv = [s["cv"] for s in r["sweep"]]
+    chosen = min(range(3), key=lambda i: (cv[i]["loss_mean"], -cfg.weight_decays[i]))
+    assert r["selected"]["weight_decay"] == cfg.weight_decays[chosen]
+    assert r["selected"]["cv"] == cv[chosen] and cv[chosen]["loss_std"] > 0
+    one_split = fit_probe(x, y, x, y, 3, replace(cfg, cv_below=0))
+    assert "cv_folds" not in one_split and one_split["num_val"] == 12
+
+
+def test_a_fold_never_trains_on_its_own_held_out_rows():
+    """Random labels in 100 dimensions: 60 images a head could memorise. Held out properly,
+    each fold scores chance; trained on its own held-out rows too, it would score ~100%."""
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(60, 100)).astype(np.float32)
+    y = np.tile(np.arange(3), 20)
+    cfg = ProbeConfig(max_epochs=60, patience=60, weight_decays=(1e-4,))
+    r = fit_probe(x, y, x, y, 3, cfg)
+    assert r["cv_folds"] == 5 and r["sweep"][0]["cv"]["top1_mean"] < 60

@@ -21,8 +21,9 @@ import numpy as np
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import log_loss
 
+from featcache.evaluation.data import stratified_split
 from featcache.evaluation.knn import HEADLINE_K, TEMPERATURE
-from featcache.evaluation.probe import ProbeConfig, stratified_split
+from featcache.evaluation.probe import ProbeConfig
 from featcache.store import Store
 
 C_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0)

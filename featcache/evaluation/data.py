@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from featcache.errors import ArgumentError
 from featcache.store import Store
 
 Pair = tuple[np.ndarray, np.ndarray]  # (features (N, D), labels (N,))
@@ -75,3 +76,46 @@ class Splits:
     def bounded(self) -> bool:
         """Whether the features stay in the store, read a chunk at a time."""
         return not self.arrays
+
+
+def stratified_split(labels: np.ndarray, fraction: float, seed: int):
+    """(fit_idx, val_idx): ``fraction`` of every class (at least one sample) held out."""
+    rng = np.random.default_rng(seed)
+    fit, val = [], []
+    for c in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == c))
+        n_val = max(1, round(fraction * len(members)))
+        if n_val >= len(members):
+            raise ArgumentError(
+                f"class {c} has {len(members)} training samples: too few to hold out validation"
+            )
+        val.append(members[:n_val])
+        fit.append(members[n_val:])
+    return np.sort(np.concatenate(fit)), np.sort(np.concatenate(val))
+
+
+def stratified_folds(labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
+    """Each row's fold (0 .. folds - 1): every class dealt round-robin over the folds in a
+    seeded order, so that each fold holds 1/folds of every class."""
+    rng = np.random.default_rng([seed, folds])
+    fold = np.empty(len(labels), np.int64)
+    for c in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == c))
+        if len(members) < folds:
+            raise ArgumentError(
+                f"class {c} has {len(members)} training samples: too few for {folds} folds "
+                "(lower --cv-folds, or --cv-below 0 for one validation split)"
+            )
+        fold[members] = np.arange(len(members)) % folds
+    return fold
+
+
+def uses_cv(cfg, labels: np.ndarray, bounded: bool = False) -> int:
+    """The folds a probe chooses its regularisation by: ``cfg.cv_folds`` (at most the
+    smallest class's images) below ``cfg.cv_below`` training rows in memory; 0 for one
+    validation split (a store read in chunks, ``max_memory``, is chosen on one split)."""
+    if bounded or len(labels) >= cfg.cv_below:
+        return 0
+    smallest = int(np.bincount(labels).min()) if len(labels) else 0  # a missing class: 0
+    folds = min(cfg.cv_folds, smallest)
+    return folds if folds >= 2 else 0

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from featcache.device import rank_device, resolve_device
 from featcache.errors import ArgumentError
-from featcache.evaluation.data import Splits
+from featcache.evaluation.data import Splits, stratified_folds, stratified_split, uses_cv
 from featcache.evaluation.metrics import per_class_accuracies, summary_from_predictions, topk_hits
 from featcache.evaluation.rows import check_finite, standardise
 
@@ -75,8 +75,10 @@ def _metrics(x, y, w) -> dict:
     }
 
 
-def logreg(data: Splits, cfg, fit_idx: np.ndarray, val_idx: np.ndarray) -> dict:
-    """The protocol on in-memory features (the probe's config, its validation split)."""
+def logreg(data: Splits, cfg) -> dict:
+    """The protocol on in-memory features, with the probe's config: C chosen on the probe's
+    validation split, or below ``cv_below`` training rows by its k-fold cross-validation
+    (the best mean validation top-1 over the folds)."""
     if data.bounded:
         raise ArgumentError("--protocol logreg holds the features in memory: drop --max-memory")
     device = rank_device(resolve_device(cfg.device))
@@ -86,14 +88,38 @@ def logreg(data: Splits, cfg, fit_idx: np.ndarray, val_idx: np.ndarray) -> dict:
     t = lambda a: torch.as_tensor(a, dtype=torch.float64, device=device)  # noqa: E731
     ytr = torch.as_tensor(data.labels["train"], device=device)
     xtr, xte = with_bias(t(xtr)), with_bias(t(xte))
-    classes = data.num_classes
-    xf, yf, xv, yv = xtr[fit_idx], ytr[fit_idx], xtr[val_idx], ytr[val_idx]
+    classes, y_np = data.num_classes, data.labels["train"]
+    folds = uses_cv(cfg, y_np)
+    if folds:
+        fold = stratified_folds(y_np, folds, cfg.seed)
+        splits = [(np.flatnonzero(fold != f), np.flatnonzero(fold == f)) for f in range(folds)]
+        counts = {"num_fit": len(y_np), "num_val": 0, "cv_folds": folds}
+    else:
+        splits = [stratified_split(y_np, cfg.val_fraction, cfg.seed)]
+        counts = {"num_fit": len(splits[0][0]), "num_val": len(splits[0][1])}
 
-    sweep, w = [], None
-    for c in sorted(cfg.cs):  # strongest penalty first: each fit starts from the last
-        w, iterations = fit(xf, yf, classes, c, w, cfg.lbfgs_iterations, TOLERANCE)
-        sweep.append({"C": c, "iterations": iterations, "val": _metrics(xv, yv, w)})
-    # DINOv2's choice: the best validation top-1; ties go to the stronger penalty.
+    cs = sorted(cfg.cs)
+    runs = []  # per split, per C (strongest penalty first: each fit starts from the last)
+    for fit_idx, val_idx in splits:
+        w, path = None, []
+        for c in cs:
+            w, iterations = fit(xtr[fit_idx], ytr[fit_idx], classes, c, w,
+                                cfg.lbfgs_iterations, TOLERANCE)  # fmt: skip
+            path.append({"iterations": iterations,
+                         "val": _metrics(xtr[val_idx], ytr[val_idx], w)})  # fmt: skip
+        runs.append(path)
+    sweep = []
+    for i, c in enumerate(cs):
+        top1 = [r[i]["val"]["top1"] for r in runs]
+        loss = [r[i]["val"]["loss"] for r in runs]
+        row = {"C": c, "iterations": runs[0][i]["iterations"],
+               "val": {"top1": float(np.mean(top1)), "loss": float(np.mean(loss))}}  # fmt: skip
+        if len(runs) > 1:
+            row["cv"] = {"folds": len(runs), "top1_mean": float(np.mean(top1)),
+                         "top1_std": float(np.std(top1)), "loss_mean": float(np.mean(loss)),
+                         "loss_std": float(np.std(loss))}  # fmt: skip
+        sweep.append(row)
+    # DINOv2's choice: the best (mean) validation top-1; ties go to the stronger penalty.
     chosen = max(range(len(sweep)), key=lambda i: (sweep[i]["val"]["top1"], -sweep[i]["C"]))
     c = sweep[chosen]["C"]
     final, iterations = fit(xtr, ytr, classes, c, None, cfg.lbfgs_iterations, TOLERANCE)
@@ -113,9 +139,11 @@ def logreg(data: Splits, cfg, fit_idx: np.ndarray, val_idx: np.ndarray) -> dict:
             "weight_decay": 1.0 / (c * len(ytr)),
             "epochs": iterations,  # L-BFGS iterations of the refit
             "val": sweep[chosen]["val"],
+            **({"cv": sweep[chosen]["cv"]} if "cv" in sweep[chosen] else {}),
         },
         "sweep": sweep,
         "views": 1,
         "device": str(device),
-        **{"num_fit": len(fit_idx), "num_val": len(val_idx), "num_test": len(y_test)},
+        **counts,
+        "num_test": len(y_test),
     }

@@ -16,11 +16,12 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from featcache.device import rank_device, resolve_device
 from featcache.distributed import Distributed
 from featcache.errors import ArgumentError
-from featcache.evaluation.data import Splits
+from featcache.evaluation.data import Splits, stratified_folds, stratified_split, uses_cv
 from featcache.evaluation.logreg import C_GRID, logreg
 from featcache.evaluation.metrics import per_class_accuracies, summary_from_predictions
 from featcache.evaluation.rows import (
@@ -65,6 +66,11 @@ class ProbeConfig:
     # Bytes of features held at once (None: the splits in memory): the store is then read a
     # chunk of rows at a time (evaluation/streaming.py).
     max_memory: int | None = None
+    # Below this many training rows, choose the regularisation by stratified k-fold cross-
+    # validation (the same cv_folds folds for every candidate) rather than by one validation
+    # split, whose few images' noise the choice would follow; 0: always one split.
+    cv_below: int = 20_000
+    cv_folds: int = 5
     # logreg: the grid of C (DINOv2's 45 values, 1e-6 .. 1e5) and L-BFGS's iterations per fit.
     cs: tuple[float, ...] = C_GRID
     lbfgs_iterations: int = 1000
@@ -82,24 +88,10 @@ class ProbeConfig:
             raise ArgumentError(
                 f"--protocol is one of {', '.join(PROTOCOLS)}, got {self.protocol!r}"
             )
+        if self.cv_folds < 2 or self.cv_below < 0:
+            raise ArgumentError("--cv-folds must be at least 2 and --cv-below at least 0")
         if not self.cs or min(self.cs) <= 0 or self.lbfgs_iterations < 1:
             raise ArgumentError("--cs must be positive values, --lbfgs-iterations at least 1")
-
-
-def stratified_split(labels: np.ndarray, fraction: float, seed: int):
-    """(fit_idx, val_idx): ``fraction`` of every class (at least one sample) held out."""
-    rng = np.random.default_rng(seed)
-    fit, val = [], []
-    for c in np.unique(labels):
-        members = rng.permutation(np.flatnonzero(labels == c))
-        n_val = max(1, round(fraction * len(members)))
-        if n_val >= len(members):
-            raise ArgumentError(
-                f"class {c} has {len(members)} training samples: too few to hold out validation"
-            )
-        val.append(members[:n_val])
-        fit.append(members[n_val:])
-    return np.sort(np.concatenate(fit)), np.sort(np.concatenate(val))
 
 
 class Heads:
@@ -127,11 +119,17 @@ class Heads:
         """One epoch of ``steps`` minibatches ``(x (B, D), onehot (B, C))`` on the cosine
         schedule."""
         m = self.cfg.momentum
-        for step, (xb, onehot_b) in enumerate(batches):
+        for step, (xb, onehot_b, *weight) in enumerate(batches):
             t = (epoch * steps + step) / (epochs * steps)
             lr = self.step_size * active * 0.5 * (1 + math.cos(math.pi * t))  # (S,)
-            # Gradient of the mean cross-entropy: x^T (softmax - onehot) / B, per head.
-            err = (self.logits(xb).softmax(-1) - onehot_b) / len(xb)  # (S, B, C)
+            # Gradient of the mean cross-entropy: x^T (softmax - onehot) / B, per head; with
+            # per-head row weights (S, B) (cross-validation: a fold's own rows), their mean.
+            err = self.logits(xb).softmax(-1) - onehot_b  # (S, B, C)
+            if weight:
+                w = weight[0]
+                err = err * (w / w.sum(1, keepdim=True).clamp_min(1))[:, :, None]
+            else:
+                err = err / len(xb)
             gW = torch.einsum("nd,snc->sdc", xb, err) + self.wd[:, None, None] * self.W
             gb = err.sum(1)
             self.vW.mul_(m).add_(gW)
@@ -233,7 +231,7 @@ class _Source:
     """A probe's rows: z-scored in memory on the device, or read from the store in chunks."""
 
     def __init__(self, data: Splits, cfg: ProbeConfig, device):
-        self.data, self.device = data, device
+        self.data, self.device, self.width = data, device, data.width
         if data.bounded:
             chunk = max(cfg.batch_size, cfg.max_memory // 4 // (4 * data.width))  # + copies
             self.scale, self.curvature = statistics(data, chunk, device)
@@ -270,17 +268,18 @@ class _Source:
 def probe(data: Splits, cfg: ProbeConfig, dist: Distributed | None = None) -> dict:
     """The probe's protocol on a split's features, in memory or in chunks (``max_memory``):
 
-    1. z-score with the training split's mean and std; hold out a stratified validation split;
-    2. train one head per weight decay together (``run_sweep``), each stopped early at its
-       lowest validation loss; under torchrun each rank trains a share of them;
+    1. z-score with the training split's mean and std;
+    2. choose the weight decay: one head per weight decay trained together (``run_sweep``),
+       each stopped early at its lowest validation loss, on a stratified validation split
+       (``split_sweep``; under torchrun each rank trains a share of them), or below
+       ``cv_below`` training rows by k-fold cross-validation (``cv_sweep``);
     3. retrain the chosen weight decay on the whole training split for its best epoch count,
        with augmented views where the store has them (``views``);
     4. score the test split: top-1 (with its bootstrap interval), top-3, per class, loss.
     """
-    # One function, over 60 lines: the protocol's four steps, read in order.
-    if cfg.protocol == "logreg":  # DINOv2's protocol, on the same validation split
-        fit_idx, val_idx = stratified_split(data.labels["train"], cfg.val_fraction, cfg.seed)
-        return logreg(data, cfg, fit_idx, val_idx)
+    y_train = data.labels["train"]
+    if cfg.protocol == "logreg":  # DINOv2's protocol, chosen as the SGD probe's is
+        return logreg(data, cfg)
     dist = dist or Distributed()
     device = rank_device(resolve_device(cfg.device))
     if data.bounded and cfg.views and data.store.num_views > 1:
@@ -289,25 +288,12 @@ def probe(data: Splits, cfg: ProbeConfig, dist: Distributed | None = None) -> di
         )
     gen = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    source, classes, y_train = _Source(data, cfg, device), data.num_classes, data.labels["train"]
-    fit_idx, val_idx = stratified_split(y_train, cfg.val_fraction, cfg.seed)
-    # Training curves on at most TRAIN_CURVE_SAMPLES fit images (a fixed subset): enough for
-    # a curve, and the sweep no longer spends its time evaluating.
-    monitor = source.rows("train", fit_idx[:: max(1, len(fit_idx) // TRAIN_CURVE_SAMPLES)])
-    val, fit = source.rows("train", val_idx), source.rows("train", fit_idx, views=True)
-
-    cfg = scaled_step(cfg, len(fit))
-    share = cfg.weight_decays[dist.share(len(cfg.weight_decays))]
-    heads = Heads(data.width, classes, share, source.curvature, cfg, device, gen)
-    steps = fit.steps(cfg.batch_size)
-    sweep, chosen, curves = run_sweep(
-        heads, cfg,
-        lambda epoch, active: heads.run(fit.batches(gen, cfg.batch_size, classes), steps, epoch,
-                                        cfg.max_epochs, active),
-        lambda: (monitor.evaluate(heads), val.evaluate(heads)),
-        dist,
-    )  # fmt: skip
-    fit = None  # released before the whole split's rows
+    source, classes = _Source(data, cfg, device), data.num_classes
+    folds = uses_cv(cfg, y_train, data.bounded)
+    if folds:
+        cfg = replace(cfg, cv_folds=folds)
+    sweep_of = cv_sweep if folds else split_sweep
+    cfg, sweep, chosen, curves, counts = sweep_of(source, y_train, cfg, classes, gen, dist)
 
     wd, epochs = cfg.weight_decays[chosen], sweep[chosen]["best_epoch"]
     every = np.arange(len(y_train))[:: max(1, len(y_train) // TRAIN_CURVE_SAMPLES)]
@@ -332,15 +318,99 @@ def probe(data: Splits, cfg: ProbeConfig, dist: Distributed | None = None) -> di
         **sweep_result(cfg, sweep, chosen, curves, final_curve),
         "views": 1 + (views.shape[1] if views is not None else 0),
         "device": str(device),  # where the heads trained (the config may say "auto")
-        **{"num_fit": len(fit_idx), "num_val": len(val_idx), "num_test": len(y_test)},
+        **counts,
+        "num_test": len(y_test),
     }
+
+
+def split_sweep(source, y_train, cfg: ProbeConfig, classes: int, gen, dist: Distributed):
+    """The weight decays' heads trained together on a stratified split's fit rows (with views),
+    each stopped at its lowest validation loss. Returns (the config with its step size scaled
+    to the fit rows, the sweep's rows, the chosen one, its curves, the rows' counts)."""
+    fit_idx, val_idx = stratified_split(y_train, cfg.val_fraction, cfg.seed)
+    # Training curves on at most TRAIN_CURVE_SAMPLES fit images (a fixed subset): enough for
+    # a curve, and the sweep no longer spends its time evaluating.
+    monitor = source.rows("train", fit_idx[:: max(1, len(fit_idx) // TRAIN_CURVE_SAMPLES)])
+    val, fit = source.rows("train", val_idx), source.rows("train", fit_idx, views=True)
+    cfg = scaled_step(cfg, len(fit))
+    share = cfg.weight_decays[dist.share(len(cfg.weight_decays))]
+    heads = Heads(source.width, classes, share, source.curvature, cfg, source.device, gen)
+    steps = fit.steps(cfg.batch_size)
+    sweep, chosen, curves = run_sweep(
+        heads, cfg,
+        lambda epoch, active: heads.run(fit.batches(gen, cfg.batch_size, classes), steps, epoch,
+                                        cfg.max_epochs, active),
+        lambda: (monitor.evaluate(heads), val.evaluate(heads)),
+        dist,
+    )  # fmt: skip
+    return cfg, sweep, chosen, curves, {"num_fit": len(fit_idx), "num_val": len(val_idx)}
+
+
+def cv_sweep(source, y_train, cfg: ProbeConfig, classes: int, gen, dist: Distributed):
+    """k-fold cross-validation of the weight decays: the heads of every fold and weight decay
+    (folds x decays) train together on the same minibatches of all the training rows (views
+    included), each head's gradient over its fold's training rows only, each stopped at its
+    lowest loss on its fold's held-out clean images. The weight decay of the lowest mean loss
+    over the folds wins (ties: the stronger), for the mean of its folds' best epochs. Returns what
+    ``split_sweep`` returns; the chosen row carries the folds' mean and spread (``cv``)."""
+    k, wds, n = cfg.cv_folds, cfg.weight_decays, len(y_train)
+    fold = torch.as_tensor(stratified_folds(y_train, k, cfg.seed), device=source.device)
+    rows = source.rows("train", views=True)  # the clean rows first, then their views
+    x, y = rows.x, rows.y
+    fold = torch.cat([fold, fold.repeat_interleave((len(y) - n) // n)])  # a view: its image's
+    cfg = scaled_step(cfg, len(y) * (k - 1) // k)  # each head's rows: all but its fold's
+    head_fold = torch.arange(k, device=source.device).repeat_interleave(len(wds))  # (k * S,)
+    heads = Heads(source.width, classes, wds * k, source.curvature, cfg, source.device, gen)
+    clean = fold[:n]  # held-out rows are clean images only
+    held_out = [MemoryRows(x[:n][clean == f], y[:n][clean == f]) for f in range(k)]
+    every = max(1, n // TRAIN_CURVE_SAMPLES)
+    monitor = MemoryRows(x[:n:every], y[:n:every])
+
+    def batches():
+        order = torch.randperm(len(y), generator=gen).to(x.device)
+        for i in range(0, len(y), cfg.batch_size):
+            idx = order[i : i + cfg.batch_size]
+            own = (fold[idx][None, :] != head_fold[:, None]).float()  # (k * S, B)
+            yield x[idx], F.one_hot(y[idx], classes).float(), own
+
+    def evaluate():
+        per_fold = [rows.evaluate(heads) for rows in held_out]  # every head on every fold
+        return monitor.evaluate(heads), [per_fold[h // len(wds)][h] for h in range(len(wds) * k)]
+
+    steps = math.ceil(len(y) / cfg.batch_size)
+    every_head = replace(cfg, weight_decays=wds * k)
+    runs, _, curves = run_sweep(
+        heads, every_head,
+        lambda epoch, active: heads.run(batches(), steps, epoch, cfg.max_epochs, active),
+        evaluate, Distributed(),  # every rank trains every head (small data)
+    )  # fmt: skip
+    sweep = []
+    for i, wd in enumerate(wds):
+        mine = [runs[f * len(wds) + i] for f in range(k)]
+        losses = [r["val"]["loss"] for r in mine]
+        top1 = [r["val"]["top1"] for r in mine]
+        sweep.append({
+            "weight_decay": wd,
+            "best_epoch": max(1, round(float(np.mean([r["best_epoch"] for r in mine])))),
+            "val": {"loss": float(np.mean(losses)), "top1": float(np.mean(top1))},
+            "cv": {"folds": k, "loss_mean": float(np.mean(losses)),
+                   "loss_std": float(np.std(losses)), "top1_mean": float(np.mean(top1)),
+                   "top1_std": float(np.std(top1))},
+        })  # fmt: skip
+    chosen = min(range(len(wds)), key=lambda i: (sweep[i]["val"]["loss"], -wds[i]))
+    return cfg, sweep, chosen, curves[: len(wds)], {"num_fit": n, "num_val": 0, "cv_folds": k}
 
 
 def sweep_result(cfg: ProbeConfig, sweep, chosen: int, curves, final_curve) -> dict:
     """The part of a probe's result that describes its sweep and the retrained head."""
     wd, epochs = cfg.weight_decays[chosen], sweep[chosen]["best_epoch"]
     return {
-        "selected": {"weight_decay": wd, "epochs": epochs, "val": sweep[chosen]["val"]},
+        "selected": {
+            "weight_decay": wd,
+            "epochs": epochs,
+            "val": sweep[chosen]["val"],
+            **({"cv": sweep[chosen]["cv"]} if "cv" in sweep[chosen] else {}),
+        },
         "step_size": cfg.lr,
         "sweep": sweep,
         "epochs": curves[chosen],
