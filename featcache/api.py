@@ -286,8 +286,11 @@ def similarity(*sets: str | Path, **options) -> SimilarityResult:
 
 
 def probe(store=None, *, train=None, test=None, features=None, **options) -> ProbeResult:
-    """DINO-style linear probe (SGD heads, a weight-decay sweep with early stopping, then a
-    retrain) -> ``ProbeResult``. Options: ``featcache probe``'s, as ``ProbeConfig``."""
+    """Linear probe -> ``ProbeResult``: DINO-style SGD heads (a weight-decay sweep with early
+    stopping, then a retrain; Caron et al. 2021), or with ``protocol="logreg"`` DINOv2's
+    logistic regression by L-BFGS over 45 values of C (Oquab et al. 2023); chosen by 5-fold
+    cross-validation below ``cv_below`` training rows. Options: ``featcache probe``'s, as
+    ``ProbeConfig``."""
     return evaluate("probe", store, train, test, features, **options)
 
 
