@@ -535,6 +535,8 @@ def zeroshot(store: str, json_out, **kw) -> None:
     import featcache.api as api
 
     r = api.zeroshot(store, **options_of("zeroshot", kw)).to_dict()
+    if not writes_results():
+        return
     _write_json(r, json_out)
     t = r["test"]
     lo, hi = t["top1_ci95"]

@@ -8,7 +8,6 @@ import torch
 import featcache
 from featcache.evaluation.data import stratified_split
 from featcache.evaluation.logreg import C_GRID, fit, with_bias
-from featcache.evaluation.rows import standardise
 
 
 def _data(seed=0, n=900, d=24, k=6, separation=0.45):
@@ -30,7 +29,7 @@ def test_each_fit_is_scikit_learns_optimum():
     from sklearn.linear_model import LogisticRegression
 
     x, y = _data()
-    x = standardise(x.astype(np.float64))[0]
+    x = x.astype(np.float64)
     for c in (1e-3, 0.3, 30.0):
         xb = with_bias(torch.tensor(x))
         w, _ = fit(xb, torch.tensor(y), 6, c)
@@ -49,8 +48,8 @@ def test_the_protocol_chooses_and_scores_as_scikit_learn():
     ).to_dict()
     assert result["protocol"] == "logreg" and [s["C"] for s in result["sweep"]] == sorted(cs)
 
-    # scikit-learn on the same z-scored features, validation split and criterion.
-    ztr, zte = standardise(xtr.astype(np.float64), xte.astype(np.float64))
+    # scikit-learn on the same features (as stored: DINOv2's), validation split and criterion.
+    ztr, zte = xtr.astype(np.float64), xte.astype(np.float64)
     fit_idx, val_idx = stratified_split(ytr, 0.1, 0)
     val = []
     for c in sorted(cs):
@@ -90,6 +89,14 @@ def test_the_result_records_the_protocol_and_the_table_shows_it(tmp_path):
     assert "logreg: C " in r.output and (tmp_path / "lr.png").stat().st_size > 1000
     table = run(main, ["table", str(tmp_path / "lr.json")]).output
     assert "| probe protocol |" in table.splitlines()[0] and "| logreg |" in table
+    # Beside an SGD probe of the same set: a row each (neither hides the other).
+    r = run(
+        main,
+        ["probe", "--store", str(store), "--epochs", "3", "--json", str(tmp_path / "sgd.json")],
+    )
+    assert r.exit_code == 0, r.output
+    table = run(main, ["table", str(tmp_path / "lr.json"), str(tmp_path / "sgd.json")]).output
+    assert "| logreg |" in table and "| sgd |" in table and len(table.splitlines()) == 4
 
 
 def test_small_training_sets_choose_by_cross_validation_as_scikit_learn_does():
@@ -103,7 +110,7 @@ def test_small_training_sets_choose_by_cross_validation_as_scikit_learn_does():
     cs = C_GRID[8::6]
     result = featcache.probe(train=(xtr, ytr), test=(xte, yte), protocol="logreg", cs=cs).to_dict()
     assert result["cv_folds"] == 5 and result["num_val"] == 0
-    ztr, zte = standardise(xtr.astype(np.float64), xte.astype(np.float64))
+    ztr, zte = xtr.astype(np.float64), xte.astype(np.float64)
     fold = stratified_folds(ytr, 5, 0)
     counts = np.stack([np.bincount(ytr[fold == f], minlength=6) for f in range(5)])
     assert (counts.max(0) - counts.min(0) <= 1).all()  # every class dealt evenly

@@ -191,3 +191,18 @@ def test_the_command_line_writes_the_matrices_and_a_heatmap(stores, tmp_path):
     assert (tmp_path / "s.png").stat().st_size > 5000
     r = CliRunner().invoke(main, ["similarity", str(stores["all"])])
     assert r.exit_code == 1 and "two or more feature sets" in r.output
+
+
+def test_a_store_with_an_id_twice_is_refused(stores, tmp_path):
+    import shutil
+
+    import h5py
+
+    out = tmp_path / "twice.h5"
+    shutil.copy(stores["all"], out)
+    with h5py.File(out, "r+") as f:
+        ids = f["test"]["ids"][:]
+        ids[1] = ids[0]
+        f["test"]["ids"][...] = ids
+    with pytest.raises(StoreError, match="holds an image id twice in its test split"):
+        featcache.similarity(out, stores["all"])

@@ -128,3 +128,33 @@ def test_bad_input_is_a_clear_error(clip, tmp_path, image_folder):
     tiny = extract(cfg).path
     with pytest.raises(FeatcacheError, match="no projected image embedding"):
         featcache.zeroshot(tiny)
+
+
+def test_templates_are_averaged_as_clips_zeroshot_classifier_and_only_embed_is_scored(clip):
+    """Several templates: each prompt's embedding normalised, averaged per class, normalised
+    again (CLIP's zeroshot_classifier, transcribed with transformers' CLIPModel)."""
+    import transformers
+
+    prompts = clip["root"] / "two.txt"
+    prompts.write_text("a photo of a {c}.\nitap of a {c}.\na {c} in a video game.\n")
+    featcache.zeroshot(clip["store"], weights=str(clip["weights"]), templates=str(prompts))
+    store = Store(clip["store"])
+    with np.load(zeroshot_path(store.path)) as saved:
+        head = saved["head"]
+    model = transformers.CLIPModel.from_pretrained(clip["weights"]).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(clip["weights"])
+    ref = []
+    for c in store.class_names:
+        texts = [
+            t.format(c=c) for t in ("a photo of a {c}.", "itap of a {c}.", "a {c} in a video game.")
+        ]
+        with torch.no_grad():
+            e = model.get_text_features(**tokenizer(texts, padding=True, return_tensors="pt"))
+        e = getattr(e, "pooler_output", e)
+        e = e / e.norm(dim=-1, keepdim=True)
+        mean = e.mean(0)
+        ref.append((mean / mean.norm()).numpy())
+    np.testing.assert_allclose(head, np.stack(ref), atol=1e-5)
+    with pytest.raises(FeatcacheError, match="'embed' feature set"):
+        featcache.evaluate("zeroshot", clip["store"], features="cls", templates=str(prompts),
+                           weights=str(clip["weights"]))  # fmt: skip

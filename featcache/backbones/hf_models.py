@@ -473,14 +473,19 @@ class TextTower:
     @torch.inference_mode()
     def embed(self, texts: list[str]) -> torch.Tensor:
         """Unit-length projected text embeddings (len(texts), projection_dim), float32."""
-        tokens = self.tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
+        longest = self.model.config.max_position_embeddings  # CLIP's 77 tokens
+        tokens = self.tokenizer(texts, padding=True, truncation=True, max_length=longest,
+                                return_tensors="pt")  # fmt: skip
         out = self.model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
         return torch.nn.functional.normalize(out.text_embeds.float(), dim=-1)
 
 
-def load_text_tower(spec: BackboneSpec, weights: Path | None) -> TextTower:
-    """The text tower of a CLIP entry's own weights (the whole CLIP repo, or a save_pretrained
-    directory of CLIPModel with its tokenizer), loaded strictly: every text tensor read."""
+def load_text_tower(
+    spec: BackboneSpec, weights: Path | None, revision: str | None = None
+) -> TextTower:
+    """The text tower of a CLIP entry's own weights (the whole CLIP repo at ``revision``, or a
+    save_pretrained directory of CLIPModel with its tokenizer), loaded strictly: every text
+    tensor read."""
     import transformers
 
     if spec.family != "hf" or spec.arch.get("model_type") not in ("clip", "clip_vision_model"):
@@ -491,7 +496,8 @@ def load_text_tower(spec: BackboneSpec, weights: Path | None) -> TextTower:
     where = str(weights or spec.weights_id)
     source = f"--weights {weights}" if weights is not None else spec.weights_id
     try:
-        config = transformers.AutoConfig.from_pretrained(where)
+        hub = {} if weights is not None else {"revision": revision}
+        config = transformers.AutoConfig.from_pretrained(where, **hub)
         if config.model_type != "clip":
             raise WeightsError(
                 f"{source} holds CLIP's image tower only ({config.model_type}); zero-shot "
@@ -506,9 +512,10 @@ def load_text_tower(spec: BackboneSpec, weights: Path | None) -> TextTower:
             model, info = transformers.CLIPTextModelWithProjection.from_pretrained(
                 where, config=text, use_safetensors=True, output_loading_info=True,
                 ignore_mismatched_sizes=True,  # reshaped tensors land in the report (refused)
+                **hub,
             )  # fmt: skip
-        tokenizer = transformers.AutoTokenizer.from_pretrained(where)
-        scale = _checkpoint_tensor(where, "logit_scale", weights is not None)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(where, **hub)
+        scale = _checkpoint_tensor(where, "logit_scale", weights is not None, revision)
     except OSError as exc:
         if weights is not None:
             raise WeightsError(f"{source}: no CLIP text tower or tokenizer in it ({exc})") from exc
@@ -517,7 +524,7 @@ def load_text_tower(spec: BackboneSpec, weights: Path | None) -> TextTower:
     return TextTower(model.eval().requires_grad_(False), tokenizer, float(scale.exp()))
 
 
-def _checkpoint_tensor(where: str, name: str, local: bool) -> torch.Tensor:
+def _checkpoint_tensor(where: str, name: str, local: bool, revision=None) -> torch.Tensor:
     """One tensor of a safetensors checkpoint (a single file or shards with an index)."""
     from safetensors import safe_open
 
@@ -528,7 +535,7 @@ def _checkpoint_tensor(where: str, name: str, local: bool) -> torch.Tensor:
         from huggingface_hub import hf_hub_download
 
         try:
-            return hf_hub_download(where, filename)
+            return hf_hub_download(where, filename, revision=revision)
         except Exception:  # noqa: BLE001 (the file is optional: the index or the single file)
             return None
 

@@ -55,9 +55,9 @@ def sklearn_logreg(xtr, ytr, xte, yte, cs, val_fraction=0.1, seed=0, tol=1e-6):
     """DINOv2's protocol in scikit-learn, the best it does: LogisticRegression (lbfgs) along
     the same grid of C from the strongest penalty, each fit warm-started from the last (as
     LogisticRegressionCV does), the best validation top-1 (ties: the stronger penalty) refit
-    on every training row; the same z-scoring, split and stopping tolerance as featcache's."""
-    mean, std = xtr.mean(0), xtr.std(0) + 1e-6
-    xtr, xte = (xtr - mean) / std, (xte - mean) / std
+    on every training row; the features as stored, the same split and stopping tolerance as
+    featcache's."""
+    xtr, xte = np.asarray(xtr, np.float64), np.asarray(xte, np.float64)
     fit, val = stratified_split(ytr, val_fraction, seed)
     start = time.perf_counter()
     clf = LogisticRegression(max_iter=1000, tol=tol, warm_start=True)

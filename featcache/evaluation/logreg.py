@@ -5,11 +5,13 @@ an L2 penalty, solved by L-BFGS in float64 (cuML on GPUs, scikit-learn's ``lbfgs
 CLIP's paper), for 45 values of C from 1e-6 to 1e5 (log-spaced), the one with the best
 validation top-1 refitted on every training row. The objective is scikit-learn's:
 ``C * sum_i CE(W x_i + b, y_i) + ||W||^2 / 2`` (the bias unpenalised), here divided by
-``C * n`` (the same minimiser, better scaled). Features are z-scored with the training rows'
-statistics, as the SGD probe's; the validation split is the probe's (``val_fraction``,
-stratified, ``seed``). Each fit starts from the previous C's solution (the path runs from the
-strongest penalty), as scikit-learn's ``LogisticRegressionCV`` does. On the GPU where there is
-one, in float64 there too.
+``C * n`` (the same minimiser, better scaled). Features are fitted as stored, as DINOv2 and
+CLIP fit them (z-scoring would move the optimum of a given C, and the published numbers
+with it); the validation split is the probe's (``val_fraction``, stratified, ``seed``), or
+below ``cv_below`` training rows its k folds. Each fit starts from the previous C's solution
+(the path runs from the strongest penalty), as scikit-learn's ``LogisticRegressionCV`` does.
+SciPy's L-BFGS-B drives it; the loss and gradient are computed on the GPU where there is one,
+in float64 there too.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from featcache.device import rank_device, resolve_device
 from featcache.errors import ArgumentError
 from featcache.evaluation.data import Splits, stratified_folds, stratified_split, uses_cv
 from featcache.evaluation.metrics import per_class_accuracies, summary_from_predictions, topk_hits
-from featcache.evaluation.rows import check_finite, standardise
+from featcache.evaluation.rows import check_finite
 
 # DINOv2's grid: C = 10 ** linspace(-6, 5, 45).
 C_GRID = tuple(float(c) for c in 10.0 ** np.linspace(-6, 5, 45))
@@ -64,12 +66,8 @@ def with_bias(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([x, x.new_ones(len(x), 1)], dim=1)
 
 
-def _scores(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    return x @ w  # x with its column of ones
-
-
 def _metrics(x, y, w) -> dict:
-    logits = _scores(x, w)
+    logits = x @ w
     return {
         "loss": float(F.cross_entropy(logits, y)),
         "top1": float((logits.argmax(1) == y).double().mean() * 100),
@@ -85,10 +83,9 @@ def logreg(data: Splits, cfg) -> dict:
     device = rank_device(resolve_device(cfg.device))
     for name in ("train", "test"):
         check_finite(data.x(name), name)
-    xtr, xte = standardise(data.x("train"), data.x("test"))
     t = lambda a: torch.as_tensor(a, dtype=torch.float64, device=device)  # noqa: E731
     ytr = torch.as_tensor(data.labels["train"], device=device)
-    xtr, xte = with_bias(t(xtr)), with_bias(t(xte))
+    xtr, xte = with_bias(t(data.x("train"))), with_bias(t(data.x("test")))
     classes, y_np = data.num_classes, data.labels["train"]
     folds = uses_cv(cfg, y_np)
     if folds:
@@ -102,12 +99,11 @@ def logreg(data: Splits, cfg) -> dict:
     cs = sorted(cfg.cs)
     runs = []  # per split, per C (strongest penalty first: each fit starts from the last)
     for fit_idx, val_idx in splits:
+        xf, yf, xv, yv = xtr[fit_idx], ytr[fit_idx], xtr[val_idx], ytr[val_idx]  # once a split
         w, path = None, []
         for c in cs:
-            w, iterations = fit(xtr[fit_idx], ytr[fit_idx], classes, c, w,
-                                cfg.lbfgs_iterations, TOLERANCE)  # fmt: skip
-            path.append({"iterations": iterations,
-                         "val": _metrics(xtr[val_idx], ytr[val_idx], w)})  # fmt: skip
+            w, iterations = fit(xf, yf, classes, c, w, cfg.lbfgs_iterations, TOLERANCE)
+            path.append({"iterations": iterations, "val": _metrics(xv, yv, w)})
         runs.append(path)
     sweep = []
     for i, c in enumerate(cs):
@@ -125,7 +121,7 @@ def logreg(data: Splits, cfg) -> dict:
     c = sweep[chosen]["C"]
     final, iterations = fit(xtr, ytr, classes, c, None, cfg.lbfgs_iterations, TOLERANCE)
     y_test = data.labels["test"]
-    logits = _scores(xte, final)
+    logits = xte @ final
     loss = float(F.cross_entropy(logits, torch.as_tensor(y_test, device=device)))
     scores = logits.cpu().numpy()
     pred = scores.argmax(1)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import h5py
 import numpy as np
 
 from featcache.errors import ArgumentError, StoreError
@@ -76,7 +75,13 @@ def match(sets: list[FeatureSet], cfg: SimilarityConfig) -> tuple[list[str], np.
         s.store.check(cfg.split, s.feature)
         key = str(s.store.path)
         if key not in seen:
-            seen[key] = (list(s.store.read(cfg.split, "ids")), s.store.read(cfg.split, "labels"))
+            ids = list(s.store.read(cfg.split, "ids"))
+            if len(set(ids)) != len(ids):
+                raise StoreError(
+                    f"{s.store.path} holds an image id twice in its {cfg.split} split: images "
+                    "cannot be matched by id; extract it again"
+                )
+            seen[key] = (ids, s.store.read(cfg.split, "labels"))
     first_ids = seen[str(sets[0].store.path)][0]
     common = set(first_ids)
     for ids, _ in seen.values():
@@ -107,23 +112,7 @@ def match(sets: list[FeatureSet], cfg: SimilarityConfig) -> tuple[list[str], np.
 
 def _rows(s: FeatureSet, split: str, positions: np.ndarray) -> np.ndarray:
     """Rows ``positions`` (any order) of a set, float64."""
-    with h5py.File(s.store.path, "r") as f:
-        data = f[split]["features"][s.feature]
-        if positions.size and np.array_equal(positions, np.arange(positions[0], positions[-1] + 1)):
-            return data[positions[0] : positions[-1] + 1].astype(np.float64)
-        order = np.argsort(positions)
-        rows = data[positions[order]]
-        out = np.empty((len(positions), rows.shape[1]), np.float64)
-        out[order] = rows
-        return out
-
-
-@dataclass
-class _Moments:
-    """What linear CKA needs of a pair (x, y) of centred sets, summed over chunks."""
-
-    cross: np.ndarray  # X^T Y (D_x, D_y)
-    norms: float = 0.0  # sum_i |x_i|^2 |y_i|^2
+    return s.store.rows_at(split, s.feature, positions)
 
 
 def column_means(s: FeatureSet, split: str) -> np.ndarray:

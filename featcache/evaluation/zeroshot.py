@@ -27,6 +27,11 @@ class ZeroshotConfig:
 
 
 def zeroshot(data: Splits, cfg: ZeroshotConfig) -> dict:
+    if data.store is None or data.feature != "embed":
+        raise FeatcacheError(
+            "zero-shot scores a CLIP store's projected image embeddings: its 'embed' feature "
+            f"set (not {data.feature!r})"
+        )
     path = zeroshot_path(data.store.path)
     if not path.is_file():
         raise FeatcacheError(

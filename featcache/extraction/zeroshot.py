@@ -87,14 +87,19 @@ def write_head(store_path, templates: str = "openai", classnames: str | None = N
             "('embed'): zero-shot classification needs a CLIP store (e.g. clip-vitb16)"
         )
     spec = get_spec(name, weights)
-    identity = weights_identity(spec, weights)
-    if identity != store.fields["weights"]:
+    made_with, revision = store.fields["weights"], None
+    if weights is None and made_with.startswith(f"{spec.weights_id}@"):
+        # Hub weights: the very commit the store was made from (not the newest one).
+        identity, revision = made_with, made_with.split("@", 1)[1]
+    else:
+        identity = weights_identity(spec, weights)
+    if identity != made_with:
         raise FeatcacheError(
             f"the weights ({identity}) are not those {store.path} was made with "
-            f"({store.fields['weights']}): pass the store's own --weights"
+            f"({made_with}): pass the store's own --weights"
         )
     names, prompts = classnames_of(store, classnames), templates_of(templates)
-    tower = load_text_tower(spec, Path(weights).expanduser() if weights else None)
+    tower = load_text_tower(spec, Path(weights).expanduser() if weights else None, revision)
     head = torch.stack([
         torch.nn.functional.normalize(tower.embed([t.format(c=c) for t in prompts]).mean(0), dim=0)
         for c in names

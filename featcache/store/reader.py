@@ -235,6 +235,20 @@ class Store:
             data = f[split]["features"][feature]
             return data[start:stop] if as_stored else as_float32(data, slice(start, stop))
 
+    def rows_at(self, split: str, feature: str, positions: np.ndarray) -> np.ndarray:
+        """Rows at ``positions`` (any order, no repeats) of a split's features, float64: a
+        contiguous run is read as a slice, others by sorted index."""
+        with h5py.File(self.path, "r") as f:
+            data = f[split]["features"][feature]
+            if len(positions) and np.array_equal(
+                positions, np.arange(positions[0], positions[0] + len(positions))
+            ):
+                return data[positions[0] : positions[0] + len(positions)].astype(np.float64)
+            order = np.argsort(positions)
+            out = np.empty((len(positions), data.shape[1]), np.float64)
+            out[order] = data[positions[order]]
+            return out
+
     def read(self, split: str, name: str) -> np.ndarray:
         """One small per-sample dataset of a split (``labels`` or ``ids``) without features."""
         self.check(split)

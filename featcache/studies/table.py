@@ -70,13 +70,20 @@ def _subset(store: Store) -> str:
     return f"{train or 'all'} / {test or 'all'} per class"
 
 
+def _key(fingerprint, result: dict) -> tuple:
+    """The row a result belongs to: its store version and feature set, and for a probe of
+    another protocol than the default (logreg) a row of its own."""
+    protocol = result.get("protocol") if result.get("protocol") not in (None, "sgd") else None
+    return (fingerprint, result.get("features"), protocol)
+
+
 def collect(paths: list[str | Path]) -> list[dict]:
     """Rows from stores (their results beside them) and result JSON files, best probe first.
 
     Results group by the store version they were computed from (its fingerprint) and the
     feature set; a result's store is opened for the row's dataset and speed only when it is
     that version."""
-    groups: dict[tuple, dict] = {}  # (fingerprint, features) -> kind -> result
+    groups: dict[tuple, dict] = {}  # (fingerprint, features, protocol) -> kind -> result
     stores: dict[str, Store] = {}  # fingerprint -> the store, where known
     for p in map(Path, paths):
         if p.suffix == ".json":
@@ -87,8 +94,7 @@ def collect(paths: list[str | Path]) -> list[dict]:
                     raise StoreError(f"{p} is not a featcache result (probe, knn, retrieval, ...)")
                 noviews = p.name.endswith(".probe-noviews.json")
                 kind = "probe-noviews" if noviews else result["kind"]
-                key = (result.get("fingerprint"), result.get("features"))
-                groups.setdefault(key, {})[kind] = result
+                groups.setdefault(_key(result.get("fingerprint"), result), {})[kind] = result
                 store = _open(result.get("store"))
                 if store is not None and store.fingerprint == result.get("fingerprint"):
                     stores.setdefault(store.fingerprint, store)
@@ -102,11 +108,11 @@ def collect(paths: list[str | Path]) -> list[dict]:
                 if result.get("fingerprint") != store.fingerprint:
                     log.warning("%s: computed from another version of the store; left out", kind)
                     continue
-                groups.setdefault((store.fingerprint, result.get("features")), {})[kind] = result
+                groups.setdefault(_key(store.fingerprint, result), {})[kind] = result
                 found = True
         if not found:  # a store without results is still a row
-            groups.setdefault((store.fingerprint, None), {})
-    rows = [row(stores.get(fp), results) for (fp, _), results in groups.items()]
+            groups.setdefault((store.fingerprint, None, None), {})
+    rows = [row(stores.get(fp), results) for (fp, _, _), results in groups.items()]
     return sorted(rows, key=_probe_order)
 
 
