@@ -100,10 +100,9 @@ def write_head(store_path, templates: str = "openai", classnames: str | None = N
         )
     names, prompts = classnames_of(store, classnames), templates_of(templates)
     tower = load_text_tower(spec, Path(weights).expanduser() if weights else None, revision)
-    head = torch.stack([
-        torch.nn.functional.normalize(tower.embed([t.format(c=c) for t in prompts]).mean(0), dim=0)
-        for c in names
-    ])  # fmt: skip
+    # Every prompt in one batch; each class's embeddings averaged, then normalised again.
+    every = tower.embed([t.format(c=c) for c in names for t in prompts])
+    head = torch.nn.functional.normalize(every.view(len(names), len(prompts), -1).mean(1), dim=1)
     buf = io.BytesIO()
     np.savez(
         buf,
