@@ -97,14 +97,15 @@ def _kill_points(folder, out, parts, rng, n_random):
     return kills
 
 
-def _run_kill_test(image_folder, tmp_path, n_random):
+def _run_kill_test(dataset, tmp_path, n_random):
+    """``dataset``: an image folder or a dataset spec."""
     ref = tmp_path / "ref.h5"
-    assert subprocess.run(_args(image_folder, ref), capture_output=True).returncode == 0
+    assert subprocess.run(_args(dataset, ref), capture_output=True).returncode == 0
     out = tmp_path / "s.h5"
     parts = tmp_path / "s.h5.parts"
-    kills = _kill_points(image_folder, out, parts, random.Random(0), n_random)
+    kills = _kill_points(dataset, out, parts, random.Random(0), n_random)
     assert kills >= n_random + 6 and not out.exists()
-    final = start(_args(image_folder, out))
+    final = start(_args(dataset, out))
     log = final.communicate(timeout=120)[0]
     assert final.returncode == 0, log
     assert "resumed from shards" in log
@@ -113,24 +114,10 @@ def _run_kill_test(image_folder, tmp_path, n_random):
 
 
 def test_kill_9_at_eight_points_then_resume_equals_uninterrupted(image_folder, tmp_path):
-    _run_kill_test(image_folder, tmp_path, n_random=2)
-
-
-def test_kill_9_on_a_webdataset_then_resume_equals_uninterrupted(image_folder, tmp_path):
-    """Samples read from tar shards at their offsets resume like files: killed at a journal
-    commit and at a random moment, the rerun equals the uninterrupted store."""
+    """On webdataset shards (samples read at their offsets in tar files: they resume as
+    files do); image folders are killed in test_extract.py and in the slow test below."""
     spec = f"wds:{make_webdataset(image_folder, tmp_path / 'wds', (('train', 3), ('test', 1)))}"
-    ref, out, parts = tmp_path / "ref.h5", tmp_path / "s.h5", tmp_path / "s.h5.parts"
-    assert subprocess.run(_args(spec, ref), capture_output=True).returncode == 0
-    _kill(_stalled(spec, out, f"commit:{SETUP_COMMITS + 3}", tmp_path / "stalled"))
-    p = start(_args(spec, out), FEATCACHE_TEST_DELAY="0.2")
-    _wait_for(lambda: len(_journal(parts)) > 3 or p.poll() is not None)
-    time.sleep(random.Random(1).uniform(0, 0.3))
-    _kill(p)
-    final = start(_args(spec, out))
-    log = final.communicate(timeout=120)[0]
-    assert final.returncode == 0 and "resumed from shards" in log, log
-    assert_equal_stores(out, ref)
+    _run_kill_test(spec, tmp_path, n_random=2)
 
 
 @pytest.mark.slow
