@@ -181,3 +181,4 @@ def test_the_command_line_names_shards_by_split_patterns_and_lists_the_kind(shar
     assert r.exit_code == 2 and "goes with --dataset wds" in r.output
     listing = runner.invoke(main, ["datasets"]).output
     assert "wds:DIR" in listing and "wds:train=PATTERN;test=PATTERN" in listing
+    assert "hfds:NAME[:CONFIG]" in listing and "hfds-disk:DIR" in listing
