@@ -119,3 +119,14 @@ def uses_cv(cfg, labels: np.ndarray, bounded: bool = False) -> int:
     smallest = int(np.bincount(labels).min()) if len(labels) else 0  # a missing class: 0
     folds = min(cfg.cv_folds, smallest)
     return folds if folds >= 2 else 0
+
+
+def fold_summary(losses: list[float], top1: list[float]) -> dict:
+    """The folds' mean and spread (population std) of a candidate's held-out loss and top-1."""
+    return {
+        "folds": len(losses),
+        "loss_mean": float(np.mean(losses)),
+        "loss_std": float(np.std(losses)),
+        "top1_mean": float(np.mean(top1)),
+        "top1_std": float(np.std(top1)),
+    }

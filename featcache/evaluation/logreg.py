@@ -22,7 +22,13 @@ import torch.nn.functional as F
 
 from featcache.device import rank_device, resolve_device
 from featcache.errors import ArgumentError
-from featcache.evaluation.data import Splits, stratified_folds, stratified_split, uses_cv
+from featcache.evaluation.data import (
+    Splits,
+    fold_summary,
+    stratified_folds,
+    stratified_split,
+    uses_cv,
+)
 from featcache.evaluation.metrics import per_class_accuracies, summary_from_predictions, topk_hits
 from featcache.evaluation.rows import check_finite
 
@@ -115,9 +121,7 @@ def logreg(data: Splits, cfg) -> dict:
         row = {"C": c, "iterations": runs[0][i]["iterations"],
                "val": {"top1": float(np.mean(top1)), "loss": float(np.mean(loss))}}  # fmt: skip
         if len(runs) > 1:
-            row["cv"] = {"folds": len(runs), "top1_mean": float(np.mean(top1)),
-                         "top1_std": float(np.std(top1)), "loss_mean": float(np.mean(loss)),
-                         "loss_std": float(np.std(loss))}  # fmt: skip
+            row["cv"] = fold_summary(loss, top1)
         sweep.append(row)
     # DINOv2's choice: the best (mean) validation top-1; ties go to the stronger penalty.
     chosen = max(range(len(sweep)), key=lambda i: (sweep[i]["val"]["top1"], -sweep[i]["C"]))
