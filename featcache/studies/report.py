@@ -111,16 +111,21 @@ def _covers(config: dict, want: dict) -> bool:
     return True
 
 
+def _kept(path: Path):
+    """A result file's JSON, or None where it is not valid JSON (then recomputed)."""
+    try:
+        return json.loads(path.read_text())
+    except ValueError:
+        return None
+
+
 def _cached(store: Store, kind: str, covers, compute) -> dict:
     """The result beside the store if it was computed from this store, on its default feature
     set, with a config that ``covers`` what the report shows; else computed now and saved
     there (atomically)."""
     path = result_path(store.path, kind)
     if path.is_file():
-        try:
-            result = json.loads(path.read_text())
-        except ValueError:
-            result = None
+        result = _kept(path)
         if (
             isinstance(result, dict)
             and result.get("fingerprint") == store.fingerprint
@@ -191,10 +196,7 @@ def layer_knn(store: Store) -> list[dict] | None:
     knn = KnnConfig(k=(min(HEADLINE_K, store.sizes.get("train", 1)),))
     path = result_path(store.path, "knn-layers")
     if path.is_file():
-        try:
-            kept = json.loads(path.read_text())
-        except ValueError:
-            kept = None
+        kept = _kept(path)
         if (
             isinstance(kept, list)
             and [r.get("features") for r in kept] == sets
