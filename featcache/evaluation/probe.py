@@ -16,7 +16,6 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from featcache.device import rank_device, resolve_device
 from featcache.distributed import Distributed
@@ -372,22 +371,19 @@ def cv_sweep(source, y_train, cfg: ProbeConfig, classes: int, gen, dist: Distrib
     every = max(1, n // TRAIN_CURVE_SAMPLES)
     monitor = MemoryRows(x[:n:every], y[:n:every])
 
-    def batches():
-        order = torch.randperm(len(y), generator=gen).to(x.device)
-        for i in range(0, len(y), cfg.batch_size):
-            idx = order[i : i + cfg.batch_size]
-            own = (fold[idx][None, :] != head_fold[:, None]).float()  # (k * S, B)
-            yield x[idx], F.one_hot(y[idx], classes).float(), own
+    def own(idx):  # (k * S, B): a head trains on the rows outside its fold
+        return (fold[idx][None, :] != head_fold[:, None]).float()
 
     def evaluate():
-        per_fold = [rows.evaluate(heads) for rows in held_out]  # every head on every fold
+        per_fold = [part.evaluate(heads) for part in held_out]  # every head on every fold
         return monitor.evaluate(heads), [per_fold[h // len(wds)][h] for h in range(len(wds) * k)]
 
-    steps = math.ceil(len(y) / cfg.batch_size)
+    steps = rows.steps(cfg.batch_size)
     every_head = replace(cfg, weight_decays=wds * k)
     runs, _, curves = run_sweep(
         heads, every_head,
-        lambda epoch, active: heads.run(batches(), steps, epoch, cfg.max_epochs, active),
+        lambda epoch, active: heads.run(rows.batches(gen, cfg.batch_size, classes, own), steps,
+                                        epoch, cfg.max_epochs, active),
         evaluate, Distributed(),  # every rank trains every head (small data)
     )  # fmt: skip
     sweep = []

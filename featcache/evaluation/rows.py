@@ -71,12 +71,14 @@ class MemoryRows(_RowSet):
     def steps(self, batch_size: int) -> int:
         return math.ceil(len(self.y) / batch_size)
 
-    def batches(self, gen, batch_size: int, classes: int):
-        """Minibatches (x, onehot) in an order drawn from ``gen``."""
+    def batches(self, gen, batch_size: int, classes: int, weights=None):
+        """Minibatches (x, onehot) in an order drawn from ``gen``; with ``weights(idx)``, the
+        heads' weights of those rows (S, B) too (cross-validation: a fold's own rows)."""
         order = torch.randperm(len(self.y), generator=gen).to(self.x.device)
         for i in range(0, len(self.y), batch_size):
             idx = order[i : i + batch_size]
-            yield self.x[idx], F.one_hot(self.y[idx], classes).float()  # (B, C): never (N, C)
+            batch = self.x[idx], F.one_hot(self.y[idx], classes).float()  # (B, C): never (N, C)
+            yield (*batch, weights(idx)) if weights is not None else batch
 
 
 class StoreRows(_RowSet):
