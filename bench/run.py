@@ -901,14 +901,14 @@ def bench_large(quick: bool, json_path: str | None = None) -> str:
 
 _LINEAR_CKA = """
 import json, sys, time
-from featcache.evaluation.similarity import (SimilarityConfig, column_means, feature_sets,
+from featcache.evaluation.similarity import (SimilarityConfig, centred, feature_sets,
                                              linear_cka, match)
 t = time.perf_counter()
 sets = feature_sets(sys.argv[1]) + feature_sets(sys.argv[2])
 cfg = SimilarityConfig()
 match(sets, cfg)
-means = {s.name: column_means(s, cfg.split) for s in sets}
-value = linear_cka(sets[0], sets[1], cfg.split, means)
+stats = {s.name: centred(s, cfg.split) for s in sets}
+value = linear_cka(sets[0], sets[1], cfg.split, stats)
 print(json.dumps({**value, "seconds": time.perf_counter() - t}))
 """
 

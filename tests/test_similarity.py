@@ -12,7 +12,7 @@ from conftest import make_image_folder
 import featcache
 from featcache.cli import main
 from featcache.errors import StoreError
-from featcache.evaluation.similarity import linear_cka, rbf_cka, rsa
+from featcache.evaluation.similarity import centred, linear_cka, rbf_cka, rsa
 from featcache.extraction.extract import ExtractConfig, extract
 
 
@@ -86,7 +86,7 @@ def pair(monkeypatch):
 
 def _linear(x, y):
     a, b = _Set("a", x), _Set("b", y)
-    return linear_cka(a, b, "test", {"a": x.mean(0), "b": y.mean(0)})
+    return linear_cka(a, b, "test", {"a": centred(a, "test"), "b": centred(b, "test")})
 
 
 def test_linear_cka_equals_the_published_gram_formulas(pair):

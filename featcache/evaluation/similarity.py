@@ -115,37 +115,44 @@ def _rows(s: FeatureSet, split: str, positions: np.ndarray) -> np.ndarray:
     return s.store.rows_at(split, s.feature, positions)
 
 
-def column_means(s: FeatureSet, split: str) -> np.ndarray:
-    """The mean of a matched set's rows, float64 (read in chunks)."""
-    total = 0.0
-    for a in range(0, len(s.positions), _CHUNK):
-        total = total + _rows(s, split, s.positions[a : a + _CHUNK]).sum(0)
-    return total / len(s.positions)
+def centred(s: FeatureSet, split: str) -> dict:
+    """What linear CKA needs of one set alone, computed once whatever the pairs: its mean,
+    the squared norm of its centred covariance ||X^T X||_F^2, and the sum and the sum of
+    squares of its centred rows' squared norms (two passes of chunks)."""
+    chunks = [s.positions[a : a + _CHUNK] for a in range(0, len(s.positions), _CHUNK)]
+    mean = sum(_rows(s, split, p).sum(0) for p in chunks) / len(s.positions)
+    gram, r1, r2 = 0.0, 0.0, 0.0
+    for p in chunks:
+        xs = _rows(s, split, p) - mean
+        gram = gram + xs.T @ xs
+        r = np.einsum("ij,ij->i", xs, xs)
+        r1, r2 = r1 + r.sum(), r2 + r @ r
+    return {"mean": mean, "gram": float(np.sum(gram**2)), "r1": float(r1), "r2": float(r2)}
 
 
-def linear_cka(x: FeatureSet, y: FeatureSet, split: str, means: dict) -> dict[str, float]:
-    """Biased and unbiased linear CKA of two matched sets, from their covariances."""
-    n = len(x.positions)
-    sums = {k: None for k in ("xy", "xx", "yy")}
-    rx_ry = rx_rx = ry_ry = rx_sum = ry_sum = 0.0
+def linear_cka(x: FeatureSet, y: FeatureSet, split: str, stats: dict) -> dict[str, float]:
+    """Biased and unbiased linear CKA of two matched sets, from their covariances (each set's
+    own terms from ``stats``, its ``centred``)."""
+    n, sx, sy = len(x.positions), stats[x.name], stats[y.name]
+    xy, rx_ry = 0.0, 0.0
     for a in range(0, n, _CHUNK):
-        xs = _rows(x, split, x.positions[a : a + _CHUNK]) - means[x.name]
-        ys = _rows(y, split, y.positions[a : a + _CHUNK]) - means[y.name]
-        part = {"xy": xs.T @ ys, "xx": xs.T @ xs, "yy": ys.T @ ys}
-        for k, v in part.items():
-            sums[k] = v if sums[k] is None else sums[k] + v
-        rx, ry = np.einsum("ij,ij->i", xs, xs), np.einsum("ij,ij->i", ys, ys)
-        rx_ry, rx_rx, ry_ry = rx_ry + rx @ ry, rx_rx + rx @ rx, ry_ry + ry @ ry
-        rx_sum, ry_sum = rx_sum + rx.sum(), ry_sum + ry.sum()
-    xy, xx, yy = (float(np.sum(sums[k] ** 2)) for k in ("xy", "xx", "yy"))
+        xs = _rows(x, split, x.positions[a : a + _CHUNK]) - sx["mean"]
+        ys = _rows(y, split, y.positions[a : a + _CHUNK]) - sy["mean"]
+        xy = xy + xs.T @ ys
+        rx_ry += np.einsum("ij,ij->i", xs, xs) @ np.einsum("ij,ij->i", ys, ys)
+    xy = float(np.sum(xy**2))
 
-    def debiased(xty, rr, sx, sy):  # Kornblith's _debiased_dot_product_similarity_helper
-        return xty - n / (n - 2) * rr + sx * sy / ((n - 1) * (n - 2))
+    def debiased(xty, rr, a, b):  # Kornblith's _debiased_dot_product_similarity_helper
+        return xty - n / (n - 2) * rr + a * b / ((n - 1) * (n - 2))
 
-    unbiased = debiased(xy, rx_ry, rx_sum, ry_sum) / np.sqrt(
-        debiased(xx, rx_rx, rx_sum, rx_sum) * debiased(yy, ry_ry, ry_sum, ry_sum)
+    unbiased = debiased(xy, rx_ry, sx["r1"], sy["r1"]) / np.sqrt(
+        debiased(sx["gram"], sx["r2"], sx["r1"], sx["r1"])
+        * debiased(sy["gram"], sy["r2"], sy["r1"], sy["r1"])
     )
-    return {"linear_cka": xy / np.sqrt(xx * yy), "linear_cka_unbiased": float(unbiased)}
+    return {
+        "linear_cka": xy / np.sqrt(sx["gram"] * sy["gram"]),
+        "linear_cka_unbiased": float(unbiased),
+    }
 
 
 def gram_rbf(x: np.ndarray, threshold: float = 1.0) -> np.ndarray:
@@ -206,13 +213,13 @@ def similarity(sets: list[FeatureSet], cfg: SimilarityConfig) -> dict:
     n = len(ids)
     rng = np.random.default_rng(cfg.seed)
     sample = np.sort(rng.choice(n, min(n, cfg.rsa_images), replace=False))
-    means = {s.name: column_means(s, cfg.split) for s in sets}
+    stats = {s.name: centred(s, cfg.split) for s in sets}  # once a set, not once a pair
     small = {s.name: _rows(s, cfg.split, s.positions[sample]) for s in sets}
     names = [s.name for s in sets]
     matrices = {m: np.eye(len(sets)).tolist() for m in MEASURES}
     for i in range(len(sets)):
         for j in range(i + 1, len(sets)):
-            values = linear_cka(sets[i], sets[j], cfg.split, means)
+            values = linear_cka(sets[i], sets[j], cfg.split, stats)
             values["rbf_cka"] = rbf_cka(small[names[i]], small[names[j]])
             values["rsa"] = rsa(small[names[i]], small[names[j]])
             for m in MEASURES:
