@@ -7,9 +7,8 @@ STAMP  := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
 	# torch/torchvision are pinned in pyproject.toml (2.14.1 / 0.29.1: on local disk here)
-	$(PY) -m pip install -q -e '.[test]'
+	bash scripts/install.sh $(VENV)
 	rm -f $(VENV)/.installed-* && touch $@
 
 # Debian's Chromium for the report's browser test (skipped where it cannot be installed,
@@ -20,11 +19,14 @@ $(VENV)/.chromium: | $(STAMP)
 	  echo "chromium could not be installed: the browser test will be skipped"
 	touch $@
 
+# One pytest-xdist worker per core (tests/conftest.py gives each its share of the threads);
+# `make test JOBS=0` runs in one process.
+JOBS ?= auto
 test: $(STAMP) $(VENV)/.chromium   ## the default suite (slow tests skipped)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(JOBS) --dist worksteal
 
 test-all: $(STAMP) $(VENV)/.chromium   ## everything, slow tests included
-	$(PY) -m pytest -q --runslow
+	$(PY) -m pytest -q -n $(JOBS) --dist worksteal --runslow
 
 demo: $(STAMP)           ## extract, probe and k-NN with efficientnet-lite0 on CIFAR-10
 	$(PY) scripts/demo.py

@@ -9,6 +9,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
+# Under pytest-xdist (`make test` runs one worker per core) each worker, and every process its
+# tests start, gets its share of the cores, set before torch is imported: two workers whose
+# torch threads fought over two cores took 415 s where one worker took 290 s (and two workers
+# of one thread each, 234 s).
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[_var] = str(max(1, (os.cpu_count() or 1) // _WORKERS))
+
 sys.path.insert(0, str(Path(__file__).parent))
 import tiny_backbone  # noqa: E402,F401  (registers test-tiny for every test)
 
