@@ -63,7 +63,7 @@ def _stalled(folder, out, stall, mark):
     return p
 
 
-def _kill_points(folder, out, parts, rng, n_random):
+def _kill_points(folder, out, parts, rng, n_random, shards):
     """Kill -9 the same extraction again and again at different points; returns how many."""
     kills = 0
     mark = out.with_name("stalled")
@@ -78,8 +78,8 @@ def _kill_points(folder, out, parts, rng, n_random):
     # At random moments between batches and writes (a shard takes about 0.4 s here).
     for _ in range(n_random):
         before = len(_journal(parts))
-        if before >= SHARDS - 1:
-            break  # leave work for the publication kills below
+        if before >= shards - 1:
+            break  # leave work for the publication kills below (then the count falls short)
         p = start(_args(folder, out), FEATCACHE_TEST_DELAY="0.2")
         _wait_for(lambda p=p, n=before: len(_journal(parts)) > n or p.poll() is not None)
         time.sleep(rng.uniform(0, 0.3))
@@ -97,14 +97,15 @@ def _kill_points(folder, out, parts, rng, n_random):
     return kills
 
 
-def _run_kill_test(dataset, tmp_path, n_random):
-    """``dataset``: an image folder or a dataset spec."""
+def _run_kill_test(dataset, tmp_path, n_random, shards=SHARDS):
+    """``dataset``: an image folder or a dataset spec of ``shards`` shards (each random kill
+    lands after one or two more, so they must outnumber the kills about twice)."""
     ref = tmp_path / "ref.h5"
     assert subprocess.run(_args(dataset, ref), capture_output=True).returncode == 0
     out = tmp_path / "s.h5"
     parts = tmp_path / "s.h5.parts"
-    kills = _kill_points(dataset, out, parts, random.Random(0), n_random)
-    assert kills >= n_random + 6 and not out.exists()
+    kills = _kill_points(dataset, out, parts, random.Random(0), n_random, shards)
+    assert kills == n_random + 6 and not out.exists()
     final = start(_args(dataset, out))
     log = final.communicate(timeout=120)[0]
     assert final.returncode == 0, log
@@ -121,8 +122,11 @@ def test_kill_9_at_eight_points_then_resume_equals_uninterrupted(image_folder, t
 
 
 @pytest.mark.slow
-def test_kill_9_at_many_more_points(image_folder, tmp_path):
-    _run_kill_test(image_folder, tmp_path, n_random=25)
+def test_kill_9_at_many_more_points(tmp_path):
+    from conftest import make_image_folder
+
+    folder = make_image_folder(tmp_path / "images", train=40)  # 132 images: 66 shards
+    _run_kill_test(folder, tmp_path, n_random=25, shards=66)
 
 
 @pytest.fixture(scope="module")
