@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from featcache.datasets.split import Split, open_image
+from featcache.datasets.split import Split, numbered_ids, open_image
 from featcache.errors import DatasetError
 
 
@@ -134,11 +134,10 @@ def _split(name: str, ds, image: str, label: str, source: str) -> Split:
     # An image kept as a file (no bytes in the table): the file's size, as folders have.
     sizes = [n if n is not None else _file_size(p) for n, p in zip(lengths, paths)]
     rows = _Rows(ds.select_columns([image]), image, source)
-    width = len(str(max(len(ds) - 1, 0)))
     return Split(
         name=name,
         class_names=classes,
-        ids=[f"{name}/{i:0{width}d}" for i in range(len(ds))],
+        ids=numbered_ids(name, len(ds), width=len(str(max(len(ds) - 1, 0)))),
         labels=labels,
         sizes=sizes,
         where=list(range(len(ds))),

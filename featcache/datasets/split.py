@@ -115,6 +115,11 @@ def refuse_escape(path: Path, root: Path, resolve: bool = False) -> None:
         raise DatasetError(f"{path} is a symlink leading outside the dataset root {root}")
 
 
+def numbered_ids(split: str, count: int, width: int) -> list[str]:
+    """Ids of samples known by their position: ``split/00042`` (zero-padded to ``width``)."""
+    return [f"{split}/{i:0{width}d}" for i in range(count)]
+
+
 def relative_id(path: str, source: str) -> str:
     """A path from a list file as a sample id: relative, inside the list's root, POSIX."""
     pure = PurePosixPath(path.replace("\\", "/"))

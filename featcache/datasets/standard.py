@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from featcache.datasets.split import Split, file_split, relative_id
+from featcache.datasets.split import Split, file_split, numbered_ids, relative_id
 from featcache.errors import DatasetError
 
 
@@ -216,7 +216,7 @@ def _array_split(name: str, class_names: list[str], array: np.ndarray, labels) -
     return Split(
         name=name,
         class_names=class_names,
-        ids=[f"{name}/{i:05d}" for i in range(len(array))],
+        ids=numbered_ids(name, len(array), 5),
         labels=labels,
         array=array,
     )

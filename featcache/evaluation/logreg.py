@@ -83,6 +83,30 @@ def _metrics(x, y, w) -> dict:
     }
 
 
+def _sweep(xtr, ytr, classes: int, splits, cfg) -> list[dict]:
+    """Each C's validation loss and top-1, averaged over ``splits`` (one split or the folds,
+    as (fit rows, validation rows)); with folds, their spread too."""
+    cs = sorted(cfg.cs)
+    runs = []  # per split, per C (strongest penalty first: each fit starts from the last)
+    for fit_idx, val_idx in splits:
+        xf, yf, xv, yv = xtr[fit_idx], ytr[fit_idx], xtr[val_idx], ytr[val_idx]  # once a split
+        w, path = None, []
+        for c in cs:
+            w, iterations = fit(xf, yf, classes, c, w, cfg.lbfgs_iterations, TOLERANCE)
+            path.append({"iterations": iterations, "val": _metrics(xv, yv, w)})
+        runs.append(path)
+    sweep = []
+    for i, c in enumerate(cs):
+        top1 = [r[i]["val"]["top1"] for r in runs]
+        loss = [r[i]["val"]["loss"] for r in runs]
+        row = {"C": c, "iterations": runs[0][i]["iterations"],
+               "val": {"top1": float(np.mean(top1)), "loss": float(np.mean(loss))}}  # fmt: skip
+        if len(runs) > 1:
+            row["cv"] = fold_summary(loss, top1)
+        sweep.append(row)
+    return sweep
+
+
 def logreg(data: Splits, cfg) -> dict:
     """The protocol on in-memory features, with the probe's config: C chosen on the probe's
     validation split, or below ``cv_below`` training rows by its k-fold cross-validation
@@ -105,24 +129,7 @@ def logreg(data: Splits, cfg) -> dict:
         splits = [stratified_split(y_np, cfg.val_fraction, cfg.seed)]
         counts = {"num_fit": len(splits[0][0]), "num_val": len(splits[0][1])}
 
-    cs = sorted(cfg.cs)
-    runs = []  # per split, per C (strongest penalty first: each fit starts from the last)
-    for fit_idx, val_idx in splits:
-        xf, yf, xv, yv = xtr[fit_idx], ytr[fit_idx], xtr[val_idx], ytr[val_idx]  # once a split
-        w, path = None, []
-        for c in cs:
-            w, iterations = fit(xf, yf, classes, c, w, cfg.lbfgs_iterations, TOLERANCE)
-            path.append({"iterations": iterations, "val": _metrics(xv, yv, w)})
-        runs.append(path)
-    sweep = []
-    for i, c in enumerate(cs):
-        top1 = [r[i]["val"]["top1"] for r in runs]
-        loss = [r[i]["val"]["loss"] for r in runs]
-        row = {"C": c, "iterations": runs[0][i]["iterations"],
-               "val": {"top1": float(np.mean(top1)), "loss": float(np.mean(loss))}}  # fmt: skip
-        if len(runs) > 1:
-            row["cv"] = fold_summary(loss, top1)
-        sweep.append(row)
+    sweep = _sweep(xtr, ytr, classes, splits, cfg)
     # DINOv2's choice: the best (mean) validation top-1; ties go to the stronger penalty.
     chosen = max(range(len(sweep)), key=lambda i: (sweep[i]["val"]["top1"], -sweep[i]["C"]))
     c = sweep[chosen]["C"]
