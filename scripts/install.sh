@@ -27,13 +27,15 @@ listed = subprocess.run([sys.executable, "-m", "pip", "config", "list"],
 given = []
 for line in listed.splitlines():  # e.g. global.extra-index-url='file:///a file:///b'
     name, _, value = line.partition("=")
-    flag = flags.get(name.rsplit(".", 1)[-1])
-    for item in " ".join(shlex.split(value)).split() if flag else []:
-        if (flag, item) not in given:
-            given.append((flag, item))
-for flag, item in given:
+    key, value = name.rsplit(".", 1)[-1], " ".join(shlex.split(value))
+    if key == "no-index" and value.lower() in ("1", "true", "yes", "on"):
+        given.append(("--no-index", None))
+    for item in value.split() if key in flags else []:
+        given.append((flags[key], item))
+for flag, item in dict.fromkeys(given):  # each once, in pip's order
     print(flag)
-    print(item)
+    if item is not None:
+        print(item)
 print("--index-strategy")
 print("unsafe-best-match")
 EOF
