@@ -5,7 +5,7 @@ STAMP  := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 
 .PHONY: test test-all demo bench lint clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml scripts/install.sh
 	test -x $(PY) || python3 -m venv $(VENV)
 	# torch/torchvision are pinned in pyproject.toml (2.14.1 / 0.29.1: on local disk here)
 	bash scripts/install.sh $(VENV)
