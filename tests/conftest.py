@@ -1,5 +1,18 @@
-import io
+# ruff: noqa: E402  (the thread settings below come before numpy and torch are imported)
 import os
+
+# Under pytest-xdist (`make test` runs one worker per core) each worker, and every process its
+# tests start, gets its share of the cores (those this process may run on, as xdist counts
+# them), set before numpy and torch are imported: two workers whose thread pools fought over
+# two cores took 415 s where one worker took 290 s (two workers of one thread each: 213 s).
+# Thread counts the user set are kept.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    _CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ.setdefault(_var, str(max(1, (_CORES or 1) // _WORKERS)))
+
+import io
 import subprocess
 import sys
 import tarfile
@@ -9,17 +22,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-# Under pytest-xdist (`make test` runs one worker per core) each worker, and every process its
-# tests start, gets its share of the cores, set before torch is imported: two workers whose
-# torch threads fought over two cores took 415 s where one worker took 290 s (and two workers
-# of one thread each, 234 s).
-_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-if _WORKERS > 1:
-    for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        os.environ[_var] = str(max(1, (os.cpu_count() or 1) // _WORKERS))
-
 sys.path.insert(0, str(Path(__file__).parent))
-import tiny_backbone  # noqa: E402,F401  (registers test-tiny for every test)
+import tiny_backbone  # noqa: F401  (registers test-tiny for every test)
 
 REPO = Path(__file__).resolve().parents[1]
 TINYCLI = Path(__file__).parent / "tinycli.py"

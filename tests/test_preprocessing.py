@@ -71,6 +71,22 @@ def test_resize_uint8_is_pils_resize(interpolation, shape, size):
     assert torch.equal(resize_uint8(x, size, interpolation), pil_resize(x, size, interpolation))
 
 
+def test_pil_resize_on_several_threads_is_pils_image_by_image():
+    """The thread pool (one thread per torch thread; under `make test` a worker has one)."""
+    from featcache.preprocessing.pil import FILTERS
+
+    x = images((20, 28), n=7)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        got = pil_resize(x, (50, 40), "bicubic")
+    finally:
+        torch.set_num_threads(threads)
+    for i in range(len(x)):
+        one = Image.fromarray(x[i].permute(1, 2, 0).numpy()).resize((40, 50), FILTERS["bicubic"][2])
+        assert np.array_equal(got[i].permute(1, 2, 0).numpy(), np.asarray(one))
+
+
 def test_resize_uint8_in_slices_is_the_same(monkeypatch):
     """Batches are resized a slice at a time (the bound on float64 elements)."""
     from featcache.preprocessing import pil
