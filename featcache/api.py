@@ -261,10 +261,12 @@ def export(store: str | Path | Store, out: str | Path, **options) -> Path:
 
 def zeroshot(store: str | Path | Store, **options) -> ZeroshotResult:
     """CLIP's zero-shot classification (Radford et al. 2021, as CLIP_benchmark runs it) of a
-    CLIP store's ``embed`` features: class names through prompt templates (``templates=
-    "openai"``, CLIP's 18 for CIFAR, or a file) into the text tower of the store's own weights
-    (``weights=`` where they are local), the classifier written beside the store; top-1,
-    top-5, mean per-class recall. Options: ``featcache zeroshot``'s, as ``ZeroshotConfig``."""
+    CLIP or SigLIP store's ``embed`` features: class names through prompt templates
+    (``templates="openai"``, CLIP's 18 for CIFAR, or a file) into the text tower of the
+    store's own weights (``weights=`` where they are local), the classifier written beside the
+    store; SigLIP's classes scored by its sigmoid (Zhai et al. 2023) with its logit bias;
+    top-1, top-5, mean per-class recall. Options: ``featcache zeroshot``'s, as
+    ``ZeroshotConfig``."""
     from featcache.evaluation.methods import METHODS, open_store, run
     from featcache.extraction.zeroshot import write_head
 

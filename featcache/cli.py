@@ -526,12 +526,13 @@ def export(store: str, out: str, **kw) -> None:
 @field_option("zeroshot", "templates", help="openai (CLIP's 18 for CIFAR) or a file, one "
               "template a line with {c} for the class name.")  # fmt: skip
 @field_option("zeroshot", "classnames", help="A file of class names, one a line [the store's].")
-@field_option("zeroshot", "weights", help="The store's CLIP weights, where they are local.")
+@field_option("zeroshot", "weights", help="The store's weights, where they are local.")
 @field_option("zeroshot", "split")
 @_option("--json", "json_out", default=None, help="Write the full result as JSON.")
 @_friendly
 def zeroshot(store: str, json_out, **kw) -> None:
-    """CLIP zero-shot classification of a CLIP store's embed features (its own text tower)."""
+    """Zero-shot classification of a CLIP or SigLIP store's embed features (its own text
+    tower; SigLIP's sigmoid scores)."""
     import featcache.api as api
 
     r = api.zeroshot(store, **options_of("zeroshot", kw)).to_dict()

@@ -36,6 +36,11 @@ PROCESSORS = {
         feature_extractor_type="ViTFeatureExtractor", size=224, resample=2,
         image_mean=[0.5] * 3, image_std=[0.5] * 3,
     ),
+    "google/siglip-base-patch16-224": dict(
+        image_processor_type="SiglipImageProcessor", processor_class="SiglipProcessor",
+        do_resize=True, size={"height": 224, "width": 224}, resample=3, do_rescale=True,
+        rescale_factor=1 / 255, do_normalize=True, image_mean=[0.5] * 3, image_std=[0.5] * 3,
+    ),
     "facebook/convnext-tiny-224": dict(
         feature_extractor_type="ConvNextFeatureExtractor", size=224, crop_pct=0.875, resample=3,
         **IMAGENET,
@@ -58,6 +63,9 @@ def _small_model(repo: str):
     if repo == "openai/clip-vit-base-patch16":  # the whole CLIP model, text tower included
         text = dict(vit, vocab_size=99)
         return t.CLIPModel(t.CLIPConfig(text_config=text, vision_config=vit, projection_dim=16))
+    if repo == "google/siglip-base-patch16-224":  # the whole SigLIP model, text tower included
+        text = dict(vit, vocab_size=99)
+        return t.SiglipModel(t.SiglipConfig(text_config=text, vision_config=vit))
     if repo == "google/vit-base-patch16-224":  # a classifier with its head and pooler
         return t.ViTForImageClassification(t.ViTConfig(**vit, num_labels=5))
     cnn = dict(hidden_sizes=[8, 16, 24, 32], depths=[1, 1, 1, 1], num_labels=5)
@@ -75,6 +83,12 @@ def _reference(repo: str, model, pixels: torch.Tensor) -> dict[str, torch.Tensor
             "embed": model.visual_projection(out.pooler_output),
             "cls": out.pooler_output,  # CLIP's pooled output: the CLS token after the norm
             "patch_mean": tokens[:, 1:].mean(1),
+        }
+    if "siglip" in repo:
+        out = model.vision_model(pixel_values=pixels)
+        return {
+            "embed": model.get_image_features(pixel_values=pixels).pooler_output,
+            "patch_mean": out.last_hidden_state.mean(1),  # no CLS: every token
         }
     if "resnet" in repo or "convnext" in repo:
         body = model.resnet if "resnet" in repo else model.convnext
@@ -141,6 +155,7 @@ def test_extract_equals_the_transformers_model_called_directly(repo, photos, tmp
         ("facebook/dinov2-small", (224, "bicubic", IMAGENET["image_mean"], 224 / 256)),
         ("openai/clip-vit-base-patch16", (224, "bicubic", CLIP["image_mean"], 1.0)),
         ("google/vit-base-patch16-224", (224, "bilinear", [0.5] * 3, 1.0)),
+        ("google/siglip-base-patch16-224", (224, "bicubic", [0.5] * 3, 1.0)),
         ("facebook/convnext-tiny-224", (224, "bicubic", IMAGENET["image_mean"], 0.875)),
     ],
 )

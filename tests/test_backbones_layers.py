@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from featcache.backbones import load_backbone, save_random_weights
-from featcache.backbones.layers import Blocks, parse
+from featcache.backbones.layers import Blocks, layer_features, parse
 from featcache.errors import ArgumentError
 from featcache.extraction.extract import ExtractConfig, extract
 from featcache.store import Store
@@ -135,3 +135,15 @@ def test_layers_extract_into_feature_sets_listed_in_depth_order(tmp_path):
     assert ref.fingerprint != store.fingerprint  # the layers are part of what was extracted
     np.testing.assert_array_equal(store.load("test", "pooled").features,
                                   ref.load("test", "pooled").features)  # fmt: skip
+
+
+def test_a_layer_of_tokens_without_a_cls_token_gives_only_their_mean():
+    """Token outputs with a CLS (prefix 1): its token and the patches' mean; without one
+    (SigLIP, prefix 0) only the mean of every token, no first patch posing as CLS."""
+    tokens = torch.arange(2 * 3 * 4, dtype=torch.float32).view(2, 3, 4)
+    with_cls = layer_features(5, tokens, prefix=1)
+    assert torch.equal(with_cls["layer.5.cls"], tokens[:, 0])
+    assert torch.equal(with_cls["layer.5.patch_mean"], tokens[:, 1:].mean(1))
+    without = layer_features(5, tokens, prefix=0)
+    assert list(without) == ["layer.5.patch_mean"]
+    assert torch.equal(without["layer.5.patch_mean"], tokens.mean(1))

@@ -96,6 +96,7 @@ def test_scores_equal_clipmodels_logits_from_the_same_images(clip):
     assert result.top1 == pytest.approx(100 * (ref.argmax(1) == test.labels).mean())
     assert result.top5 == 100.0  # three classes
     assert result.data["templates"] == 1 and result.data["classnames"] == store.class_names
+    assert result.data["scoring"] == "softmax" and "logit_bias" not in result.data
 
 
 def test_clips_own_templates_and_the_command_line(clip, tmp_path):
@@ -126,7 +127,7 @@ def test_bad_input_is_a_clear_error(clip, tmp_path, image_folder):
     cfg = ExtractConfig(backbone="test-tiny", dataset=f"imagefolder:{image_folder}",
                         out=str(tmp_path / "t.h5"), workers=0, progress=False)  # fmt: skip
     tiny = extract(cfg).path
-    with pytest.raises(FeatcacheError, match="no projected image embedding"):
+    with pytest.raises(FeatcacheError, match="no image embedding"):
         featcache.zeroshot(tiny)
 
 
@@ -158,3 +159,73 @@ def test_templates_are_averaged_as_clips_zeroshot_classifier_and_only_embed_is_s
     with pytest.raises(FeatcacheError, match="'embed' feature set"):
         featcache.evaluate("zeroshot", clip["store"], features="cls", templates=str(prompts),
                            weights=str(clip["weights"]))  # fmt: skip
+
+
+def _tiny_siglip(path):
+    """A random SiglipModel (32x32 images) with a logit scale and bias of its own, its image
+    processor, and CLIP's character-level tokenizer standing in for SigLIP's SentencePiece
+    one (which needs a vocabulary file; only the ids differ)."""
+    import math
+
+    import transformers
+
+    path.mkdir()
+    chars = _byte_alphabet()
+    vocab = {t: i for i, t in enumerate(chars + [c + "</w>" for c in chars])}
+    vocab |= {"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1}
+    transformers.CLIPTokenizer(vocab=vocab, merges=[]).save_pretrained(path)
+    text = dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=2, max_position_embeddings=64)  # fmt: skip
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=2, image_size=32, patch_size=8)  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.SiglipModel(
+        transformers.SiglipConfig(text_config=text, vision_config=vision)
+    )
+    with torch.no_grad():
+        model.logit_scale.fill_(math.log(10.0))
+        model.logit_bias.fill_(-2.5)
+    model.save_pretrained(path)
+    transformers.SiglipImageProcessor(
+        size={"height": 32, "width": 32}, resample=3, image_mean=[0.5] * 3, image_std=[0.5] * 3
+    ).save_pretrained(path)
+    return path
+
+
+def test_siglip_scores_equal_siglipmodels_logits_from_the_same_images(tmp_path):
+    """SigLIP: its own text tower (texts padded to its 64 tokens, no attention mask, the last
+    token through its head), each class scored by scale * cos + bias (the sigmoid's logit):
+    transformers' SiglipModel called on the same images and texts gives the same logits."""
+    import transformers
+    from PIL import Image
+
+    weights = _tiny_siglip(tmp_path / "tiny-siglip")
+    folder = make_image_folder(tmp_path / "images", train=2, test=5)
+    cfg = ExtractConfig(backbone="hf:tiny-siglip", weights=str(weights),
+                        dataset=f"imagefolder:{folder}", out=str(tmp_path / "siglip.h5"),
+                        workers=0, progress=False, precision="fp32")  # fmt: skip
+    path = extract(cfg).path
+    (tmp_path / "one.txt").write_text("a photo of a {c}.\n")
+    result = featcache.zeroshot(path, weights=str(weights), templates=str(tmp_path / "one.txt"))
+    store = Store(path)
+    test = store.load("test", "embed")
+    assert set(store.feature_sets) == {"embed", "patch_mean"}  # no CLS token in SigLIP
+    with np.load(zeroshot_path(store.path)) as saved:
+        head, scale, bias = saved["head"], float(saved["logit_scale"]), float(saved["logit_bias"])
+    x = test.features / np.linalg.norm(test.features, axis=1, keepdims=True)
+    ours = scale * x @ head.T + bias
+
+    model = transformers.SiglipModel.from_pretrained(weights).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(weights)
+    images = np.stack([np.asarray(Image.open(folder / "test" / i)) for i in test.ids])
+    pixels = (torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255 - 0.5) / 0.5
+    texts = tokenizer([f"a photo of a {c}." for c in store.class_names], padding="max_length",
+                      max_length=64, return_tensors="pt")  # fmt: skip
+    with torch.no_grad():
+        ref = model(input_ids=texts["input_ids"], pixel_values=pixels).logits_per_image.numpy()
+    np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-4)
+    assert (ours.argmax(1) == ref.argmax(1)).all()
+    assert result.top1 == pytest.approx(100 * (ref.argmax(1) == test.labels).mean())
+    assert result.data["scoring"] == "sigmoid"
+    assert result.data["logit_scale"] == pytest.approx(10.0)
+    assert result.data["logit_bias"] == pytest.approx(-2.5)

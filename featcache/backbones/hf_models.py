@@ -46,13 +46,17 @@ class _Type:
     """What featcache needs to know of a transformers model type."""
 
     model_class: str  # the transformers class that loads it (no task head)
-    features: str  # "tokens", "clip" or "pooled": which extractor
+    features: str  # "tokens", "clip", "siglip" or "pooled": which extractor
     heads: tuple[str, ...]  # checkpoint tensors that no feature uses (task heads, text tower)
     processor: str  # the image processor class, for random weights saved as a repo
-    kwargs: tuple[tuple[str, object], ...] = ()
+    kwargs: tuple[tuple[str, object], ...] = ()  # for the model class, built or loaded
+    load: tuple[tuple[str, object], ...] = ()  # for from_pretrained only
 
 
 _CLIP_TEXT = ("text_model.", "text_projection.", "logit_scale")
+_SIGLIP_TEXT = ("text_model.", "logit_scale", "logit_bias")
+# A whole SigLIP repo keeps its image tower under vision_model.: loaded as SiglipVisionModel.
+_SIGLIP_VISION = (("key_mapping", {r"^vision_model\.": ""}),)
 _TYPES = {
     "vit": _Type("ViTModel", "tokens", ("classifier.", "pooler."), "ViTImageProcessor",
                  (("add_pooling_layer", False),)),
@@ -65,6 +69,10 @@ _TYPES = {
     "clip_vision_model": _Type(
         "CLIPVisionModelWithProjection", "clip", _CLIP_TEXT, "CLIPImageProcessor"
     ),
+    "siglip": _Type("SiglipVisionModel", "siglip", _SIGLIP_TEXT, "SiglipImageProcessor",
+                    load=_SIGLIP_VISION),
+    "siglip_vision_model": _Type("SiglipVisionModel", "siglip", _SIGLIP_TEXT,
+                                 "SiglipImageProcessor", load=_SIGLIP_VISION),
     "convnext": _Type("ConvNextModel", "pooled", ("classifier.",), "ConvNextImageProcessor"),
     "resnet": _Type("ResNetModel", "pooled", ("classifier.",), "ConvNextImageProcessor"),
 }  # fmt: skip
@@ -84,6 +92,8 @@ def _type(model_type: str, source: str) -> _Type:
 
 
 def _prefix_tokens(config) -> int:
+    if config.model_type.startswith("siglip"):
+        return 0  # no CLS: SigLIP pools its tokens with an attention head
     return 1 + getattr(config, "num_register_tokens", 0)  # CLS, then DINOv2's registers
 
 
@@ -102,12 +112,21 @@ def _clip_features(model: nn.Module, out) -> dict[str, torch.Tensor]:
     return {"embed": out.image_embeds, **token_features(tokens, 1)}  # embed: projected
 
 
+def _siglip_features(model: nn.Module, out) -> dict[str, torch.Tensor]:
+    # embed: the attention-pooled output, SigLIP's image embedding (it has no projection);
+    # patch_mean: the mean of its tokens after the final norm (it has no CLS token).
+    return {"embed": out.pooler_output, "patch_mean": out.last_hidden_state.mean(dim=1)}
+
+
 def _pooled_features(model: nn.Module, out) -> dict[str, torch.Tensor]:
     return {"pooled": out.pooler_output.flatten(1)}
 
 
 # The feature sets of a model's output, by _Type.features.
-_FEATURES = {"tokens": _token_features, "clip": _clip_features, "pooled": _pooled_features}
+_FEATURES = {
+    "tokens": _token_features, "clip": _clip_features, "siglip": _siglip_features,
+    "pooled": _pooled_features,
+}  # fmt: skip
 
 
 def _extract(kind: str, model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -155,6 +174,9 @@ def _feature_widths(config) -> tuple[tuple[str, int], ...]:
     t = _type(config.model_type, "the config")
     if t.features == "pooled":
         return (("pooled", config.hidden_sizes[-1]),)
+    if t.features == "siglip":
+        width = getattr(config, "vision_config", config).hidden_size
+        return (("embed", width), ("patch_mean", width))
     if t.features == "clip":
         vision = getattr(config, "vision_config", config)
         return (
@@ -196,6 +218,7 @@ def _pretrained(spec: BackboneSpec, weights: Path | None, model_type: str) -> nn
                 # Reshaped tensors land in the report (named below), not an anonymous error.
                 ignore_mismatched_sizes=True,
                 **dict(t.kwargs),
+                **dict(t.load),
                 **kwargs,
             )
     except OSError as exc:
@@ -220,9 +243,12 @@ def _config(spec: BackboneSpec):
     import transformers
 
     arch = dict(spec.arch)
-    if _type(arch["model_type"], spec.name).features == "clip":  # the vision tower's own
-        return transformers.CLIPVisionConfig(**{k: v for k, v in arch.items() if k != "model_type"})
-    return transformers.AutoConfig.for_model(**arch)
+    features = _type(arch.pop("model_type"), spec.name).features
+    if features == "clip":  # the image tower's own
+        return transformers.CLIPVisionConfig(**arch)
+    if features == "siglip":
+        return transformers.SiglipVisionConfig(**arch)
+    return transformers.AutoConfig.for_model(spec.arch["model_type"], **arch)
 
 
 def _clip_vision_config(where: str, source: str, local: bool):
@@ -276,7 +302,7 @@ def _random_hf(spec: BackboneSpec, root: Path) -> Path:
     common = dict(image_mean=list(spec.mean), image_std=list(spec.std), resample=resample)
     crop = {"height": spec.input_size, "width": spec.input_size}
     processor = getattr(transformers, t.processor)
-    if t.processor == "ViTImageProcessor":
+    if t.processor in ("ViTImageProcessor", "SiglipImageProcessor"):  # resized, no crop
         made = processor(size=crop, **common)
     elif t.processor == "ConvNextImageProcessor":
         made = processor(size={"shortest_edge": spec.input_size}, crop_pct=spec.crop_pct, **common)
@@ -452,76 +478,116 @@ def _resolve(repo: str, weights: Path | None) -> BackboneSpec:
 kind(
     "hf",
     resolve=_resolve,
-    help="a transformers vision model repo (ViT, DINOv2, CLIP's image tower, ConvNeXt, "
-    "ResNet): hf:facebook/dinov2-small; preprocessing from its image processor config; "
+    help="a transformers vision model repo (ViT, DINOv2, CLIP's or SigLIP's image tower, "
+    "ConvNeXt, ResNet): hf:facebook/dinov2-small; preprocessing from its image processor config; "
     "--weights DIR (save_pretrained of the model and its image processor) offline",
 )
 
 
 # ---------------------------------------------------------------------------------------------
-# CLIP's text tower (zero-shot classification: featcache zeroshot)
+# The text tower of CLIP and SigLIP (zero-shot classification: featcache zeroshot)
 
 
 @dataclass
 class TextTower:
-    """CLIP's text tower with its projection, its tokenizer, and the model's logit scale."""
+    """A CLIP or SigLIP text tower, its tokenizer, and the model's logit scale (and bias)."""
 
     model: nn.Module
     tokenizer: object
-    logit_scale: float  # exp of the checkpoint's logit_scale (CLIP's temperature)
+    logit_scale: float  # exp of the checkpoint's logit_scale (the inverse temperature)
+    logit_bias: float | None = None  # SigLIP's: its scores are sigmoid(scale * cos + bias)
+
+    @property
+    def scoring(self) -> str:
+        return "softmax" if self.logit_bias is None else "sigmoid"
 
     @torch.inference_mode()
     def embed(self, texts: list[str]) -> torch.Tensor:
-        """Unit-length projected text embeddings (len(texts), projection_dim), float32."""
-        longest = self.model.config.max_position_embeddings  # CLIP's 77 tokens
-        tokens = self.tokenizer(texts, padding=True, truncation=True, max_length=longest,
-                                return_tensors="pt")  # fmt: skip
-        out = self.model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
-        return torch.nn.functional.normalize(out.text_embeds.float(), dim=-1)
+        """Unit-length text embeddings (len(texts), width), float32: CLIP's projected
+        end-of-text token; SigLIP's last token through its head, the texts padded to the
+        length SigLIP was trained with (64) and no attention mask, as its processor does."""
+        longest = self.model.config.max_position_embeddings  # CLIP's 77 tokens, SigLIP's 64
+        if self.scoring == "softmax":
+            tokens = self.tokenizer(texts, padding=True, truncation=True, max_length=longest,
+                                    return_tensors="pt")  # fmt: skip
+            out = self.model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
+            embeds = out.text_embeds
+        else:
+            tokens = self.tokenizer(texts, padding="max_length", truncation=True,
+                                    max_length=longest, return_tensors="pt")  # fmt: skip
+            embeds = self.model(input_ids=tokens["input_ids"]).pooler_output
+        return torch.nn.functional.normalize(embeds.float(), dim=-1)
+
+
+_TEXT_TOWERS = {"clip": ("clip", "clip_vision_model"), "siglip": ("siglip", "siglip_vision_model")}
 
 
 def load_text_tower(
     spec: BackboneSpec, weights: Path | None, revision: str | None = None
 ) -> TextTower:
-    """The text tower of a CLIP entry's own weights (the whole CLIP repo at ``revision``, or a
-    save_pretrained directory of CLIPModel with its tokenizer), loaded strictly: every text
-    tensor read."""
+    """The text tower of a CLIP or SigLIP entry's own weights (the whole repo at
+    ``revision``, or a save_pretrained directory of the whole model with its tokenizer),
+    loaded strictly: every text tensor read."""
     import transformers
 
-    if spec.family != "hf" or spec.arch.get("model_type") not in ("clip", "clip_vision_model"):
+    model_type = spec.arch.get("model_type") if spec.family == "hf" else None
+    family = next((f for f, types in _TEXT_TOWERS.items() if model_type in types), None)
+    if family is None:
         raise UnsupportedModelError(
-            f"{spec.name} is not a CLIP model: zero-shot classification needs CLIP's text "
-            "tower (clip-vitb16, or an hf: CLIP repo)"
+            f"{spec.name} is not a CLIP or SigLIP model: zero-shot classification needs their "
+            "text tower (clip-vitb16, or an hf: CLIP or SigLIP repo)"
         )
     where = str(weights or spec.weights_id)
     source = f"--weights {weights}" if weights is not None else spec.weights_id
     try:
         hub = {} if weights is not None else {"revision": revision}
         config = transformers.AutoConfig.from_pretrained(where, **hub)
-        if config.model_type != "clip":
+        if config.model_type != family:
             raise WeightsError(
-                f"{source} holds CLIP's image tower only ({config.model_type}); zero-shot "
-                "needs the whole CLIP model (save_pretrained of CLIPModel and its tokenizer)"
+                f"{source} holds the image tower only ({config.model_type}); zero-shot needs the "
+                "whole model (save_pretrained of the model and its tokenizer)"
             )
-        # The text config with the model's projection width (from_pretrained of the text
-        # config alone would drop projection_dim, a top-level field, for its default).
-        text = transformers.CLIPTextConfig(
-            **config.text_config.to_dict() | {"projection_dim": config.projection_dim}
-        )
         with _quiet(transformers):
-            model, info = transformers.CLIPTextModelWithProjection.from_pretrained(
-                where, config=text, use_safetensors=True, output_loading_info=True,
-                ignore_mismatched_sizes=True,  # reshaped tensors land in the report (refused)
-                **hub,
-            )  # fmt: skip
-        tokenizer = transformers.AutoTokenizer.from_pretrained(where, **hub)
-        scale = _checkpoint_tensor(where, "logit_scale", weights is not None, revision)
+            model, info = _text_model(transformers, family, config, where, hub)
+        try:
+            tokenizer = transformers.AutoTokenizer.from_pretrained(where, **hub)
+        except ImportError as exc:  # SigLIP's SentencePiece tokenizer, its library missing
+            raise UnsupportedModelError(
+                f"{source}: its tokenizer needs a library that is not installed ({exc}); for "
+                "SigLIP: pip install 'featcache[siglip]' (sentencepiece and protobuf)"
+            ) from None
+        local = weights is not None
+        scale = _checkpoint_tensor(where, "logit_scale", local, revision)
+        bias = (
+            _checkpoint_tensor(where, "logit_bias", local, revision) if family == "siglip" else None
+        )
     except OSError as exc:
         if weights is not None:
-            raise WeightsError(f"{source}: no CLIP text tower or tokenizer in it ({exc})") from exc
+            raise WeightsError(f"{source}: no text tower or tokenizer in it ({exc})") from exc
         raise no_hub_error(spec.name, spec.weights_id, exc) from exc
-    check_loading_info(source, info, ("vision_model.", "visual_projection.", "logit_scale"))
-    return TextTower(model.eval().requires_grad_(False), tokenizer, float(scale.exp()))
+    image = ("vision_model.", "visual_projection.", "logit_scale", "logit_bias")
+    check_loading_info(source, info, image)
+    return TextTower(
+        model.eval().requires_grad_(False), tokenizer, float(scale.exp()),
+        None if bias is None else float(bias),
+    )  # fmt: skip
+
+
+def _text_model(transformers, family: str, config, where: str, hub: dict):
+    """(model, loading report) of the text tower, with what from_pretrained would lose."""
+    common = dict(
+        use_safetensors=True, output_loading_info=True, ignore_mismatched_sizes=True, **hub
+    )  # reshaped tensors land in the report
+    if family == "siglip":  # its text tower keeps its tensors under text_model.
+        return transformers.SiglipTextModel.from_pretrained(
+            where, config=config.text_config, key_mapping={r"^text_model\.": ""}, **common
+        )
+    # CLIP's text config with the model's projection width (from_pretrained of the text
+    # config alone would drop projection_dim, a top-level field, for its default).
+    text = transformers.CLIPTextConfig(
+        **config.text_config.to_dict() | {"projection_dim": config.projection_dim}
+    )
+    return transformers.CLIPTextModelWithProjection.from_pretrained(where, config=text, **common)
 
 
 def _checkpoint_tensor(where: str, name: str, local: bool, revision=None) -> torch.Tensor:

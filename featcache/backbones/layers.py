@@ -76,7 +76,8 @@ def layer_features(key: int | str, out, prefix: int) -> dict[str, torch.Tensor]:
         return {f"{name}.pooled": out.mean(dim=(2, 3))}
     if out.ndim == 3:  # (B, tokens, D)
         patches = out[:, prefix:] if out.shape[1] > prefix else out
-        return {f"{name}.cls": out[:, 0], f"{name}.patch_mean": patches.mean(dim=1)}
+        first = {f"{name}.cls": out[:, 0]} if prefix else {}  # no CLS token (SigLIP): none
+        return {**first, f"{name}.patch_mean": patches.mean(dim=1)}
     if out.ndim == 2:
         return {f"{name}.out": out}
     raise ArgumentError(f"--layers: {key} gives a {out.ndim}-d output; featcache reads 2-4-d ones")

@@ -61,7 +61,7 @@ METHODS = {
         Method("shots", "featcache.evaluation.shots", "ShotsConfig",
                "label efficiency: probe and k-NN with k labelled images per class"),
         Method("zeroshot", "featcache.evaluation.zeroshot", "ZeroshotConfig",
-               "CLIP zero-shot: class names through prompt templates, cosine to embed",
+               "CLIP/SigLIP zero-shot: class names through prompt templates, cosine to embed",
                pair=False),
         Method("similarity", "featcache.evaluation.similarity", "SimilarityConfig",
                "CKA (linear, unbiased, RBF) and RSA between feature sets, by image id",

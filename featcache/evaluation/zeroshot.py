@@ -1,7 +1,12 @@
-"""Zero-shot classification of stored CLIP image embeddings (``embed``), CLIP's protocol:
-cosine similarity to each class's text embedding (``S.zeroshot.npz``, made with the store's
-own text tower by ``featcache zeroshot``: extraction/zeroshot.py), times the model's logit
-scale; top-1, top-5 and mean per-class recall with the top-1's bootstrap interval."""
+"""Zero-shot classification of stored CLIP or SigLIP image embeddings (``embed``): cosine
+similarity to each class's text embedding (``S.zeroshot.npz``, made with the store's own text
+tower by ``featcache zeroshot``: extraction/zeroshot.py), times the model's logit scale;
+CLIP's classes compete in a softmax, SigLIP's are scored each on its own, sigmoid(scale * cos
++ bias). Top-1, top-5 and mean per-class recall with the top-1's bootstrap interval.
+
+The sigmoid and the softmax are monotone in the logits, so the classes rank by the logits
+themselves (where the sigmoid would round two high scores to the same 1.0, the logits still
+order them)."""
 
 from __future__ import annotations
 
@@ -21,7 +26,7 @@ class ZeroshotConfig:
     templates: str = "openai"
     # A file with one class name a line, in label order (default: the store's class names).
     classnames: str | None = None
-    # The CLIP weights the store was made with, where they are local (as extract --weights).
+    # The weights the store was made with, where they are local (as extract --weights).
     weights: str | None = None
     split: str = "test"
 
@@ -29,7 +34,7 @@ class ZeroshotConfig:
 def zeroshot(data: Splits, cfg: ZeroshotConfig) -> dict:
     if data.store is None or data.feature != "embed":
         raise FeatcacheError(
-            "zero-shot scores a CLIP store's projected image embeddings: its 'embed' feature "
+            "zero-shot scores a CLIP or SigLIP store's image embeddings: its 'embed' feature "
             f"set (not {data.feature!r})"
         )
     path = zeroshot_path(data.store.path)
@@ -46,7 +51,9 @@ def zeroshot(data: Splits, cfg: ZeroshotConfig) -> dict:
                              "run featcache zeroshot again")  # fmt: skip
     x = data.x(cfg.split)
     x = x / np.linalg.norm(x, axis=1, keepdims=True).clip(1e-12)
-    scores = float(head["logit_scale"]) * (x @ head["head"].T)
+    bias = float(head["logit_bias"]) if "logit_bias" in head else float("nan")
+    sigmoid = not np.isnan(bias)  # SigLIP's scoring; NaN: CLIP's softmax
+    scores = float(head["logit_scale"]) * (x @ head["head"].T) + (bias if sigmoid else 0.0)
     labels = data.labels[cfg.split]
     return {
         "split": cfg.split,
@@ -56,5 +63,7 @@ def zeroshot(data: Splits, cfg: ZeroshotConfig) -> dict:
         },  # fmt: skip
         "classnames": head["classnames"].tolist(),
         "templates": len(head["templates"]),
+        "scoring": "sigmoid" if sigmoid else "softmax",
         "logit_scale": float(head["logit_scale"]),
+        **({"logit_bias": bias} if sigmoid else {}),
     }

@@ -1,12 +1,13 @@
-"""Zero-shot classifiers from CLIP's text tower (Radford et al. 2021, "Learning Transferable
-Visual Models From Natural Language Supervision"; CLIP_benchmark's zero-shot protocol).
+"""Zero-shot classifiers from the text tower of CLIP (Radford et al. 2021, "Learning
+Transferable Visual Models From Natural Language Supervision") or SigLIP (Zhai et al. 2023,
+"Sigmoid Loss for Language Image Pre-Training"); CLIP_benchmark's zero-shot protocol.
 
 Each class name goes through every prompt template (``{c}`` marks the name) into the text
-tower of the store's own CLIP weights; the unit-length embeddings are averaged per class and
-normalised again (CLIP's ``zeroshot_classifier``). The classifier, with the model's logit
-scale, is written beside the store (``S.zeroshot.npz``): making it needs a model (stage 1,
-this module), scoring the stored ``embed`` features against it does not
-(``evaluation/zeroshot.py``).
+tower of the store's own weights; the unit-length embeddings are averaged per class and
+normalised again (CLIP's ``zeroshot_classifier``, which CLIP_benchmark and open_clip use for
+SigLIP too). The classifier, with the model's logit scale (and SigLIP's logit bias), is
+written beside the store (``S.zeroshot.npz``): making it needs a model (stage 1, this
+module), scoring the stored ``embed`` features against it does not (``evaluation/zeroshot.py``).
 """
 
 from __future__ import annotations
@@ -78,13 +79,14 @@ def classnames_of(store: Store, path: str | None) -> list[str]:
 
 def write_head(store_path, templates: str = "openai", classnames: str | None = None,
                weights: str | None = None) -> Path:  # fmt: skip
-    """The zero-shot classifier of a CLIP store, written beside it; returns its path."""
+    """The zero-shot classifier of a CLIP or SigLIP store, written beside it; returns its
+    path."""
     store = Store(store_path)
     name = store.fields["backbone"]["name"]
     if "embed" not in store.feature_sets:
         raise FeatcacheError(
-            f"{store.path} was made with {name}, which has no projected image embedding "
-            "('embed'): zero-shot classification needs a CLIP store (e.g. clip-vitb16)"
+            f"{store.path} was made with {name}, which has no image embedding ('embed'): "
+            "zero-shot classification needs a CLIP or SigLIP store (e.g. clip-vitb16)"
         )
     spec = get_spec(name, weights)
     made_with, revision = store.fields["weights"], None
@@ -108,6 +110,8 @@ def write_head(store_path, templates: str = "openai", classnames: str | None = N
         buf,
         head=head.numpy().astype(np.float32),
         logit_scale=np.float64(tower.logit_scale),
+        # SigLIP's bias (its scores: sigmoid(scale * cos + bias)); NaN for CLIP's softmax.
+        logit_bias=np.float64(np.nan if tower.logit_bias is None else tower.logit_bias),
         classnames=np.array(names),
         templates=np.array(prompts),
         spec=np.array([templates, classnames or ""]),  # what was asked: scoring checks it
