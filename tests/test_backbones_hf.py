@@ -87,7 +87,7 @@ def _reference(repo: str, model, pixels: torch.Tensor) -> dict[str, torch.Tensor
     if "siglip" in repo:
         out = model.vision_model(pixel_values=pixels)
         return {
-            "embed": model.get_image_features(pixel_values=pixels).pooler_output,
+            "embed": out.pooler_output,  # get_image_features: the head's attention pooling
             "patch_mean": out.last_hidden_state.mean(1),  # no CLS: every token
         }
     if "resnet" in repo or "convnext" in repo:

@@ -131,11 +131,17 @@ def test_bad_input_is_a_clear_error(clip, tmp_path, image_folder):
         featcache.zeroshot(tiny)
 
 
-def test_templates_are_averaged_as_clips_zeroshot_classifier_and_only_embed_is_scored(clip):
+def test_templates_are_averaged_as_clips_zeroshot_classifier_and_only_embed_is_scored(
+    clip, monkeypatch
+):
     """Several templates: each prompt's embedding normalised, averaged per class, normalised
-    again (CLIP's zeroshot_classifier, transcribed with transformers' CLIPModel)."""
+    again (CLIP's zeroshot_classifier, transcribed with transformers' CLIPModel); the 9
+    prompts through the text tower two at a time."""
     import transformers
 
+    from featcache.extraction import zeroshot
+
+    monkeypatch.setattr(zeroshot, "PROMPT_BATCH", 2)
     prompts = clip["root"] / "two.txt"
     prompts.write_text("a photo of a {c}.\nitap of a {c}.\na {c} in a video game.\n")
     featcache.zeroshot(clip["store"], weights=str(clip["weights"]), templates=str(prompts))
@@ -229,3 +235,29 @@ def test_siglip_scores_equal_siglipmodels_logits_from_the_same_images(tmp_path):
     assert result.data["scoring"] == "sigmoid"
     assert result.data["logit_scale"] == pytest.approx(10.0)
     assert result.data["logit_bias"] == pytest.approx(-2.5)
+
+
+def test_siglip_2s_gemma_vocabulary_gets_the_lowercased_text_it_was_trained_on():
+    """SigLIP 2 repos name a GemmaTokenizer, which keeps case; SigLIP 2 was trained on
+    lowercased text (transformers' Siglip2Tokenizer lowercases): the prompts are lowercased."""
+    import transformers
+
+    from featcache.backbones.hf_models import TextTower
+
+    chars = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ.▁"
+    special = ("<pad>", "<eos>", "<bos>", "<unk>", "<mask>")
+    vocab = {t: i for i, t in enumerate((*special, *chars))}
+    gemma = transformers.GemmaTokenizer(vocab=vocab, merges=[])
+    assert gemma("A Cat")["input_ids"] != gemma("a cat")["input_ids"]
+    text = transformers.SiglipTextConfig(
+        vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=2, max_position_embeddings=16,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    tower = TextTower(transformers.SiglipTextModel(text).eval(), gemma, 10.0, -2.5)
+    torch.testing.assert_close(
+        tower.embed(["A Photo of a CAT."]), tower.embed(["a photo of a cat."])
+    )
+    assert not torch.allclose(
+        tower.embed(["a photo of a cat."]), tower.embed(["a photo of a dog."])
+    )

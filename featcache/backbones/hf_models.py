@@ -49,14 +49,11 @@ class _Type:
     features: str  # "tokens", "clip", "siglip" or "pooled": which extractor
     heads: tuple[str, ...]  # checkpoint tensors that no feature uses (task heads, text tower)
     processor: str  # the image processor class, for random weights saved as a repo
-    kwargs: tuple[tuple[str, object], ...] = ()  # for the model class, built or loaded
-    load: tuple[tuple[str, object], ...] = ()  # for from_pretrained only
+    kwargs: tuple[tuple[str, object], ...] = ()
 
 
 _CLIP_TEXT = ("text_model.", "text_projection.", "logit_scale")
 _SIGLIP_TEXT = ("text_model.", "logit_scale", "logit_bias")
-# A whole SigLIP repo keeps its image tower under vision_model.: loaded as SiglipVisionModel.
-_SIGLIP_VISION = (("key_mapping", {r"^vision_model\.": ""}),)
 _TYPES = {
     "vit": _Type("ViTModel", "tokens", ("classifier.", "pooler."), "ViTImageProcessor",
                  (("add_pooling_layer", False),)),
@@ -69,10 +66,10 @@ _TYPES = {
     "clip_vision_model": _Type(
         "CLIPVisionModelWithProjection", "clip", _CLIP_TEXT, "CLIPImageProcessor"
     ),
-    "siglip": _Type("SiglipVisionModel", "siglip", _SIGLIP_TEXT, "SiglipImageProcessor",
-                    load=_SIGLIP_VISION),
-    "siglip_vision_model": _Type("SiglipVisionModel", "siglip", _SIGLIP_TEXT,
-                                 "SiglipImageProcessor", load=_SIGLIP_VISION),
+    "siglip": _Type("SiglipVisionModel", "siglip", _SIGLIP_TEXT, "SiglipImageProcessor"),
+    "siglip_vision_model": _Type(
+        "SiglipVisionModel", "siglip", _SIGLIP_TEXT, "SiglipImageProcessor"
+    ),
     "convnext": _Type("ConvNextModel", "pooled", ("classifier.",), "ConvNextImageProcessor"),
     "resnet": _Type("ResNetModel", "pooled", ("classifier.",), "ConvNextImageProcessor"),
 }  # fmt: skip
@@ -113,9 +110,11 @@ def _clip_features(model: nn.Module, out) -> dict[str, torch.Tensor]:
 
 
 def _siglip_features(model: nn.Module, out) -> dict[str, torch.Tensor]:
-    # embed: the attention-pooled output, SigLIP's image embedding (it has no projection);
-    # patch_mean: the mean of its tokens after the final norm (it has no CLS token).
-    return {"embed": out.pooler_output, "patch_mean": out.last_hidden_state.mean(dim=1)}
+    # embed: the attention-pooled output, SigLIP's image embedding (it has no projection;
+    # none where the model has no head); patch_mean: the mean of its tokens after the final
+    # norm (it has no CLS token).
+    pooled = {} if out.pooler_output is None else {"embed": out.pooler_output}
+    return {**pooled, "patch_mean": out.last_hidden_state.mean(dim=1)}
 
 
 def _pooled_features(model: nn.Module, out) -> dict[str, torch.Tensor]:
@@ -175,8 +174,11 @@ def _feature_widths(config) -> tuple[tuple[str, int], ...]:
     if t.features == "pooled":
         return (("pooled", config.hidden_sizes[-1]),)
     if t.features == "siglip":
-        width = getattr(config, "vision_config", config).hidden_size
-        return (("embed", width), ("patch_mean", width))
+        vision = getattr(config, "vision_config", config)
+        pooled = (
+            (("embed", vision.hidden_size),) if getattr(vision, "vision_use_head", True) else ()
+        )
+        return (*pooled, ("patch_mean", vision.hidden_size))
     if t.features == "clip":
         vision = getattr(config, "vision_config", config)
         return (
@@ -218,7 +220,6 @@ def _pretrained(spec: BackboneSpec, weights: Path | None, model_type: str) -> nn
                 # Reshaped tensors land in the report (named below), not an anonymous error.
                 ignore_mismatched_sizes=True,
                 **dict(t.kwargs),
-                **dict(t.load),
                 **kwargs,
             )
     except OSError as exc:
@@ -513,6 +514,11 @@ class TextTower:
             out = self.model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
             embeds = out.text_embeds
         else:
+            if type(self.tokenizer).__name__.startswith("Gemma"):
+                # SigLIP 2 (a Gemma vocabulary) was trained on lowercased text: transformers'
+                # Siglip2Tokenizer lowercases, the GemmaTokenizer its FixRes repos name does
+                # not (SigLIP's own SentencePiece tokenizer lowercases by itself).
+                texts = [t.lower() for t in texts]
             tokens = self.tokenizer(texts, padding="max_length", truncation=True,
                                     max_length=longest, return_tensors="pt")  # fmt: skip
             embeds = self.model(input_ids=tokens["input_ids"]).pooler_output
@@ -556,6 +562,11 @@ def load_text_tower(
                 f"{source}: its tokenizer needs a library that is not installed ({exc}); for "
                 "SigLIP: pip install 'featcache[siglip]' (sentencepiece and protobuf)"
             ) from None
+        except ValueError as exc:  # no tokenizer config transformers recognises
+            raise WeightsError(
+                f"{source}: no tokenizer featcache can load ({exc}); save the model's tokenizer "
+                "there with save_pretrained"
+            ) from None
         local = weights is not None
         scale = _checkpoint_tensor(where, "logit_scale", local, revision)
         bias = (
@@ -578,9 +589,9 @@ def _text_model(transformers, family: str, config, where: str, hub: dict):
     common = dict(
         use_safetensors=True, output_loading_info=True, ignore_mismatched_sizes=True, **hub
     )  # reshaped tensors land in the report
-    if family == "siglip":  # its text tower keeps its tensors under text_model.
+    if family == "siglip":
         return transformers.SiglipTextModel.from_pretrained(
-            where, config=config.text_config, key_mapping={r"^text_model\.": ""}, **common
+            where, config=config.text_config, **common
         )
     # CLIP's text config with the model's projection width (from_pretrained of the text
     # config alone would drop projection_dim, a top-level field, for its default).

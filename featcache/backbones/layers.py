@@ -6,7 +6,8 @@ stages, SimCLR's stages; and how one pass yields their outputs: timm's
 ``forward_intermediates``, transformers' ``output_hidden_states``, else forward hooks (which
 also serve any other named module). Each chosen layer gives feature sets named by its index:
 ``layer.<i>.cls`` and ``layer.<i>.patch_mean`` for token outputs (the first token and the mean
-of the patch tokens), ``layer.<i>.pooled`` (the spatial mean) for feature maps; a module named
+of the patch tokens; a model without a CLS token, SigLIP's, only the mean of every token),
+``layer.<i>.pooled`` (the spatial mean) for feature maps; a module named
 outside the layers is ``layer.<name>.<kind>``. Outputs are the modules' own, before any final
 norm (so ``layer.<last>.cls`` is not ``cls``, which is normed), as a forward hook sees them.
 

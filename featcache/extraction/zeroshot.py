@@ -24,6 +24,8 @@ from featcache.errors import ArgumentError, FeatcacheError
 from featcache.io import write_atomic
 from featcache.store import Store, zeroshot_path
 
+PROMPT_BATCH = 256  # prompts through the text tower at a time
+
 # CLIP's 18 templates for CIFAR-10 and CIFAR-100 (openai/CLIP, data/prompts.md).
 OPENAI_CIFAR = (
     "a photo of a {c}.",
@@ -102,8 +104,12 @@ def write_head(store_path, templates: str = "openai", classnames: str | None = N
         )
     names, prompts = classnames_of(store, classnames), templates_of(templates)
     tower = load_text_tower(spec, Path(weights).expanduser() if weights else None, revision)
-    # Every prompt in one batch; each class's embeddings averaged, then normalised again.
-    every = tower.embed([t.format(c=c) for c in names for t in prompts])
+    # Prompts in batches of PROMPT_BATCH (1000 classes x 18 templates padded to SigLIP's 64
+    # tokens would hold gigabytes of activations at once); each class's embeddings averaged,
+    # then normalised again.
+    texts = [t.format(c=c) for c in names for t in prompts]
+    every = torch.cat([tower.embed(texts[i : i + PROMPT_BATCH])
+                       for i in range(0, len(texts), PROMPT_BATCH)])  # fmt: skip
     head = torch.nn.functional.normalize(every.view(len(names), len(prompts), -1).mean(1), dim=1)
     buf = io.BytesIO()
     np.savez(
