@@ -32,6 +32,7 @@ demo: $(STAMP)           ## extract, probe and k-NN with efficientnet-lite0 on C
 	$(PY) scripts/demo.py
 
 bench: $(STAMP)          ## side-by-side benchmarks, written to BENCHMARKS.md
+	$(PY) -m pip install -q --no-deps open_clip_torch  # CLIP's BPE vocabulary (zeroshot)
 	$(PY) bench/run.py
 
 lint: $(STAMP)
