@@ -27,10 +27,7 @@ def _tiny_clip(path, seed=0):
     import transformers
 
     path.mkdir()
-    chars = _byte_alphabet()
-    vocab = {t: i for i, t in enumerate(chars + [c + "</w>" for c in chars])}
-    vocab |= {"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1}
-    transformers.CLIPTokenizer(vocab=vocab, merges=[]).save_pretrained(path)
+    vocab = _save_character_tokenizer(path)
     eos = vocab["<|endoftext|>"]
     text = dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                 num_attention_heads=2, max_position_embeddings=64, eos_token_id=eos,
@@ -45,6 +42,18 @@ def _tiny_clip(path, seed=0):
         resample=3, image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD),
     ).save_pretrained(path)  # fmt: skip
     return path
+
+
+def _save_character_tokenizer(path) -> dict[str, int]:
+    """CLIP's tokenizer with its byte alphabet and no merges (one token a character), saved
+    in ``path``; returns its vocabulary."""
+    import transformers
+
+    chars = _byte_alphabet()
+    vocab = {t: i for i, t in enumerate(chars + [c + "</w>" for c in chars])}
+    vocab |= {"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1}
+    transformers.CLIPTokenizer(vocab=vocab, merges=[]).save_pretrained(path)
+    return vocab
 
 
 def _byte_alphabet() -> list[str]:
@@ -176,10 +185,7 @@ def _tiny_siglip(path):
     import transformers
 
     path.mkdir()
-    chars = _byte_alphabet()
-    vocab = {t: i for i, t in enumerate(chars + [c + "</w>" for c in chars])}
-    vocab |= {"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1}
-    transformers.CLIPTokenizer(vocab=vocab, merges=[]).save_pretrained(path)
+    vocab = _save_character_tokenizer(path)
     text = dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                 num_attention_heads=2, max_position_embeddings=64)  # fmt: skip
     vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
