@@ -149,6 +149,17 @@ def tiny_extract_args(folder, out, *extra) -> list[str]:
     ]
 
 
+def tiny_config(dataset, out, **fields):
+    """The ExtractConfig of the tiny backbone over an image folder (or a dataset spec), in
+    this process (no loader workers, no progress bar)."""
+    from featcache.extraction.extract import ExtractConfig
+
+    spec = dataset if ":" in str(dataset) else f"imagefolder:{dataset}"
+    return ExtractConfig(
+        backbone="test-tiny", dataset=spec, out=str(out), workers=0, progress=False, **fields
+    )
+
+
 def tiny_extract(folder, out, *extra) -> list[str]:
     """The same as a command line for a separate process (tests/tinycli.py)."""
     return [sys.executable, str(TINYCLI), *tiny_extract_args(folder, out, *extra)]

@@ -6,11 +6,11 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import make_image_folder
+from conftest import make_image_folder, tiny_config
 
 from featcache.datasets import load_dataset
 from featcache.errors import DatasetError
-from featcache.extraction.extract import ExtractConfig, extract
+from featcache.extraction.extract import extract
 from featcache.store import Store
 
 datasets = pytest.importorskip("datasets")
@@ -43,12 +43,6 @@ def _dataset_dict(folder, label_feature=True):
     return DatasetDict(out), ref
 
 
-def _config(dataset, out, **kw):
-    return ExtractConfig(
-        backbone="test-tiny", dataset=dataset, out=str(out), workers=0, progress=False, **kw
-    )
-
-
 def test_a_saved_dataset_reads_as_its_image_folder_with_classlabel_names(folder, tmp_path):
     dd, ref = _dataset_dict(folder)
     dd.save_to_disk(tmp_path / "saved")  # the images' bytes go into the Arrow files
@@ -67,8 +61,8 @@ def test_a_saved_dataset_reads_as_its_image_folder_with_classlabel_names(folder,
 def test_a_saved_dataset_extracts_to_the_folders_features(folder, tmp_path):
     dd, _ = _dataset_dict(folder)
     dd.save_to_disk(tmp_path / "saved")
-    a = Store(extract(_config(f"hfds-disk:{tmp_path / 'saved'}", tmp_path / "a.h5")).path)
-    b = Store(extract(_config(f"imagefolder:{folder}", tmp_path / "b.h5")).path)
+    a = Store(extract(tiny_config(f"hfds-disk:{tmp_path / 'saved'}", tmp_path / "a.h5")).path)
+    b = Store(extract(tiny_config(f"imagefolder:{folder}", tmp_path / "b.h5")).path)
     assert a.info()["fields"]["dataset"]["kind"] == "hfds-disk"
     for split in ("train", "test"):
         x, y = a.load(split, "pooled"), b.load(split, "pooled")
@@ -81,8 +75,10 @@ def test_a_parquet_folder_loads_offline_and_splits_map_by_name(folder, tmp_path)
     for split, ds in dd.items():  # as a Hub repo lays its parquet files out
         ds.to_parquet(tmp_path / "pq" / f"{'validation' if split == 'test' else split}.parquet")
     with pytest.raises(DatasetError, match=r"has no 'test' split \(it has: \['train'"):
-        extract(_config(f"hfds:{tmp_path / 'pq'}", tmp_path / "s.h5"))
-    cfg = _config(f"hfds:{tmp_path / 'pq'}", tmp_path / "s.h5", splits=("train", "test=validation"))
+        extract(tiny_config(f"hfds:{tmp_path / 'pq'}", tmp_path / "s.h5"))
+    cfg = tiny_config(
+        f"hfds:{tmp_path / 'pq'}", tmp_path / "s.h5", splits=("train", "test=validation")
+    )
     store = Store(extract(cfg).path)
     test = store.load("test", "pooled")
     assert test.ids[0] == "validation/0" and test.labels.tolist() == ref["test"].labels.tolist()
@@ -104,7 +100,7 @@ def test_columns_are_chosen_by_option_and_text_labels_become_classes(folder, tmp
     assert numbers.class_names == ["0", "1", "2"]
     with pytest.raises(DatasetError, match="has no column 'nope'"):
         load_dataset(spec, image_column="nope", label_column="label")
-    store = Store(extract(_config(spec, tmp_path / "s.h5", label_column="species")).path)
+    store = Store(extract(tiny_config(spec, tmp_path / "s.h5", label_column="species")).path)
     assert store.info()["fields"]["dataset"].get("image_column") is None  # found by its type
     assert store.config["label_column"] == "species"
 

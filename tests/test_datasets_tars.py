@@ -8,12 +8,12 @@ import tarfile
 
 import numpy as np
 import pytest
-from conftest import assert_equal_stores, make_image_folder, make_webdataset
+from conftest import assert_equal_stores, make_image_folder, make_webdataset, tiny_config
 
 from featcache.datasets import load_dataset
 from featcache.datasets.tars import expand_braces
 from featcache.errors import BadImageError, DatasetError
-from featcache.extraction.extract import ExtractConfig, extract
+from featcache.extraction.extract import extract
 from featcache.store import Store
 
 
@@ -25,12 +25,6 @@ def folder(tmp_path):
 @pytest.fixture
 def shards(folder, tmp_path):
     return make_webdataset(folder, tmp_path / "wds")
-
-
-def _config(dataset, out, **kw):
-    return ExtractConfig(
-        backbone="test-tiny", dataset=dataset, out=str(out), workers=0, progress=False, **kw
-    )
 
 
 def test_shards_list_the_folders_samples_without_decoding_and_load_its_pixels(folder, shards):
@@ -53,8 +47,8 @@ def test_shards_list_the_folders_samples_without_decoding_and_load_its_pixels(fo
 
 def test_a_webdataset_extracts_to_the_folders_features(folder, shards, tmp_path):
     """The shards hold the folder's files: the same pixels, the same features, image by image."""
-    a = extract(_config(f"wds:{shards}", tmp_path / "wds.h5")).path
-    b = extract(_config(f"imagefolder:{folder}", tmp_path / "folder.h5")).path
+    a = extract(tiny_config(f"wds:{shards}", tmp_path / "wds.h5")).path
+    b = extract(tiny_config(f"imagefolder:{folder}", tmp_path / "folder.h5")).path
     sa, sb = Store(a), Store(b)
     assert sa.config["dataset"] == f"wds:{shards}"
     assert sa.info()["fields"]["dataset"]["kind"] == "wds"
@@ -152,16 +146,16 @@ def test_a_broken_image_in_a_good_shard_names_it_and_is_a_recorded_skip(shards, 
     split = load_dataset(f"wds:{shards}", splits=("test",))["test"]
     with pytest.raises(BadImageError, match=r"0.tar:zz_broken.jpg"):
         split.load(split.ids.index("zz_broken"))
-    result = extract(_config(f"wds:{shards}", tmp_path / "s.h5", skip_bad=True))
+    result = extract(tiny_config(f"wds:{shards}", tmp_path / "s.h5", skip_bad=True))
     assert result.skipped == {"train": [], "test": ["zz_broken"]}
     assert "zz_broken" not in Store(result.path).load("test", "pooled").ids
 
 
 def test_class_balanced_subsets_of_a_webdataset_are_those_of_its_ids(shards, tmp_path):
-    store = Store(extract(_config(f"wds:{shards}", tmp_path / "s.h5", train_per_class=2)).path)
+    store = Store(extract(tiny_config(f"wds:{shards}", tmp_path / "s.h5", train_per_class=2)).path)
     train = store.load("train", "pooled")
     assert len(train.ids) == 6 and np.bincount(train.labels).tolist() == [2, 2, 2]
-    again = extract(_config(f"wds:{shards}", tmp_path / "s.h5", train_per_class=2))
+    again = extract(tiny_config(f"wds:{shards}", tmp_path / "s.h5", train_per_class=2))
     assert again.images == 0  # the same fingerprint: nothing to do
     assert_equal_stores(store.path, again.path)
 

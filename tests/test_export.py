@@ -9,7 +9,7 @@ from click.testing import CliRunner
 import featcache
 from featcache.cli import main
 from featcache.errors import OutputError
-from featcache.extraction.extract import ExtractConfig, extract
+from featcache.extraction.extract import extract
 from featcache.store import Store
 
 pq = pytest.importorskip("pyarrow.parquet")
@@ -17,21 +17,13 @@ pq = pytest.importorskip("pyarrow.parquet")
 
 @pytest.fixture(scope="module")
 def stores(tmp_path_factory):
-    from conftest import make_image_folder
+    from conftest import make_image_folder, tiny_config
 
     root = tmp_path_factory.mktemp("export")
     folder = make_image_folder(root / "images", train=5, test=3)
     out = {}
     for dtype in ("float32", "float16"):
-        cfg = ExtractConfig(
-            backbone="test-tiny",
-            dataset=f"imagefolder:{folder}",
-            out=str(root / f"{dtype}.h5"),
-            workers=0,
-            progress=False,
-            dtype=dtype,
-        )
-        out[dtype] = extract(cfg).path
+        out[dtype] = extract(tiny_config(folder, root / f"{dtype}.h5", dtype=dtype)).path
     return out
 
 

@@ -9,7 +9,7 @@ import sys
 from dataclasses import replace
 
 import pytest
-from conftest import make_image_folder
+from conftest import make_image_folder, tiny_config
 
 from featcache.extraction.extract import ExtractConfig, extract
 from featcache.store import Store
@@ -20,15 +20,7 @@ from featcache.studies.report import ReportConfig, build_report, result_path
 def stores(image_folder, tmp_path):
     out = []
     for name, views in (("plain", 1), ("views", 3)):
-        cfg = ExtractConfig(
-            backbone="test-tiny",
-            dataset=f"imagefolder:{image_folder}",
-            out=str(tmp_path / f"{name}.h5"),
-            workers=0,
-            views=views,
-            progress=False,
-        )
-        out.append(extract(cfg).path)
+        out.append(extract(tiny_config(image_folder, tmp_path / f"{name}.h5", views=views)).path)
     return out
 
 

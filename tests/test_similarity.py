@@ -7,13 +7,13 @@ import json
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import make_image_folder
+from conftest import make_image_folder, tiny_config
 
 import featcache
 from featcache.cli import main
 from featcache.errors import StoreError
 from featcache.evaluation.similarity import centred, linear_cka, rbf_cka, rsa
-from featcache.extraction.extract import ExtractConfig, extract
+from featcache.extraction.extract import extract
 
 
 # --- The reference: Kornblith et al. (2019)'s published code, transcribed with numpy. --------
@@ -121,10 +121,7 @@ def stores(tmp_path_factory):
     folder = make_image_folder(root / "images", train=2, test=40)
 
     def make(name, **kw):
-        cfg = ExtractConfig(backbone="test-tiny", dataset=f"imagefolder:{folder}",
-                            out=str(root / f"{name}.h5"), workers=0, progress=False,
-                            **kw)  # fmt: skip
-        return extract(cfg).path
+        return extract(tiny_config(folder, root / f"{name}.h5", **kw)).path
 
     return {"all": make("all"), "part": make("part", test_per_class=30), "root": root,
             "folder": folder}  # fmt: skip

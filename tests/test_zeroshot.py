@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import make_image_folder
+from conftest import make_image_folder, tiny_config
 
 import featcache
 from featcache.cli import main
@@ -133,9 +133,7 @@ def test_bad_input_is_a_clear_error(clip, tmp_path, image_folder):
     other = _tiny_clip(tmp_path / "tiny-clip", seed=1)
     with pytest.raises(FeatcacheError, match="are not those .* was made with"):
         featcache.zeroshot(clip["store"], weights=str(other))
-    cfg = ExtractConfig(backbone="test-tiny", dataset=f"imagefolder:{image_folder}",
-                        out=str(tmp_path / "t.h5"), workers=0, progress=False)  # fmt: skip
-    tiny = extract(cfg).path
+    tiny = extract(tiny_config(image_folder, tmp_path / "t.h5")).path
     with pytest.raises(FeatcacheError, match="no image embedding"):
         featcache.zeroshot(tiny)
 
