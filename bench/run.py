@@ -907,9 +907,10 @@ t = time.perf_counter()
 sets = feature_sets(sys.argv[1]) + feature_sets(sys.argv[2])
 cfg = SimilarityConfig()
 match(sets, cfg)
-stats = {s.name: centred(s, cfg.split) for s in sets}
-value = linear_cka(sets[0], sets[1], cfg.split, stats)
-print(json.dumps({**value, "seconds": time.perf_counter() - t}))
+value = linear_cka(sets[0], sets[1], cfg.split, centred(sets[0], cfg.split),
+                   centred(sets[1], cfg.split))
+with open(sys.argv[3], "w") as f:
+    json.dump({**value, "seconds": time.perf_counter() - t}, f)
 """
 
 
@@ -936,10 +937,9 @@ def bench_similarity(quick: bool) -> str:
                 noise = np.random.default_rng(i).normal(size=rows.shape).astype(np.float32)
                 x[i : i + 8192] = np.tanh(rows @ q) + 0.5 * noise
         tmp.rename(b)
-    out = subprocess.run([PY, "-c", _LINEAR_CKA, str(a), str(b)], capture_output=True, text=True,
-                         check=True)  # fmt: skip
-    linear = json.loads(out.stdout.strip().splitlines()[-1])
-    peak_linear = peak_memory_mib([PY, "-c", _LINEAR_CKA, str(a), str(b)])
+    measured = WORK / "linear-cka.json"  # timed inside, peak memory around: one process
+    peak_linear = peak_memory_mib([PY, "-c", _LINEAR_CKA, str(a), str(b), str(measured)])
+    linear = json.loads(measured.read_text())
     result = WORK / "sim.json"
     t = time.perf_counter()
     cmd = [PY, "-m", "featcache", "similarity", str(a), str(b), "--json", str(result)]

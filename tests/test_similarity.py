@@ -86,7 +86,7 @@ def pair(monkeypatch):
 
 def _linear(x, y):
     a, b = _Set("a", x), _Set("b", y)
-    return linear_cka(a, b, "test", {"a": centred(a, "test"), "b": centred(b, "test")})
+    return linear_cka(a, b, "test", centred(a, "test"), centred(b, "test"))
 
 
 def test_linear_cka_equals_the_published_gram_formulas(pair):

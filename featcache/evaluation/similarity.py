@@ -118,29 +118,29 @@ def _rows(s: FeatureSet, split: str, positions: np.ndarray) -> np.ndarray:
 def centred(s: FeatureSet, split: str) -> dict:
     """What linear CKA needs of one set alone, computed once whatever the pairs: its mean,
     the squared norm of its centred covariance ||X^T X||_F^2, and the sum and the sum of
-    squares of its centred rows' squared norms (two passes of chunks)."""
+    squares of its centred rows' squared norms, and those norms (two passes of chunks)."""
     chunks = [s.positions[a : a + _CHUNK] for a in range(0, len(s.positions), _CHUNK)]
     mean = sum(_rows(s, split, p).sum(0) for p in chunks) / len(s.positions)
-    gram, r1, r2 = 0.0, 0.0, 0.0
+    gram, norms = 0.0, []
     for p in chunks:
         xs = _rows(s, split, p) - mean
         gram = gram + xs.T @ xs
-        r = np.einsum("ij,ij->i", xs, xs)
-        r1, r2 = r1 + r.sum(), r2 + r @ r
-    return {"mean": mean, "gram": float(np.sum(gram**2)), "r1": float(r1), "r2": float(r2)}
+        norms.append(np.einsum("ij,ij->i", xs, xs))
+    r = np.concatenate(norms)
+    return {"mean": mean, "gram": float(np.sum(gram**2)), "r": r, "r1": float(r.sum()),
+            "r2": float(r @ r)}  # fmt: skip
 
 
-def linear_cka(x: FeatureSet, y: FeatureSet, split: str, stats: dict) -> dict[str, float]:
+def linear_cka(x: FeatureSet, y: FeatureSet, split: str, sx: dict, sy: dict) -> dict[str, float]:
     """Biased and unbiased linear CKA of two matched sets, from their covariances (each set's
-    own terms from ``stats``, its ``centred``)."""
-    n, sx, sy = len(x.positions), stats[x.name], stats[y.name]
-    xy, rx_ry = 0.0, 0.0
+    own terms, its ``centred``: ``sx``, ``sy``)."""
+    n = len(x.positions)
+    xy = 0.0
     for a in range(0, n, _CHUNK):
         xs = _rows(x, split, x.positions[a : a + _CHUNK]) - sx["mean"]
         ys = _rows(y, split, y.positions[a : a + _CHUNK]) - sy["mean"]
         xy = xy + xs.T @ ys
-        rx_ry += np.einsum("ij,ij->i", xs, xs) @ np.einsum("ij,ij->i", ys, ys)
-    xy = float(np.sum(xy**2))
+    xy, rx_ry = float(np.sum(xy**2)), float(sx["r"] @ sy["r"])
 
     def debiased(xty, rr, a, b):  # Kornblith's _debiased_dot_product_similarity_helper
         return xty - n / (n - 2) * rr + a * b / ((n - 1) * (n - 2))
@@ -213,15 +213,15 @@ def similarity(sets: list[FeatureSet], cfg: SimilarityConfig) -> dict:
     n = len(ids)
     rng = np.random.default_rng(cfg.seed)
     sample = np.sort(rng.choice(n, min(n, cfg.rsa_images), replace=False))
-    stats = {s.name: centred(s, cfg.split) for s in sets}  # once a set, not once a pair
-    small = {s.name: _rows(s, cfg.split, s.positions[sample]) for s in sets}
+    stats = [centred(s, cfg.split) for s in sets]  # once a set, not once a pair
+    small = [_rows(s, cfg.split, s.positions[sample]) for s in sets]
     names = [s.name for s in sets]
     matrices = {m: np.eye(len(sets)).tolist() for m in MEASURES}
     for i in range(len(sets)):
         for j in range(i + 1, len(sets)):
-            values = linear_cka(sets[i], sets[j], cfg.split, stats)
-            values["rbf_cka"] = rbf_cka(small[names[i]], small[names[j]])
-            values["rsa"] = rsa(small[names[i]], small[names[j]])
+            values = linear_cka(sets[i], sets[j], cfg.split, stats[i], stats[j])
+            values["rbf_cka"] = rbf_cka(small[i], small[j])
+            values["rsa"] = rsa(small[i], small[j])
             for m in MEASURES:
                 matrices[m][i][j] = matrices[m][j][i] = float(values[m])
     return {
