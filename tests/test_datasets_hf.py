@@ -105,6 +105,23 @@ def test_columns_are_chosen_by_option_and_text_labels_become_classes(folder, tmp
     assert store.config["label_column"] == "species"
 
 
+def test_a_text_or_number_label_means_one_class_in_every_split(folder, tmp_path):
+    """Without a ClassLabel, the first split's labels are the classes of all (as csv:
+    lists): a test split without cats keeps dog as class 1; a label train lacks is refused."""
+    dd, ref = _dataset_dict(folder, label_feature=False)
+    dd["test"] = dd["test"].filter(lambda row: row["label"] != 0)  # no cat
+    dd = dd.map(lambda row: {"species": ["cat", "dog", "frog"][row["label"]]})
+    dd.save_to_disk(tmp_path / "saved")
+    for column in ("species", "label"):
+        splits = load_dataset(f"hfds-disk:{tmp_path / 'saved'}", label_column=column)
+        assert splits["test"].class_names == splits["train"].class_names
+        assert set(splits["test"].labels.tolist()) == {1, 2}
+    dd["test"] = dd["test"].map(lambda row: {"species": "emu"})
+    dd.save_to_disk(tmp_path / "emu")
+    with pytest.raises(DatasetError, match=r"labels \['emu'\] of 'species' are not among"):
+        load_dataset(f"hfds-disk:{tmp_path / 'emu'}", label_column="species")
+
+
 def test_without_the_datasets_library_the_error_says_how_to_install_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets -> ImportError
     with pytest.raises(DatasetError, match=r"pip install 'featcache\[hf\]'"):

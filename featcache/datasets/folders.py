@@ -17,6 +17,7 @@ from featcache.datasets.split import (
     IMAGE_EXTENSIONS,
     SPLITS,
     Split,
+    class_order,
     file_split,
     refuse_escape,
     relative_id,
@@ -117,9 +118,7 @@ def csv_dataset(files: str, wanted: tuple[str, ...]) -> dict[str, Split]:
     first = next((s for s in SPLITS if s in rows), None)
     if first is None:
         raise DatasetError(f"csv:{files} lists no image")
-    # Class names in order: numbers as numbers ("2" before "10"), then names alphabetically.
-    labels = {label for _, label in rows[first]}
-    classes = sorted(labels, key=lambda c: (not c.isdigit(), int(c) if c.isdigit() else 0, c))
+    classes = class_order(label for _, label in rows[first])
     index = {c: i for i, c in enumerate(classes)}
     splits = {}
     for name in (s for s in SPLITS if s in rows and s in wanted):

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from featcache.datasets.split import Split, numbered_ids, open_image
+from featcache.datasets.split import Split, class_order, numbered_ids, open_image
 from featcache.errors import DatasetError
 
 
@@ -36,7 +36,7 @@ def hf_dataset(
 ) -> dict[str, Split]:
     """The splits among ``wanted`` of ``hfds:SOURCE`` or ``hfds-disk:SOURCE``."""
     found = _open(kind, source)
-    splits = {}
+    splits, classes = {}, None  # the first split's classes are every split's, as csv: lists
     for name in (n for n in wanted if n in found):
         ds = found[name]
         image = image_column or _column_of(ds, "Image", "--image-column", f"{kind}:{source}")
@@ -46,7 +46,8 @@ def hf_dataset(
                 raise DatasetError(
                     f"{kind}:{source} [{name}] has no column {column!r} (it has {ds.column_names})"
                 )
-        splits[name] = _split(name, ds, image, label, f"{kind}:{source}")
+        splits[name] = _split(name, ds, image, label, f"{kind}:{source}", classes)
+        classes = splits[name].class_names
     return splits
 
 
@@ -96,7 +97,9 @@ def _column_of(ds, feature: str, option: str, source: str) -> str:
     return columns[0]
 
 
-def _split(name: str, ds, image: str, label: str, source: str) -> Split:
+def _split(name: str, ds, image: str, label: str, source: str, classes=None) -> Split:
+    """One split; ``classes``: those of the first split, for labels that are not a
+    ClassLabel (numbers or text), so that a label means one class in every split."""
     import pyarrow.compute as pc
 
     if getattr(ds, "_indices", None) is not None:  # select/filter/shuffle: rows by a mapping
@@ -112,11 +115,18 @@ def _split(name: str, ds, image: str, label: str, source: str) -> Split:
     if type(feature).__name__ == "ClassLabel":
         classes = list(feature.names)
     elif labels.dtype.kind in "iu":
-        classes = [str(c) for c in range(int(labels.max(initial=-1)) + 1)]
-    else:  # text labels: classes in sorted order, as csv: lists do
-        classes = sorted({str(v) for v in labels})
+        classes = classes or [str(c) for c in range(int(labels.max(initial=-1)) + 1)]
+    else:  # text labels: classes in csv: lists' order
+        text = [str(v) for v in labels]
+        classes = classes or class_order(text)
         index = {c: i for i, c in enumerate(classes)}
-        labels = np.asarray([index[str(v)] for v in labels])
+        unknown = sorted(set(text) - set(index))
+        if unknown:
+            raise DatasetError(
+                f"{source} [{name}]: labels {unknown[:5]} of {label!r} are not among the first "
+                f"split's classes {classes[:10]}"
+            )
+        labels = np.asarray([index[c] for c in text])
     labels = labels.astype(np.int64)
     if labels.size and (labels.min() < 0 or labels.max() >= len(classes)):
         raise DatasetError(

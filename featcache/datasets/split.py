@@ -115,6 +115,12 @@ def refuse_escape(path: Path, root: Path, resolve: bool = False) -> None:
         raise DatasetError(f"{path} is a symlink leading outside the dataset root {root}")
 
 
+def class_order(names) -> list[str]:
+    """Class names of text labels in order: numbers as numbers ("2" before "10"), then names
+    alphabetically."""
+    return sorted(set(names), key=lambda c: (not c.isdigit(), int(c) if c.isdigit() else 0, c))
+
+
 def numbered_ids(split: str, count: int, width: int) -> list[str]:
     """Ids of samples known by their position: ``split/00042`` (zero-padded to ``width``)."""
     return [f"{split}/{i:0{width}d}" for i in range(count)]
