@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from featcache.errors import ArgumentError, OutputError
+from featcache.io import check_output
 from featcache.store.reader import Store
 
 FORMATS = ("npy", "parquet")
@@ -53,9 +54,7 @@ class ExportConfig:
 def export(store: str | Path, out: str | Path, cfg: ExportConfig = ExportConfig()) -> Path:
     """Write ``store``'s features to the folder ``out`` in ``cfg.format``; returns ``out``."""
     store = Store(store)
-    out = Path(out)
-    if not out.parent.is_dir():
-        raise OutputError(f"--out {out}: directory {out.parent} does not exist; create it first")
+    out = check_output(out)
     if out.exists() and any(out.iterdir()) and not cfg.overwrite:
         raise OutputError(f"--out {out} exists and is not empty; pass --overwrite to replace it")
     features = _features(store, cfg)
@@ -94,10 +93,10 @@ def _in_order(splits) -> list[str]:
 
 
 def _chunks(store: Store, split: str, feature: str, dtype: str | None):
-    """The split's feature rows, ``_CHUNK`` at a time, in the stored dtype or ``dtype``."""
+    """The split's feature rows, ``_CHUNK`` at a time, in the stored dtype or (``dtype``
+    given: float32, the only one) as float32."""
     for start in range(0, store.sizes[split], _CHUNK):
-        rows = store.rows(split, feature, start, start + _CHUNK, as_stored=True)
-        yield rows.astype(dtype) if dtype else rows
+        yield store.rows(split, feature, start, start + _CHUNK, as_stored=dtype is None)
 
 
 def _npy(store: Store, root: Path, features: list[str], cfg: ExportConfig) -> None:
