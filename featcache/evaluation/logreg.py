@@ -29,7 +29,7 @@ from featcache.evaluation.data import (
     stratified_split,
     uses_cv,
 )
-from featcache.evaluation.metrics import per_class_accuracies, summary_from_predictions, topk_hits
+from featcache.evaluation.metrics import classification_summary, per_class_accuracies
 from featcache.evaluation.rows import check_finite
 
 # DINOv2's grid: C = 10 ** linspace(-6, 5, 45).
@@ -138,12 +138,10 @@ def logreg(data: Splits, cfg) -> dict:
     logits = xte @ final
     loss = float(F.cross_entropy(logits, torch.as_tensor(y_test, device=device)))
     scores = logits.cpu().numpy()
-    pred = scores.argmax(1)
-    hit3 = topk_hits(scores, y_test, min(3, classes))
     return {
         "protocol": "logreg",
-        "test": {**summary_from_predictions(pred, hit3, y_test, classes), "loss": loss},
-        "per_class_top1": per_class_accuracies(pred, y_test, classes),
+        "test": {**classification_summary(scores, y_test), "loss": loss},
+        "per_class_top1": per_class_accuracies(scores.argmax(1), y_test, classes),
         "selected": {
             "C": c,
             # The same penalty as the SGD probe's weight decay (on the mean loss).

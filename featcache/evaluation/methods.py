@@ -88,7 +88,8 @@ def run(store: str | Path | Store, method: str, cfg=None, features: str | None =
     splits = ("train", "test") if m.pair else (cfg.split,)
     load = not (m.streams or getattr(cfg, "max_memory", None) is not None)
     start = time.perf_counter()
-    data = Splits.of_store(store, feature, splits, load=load, views=getattr(cfg, "views", False))
+    views = getattr(cfg, "reads_views", False)  # the probe's SGD protocol only
+    data = Splits.of_store(store, feature, splits, load=load, views=views)
     extra = {"dist": Distributed.from_env()} if m.distributed else {}
     result = m.function(data, cfg, **extra)
     seconds = time.perf_counter() - start

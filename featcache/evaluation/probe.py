@@ -98,6 +98,12 @@ class ProbeConfig:
         if not self.cs or min(self.cs) <= 0 or self.lbfgs_iterations < 1:
             raise ArgumentError("--cs must be positive values, --lbfgs-iterations at least 1")
 
+    @property
+    def reads_views(self) -> bool:
+        """Whether the store's augmented views are loaded: the SGD heads train on them; the
+        logreg protocol fits the images alone."""
+        return self.views and self.protocol == "sgd"
+
 
 class Heads:
     """S linear heads trained together: W (S, D, C), b (S, C), one weight decay each.
