@@ -525,9 +525,6 @@ class TextTower:
         return torch.nn.functional.normalize(embeds.float(), dim=-1)
 
 
-_TEXT_TOWERS = {"clip": ("clip", "clip_vision_model"), "siglip": ("siglip", "siglip_vision_model")}
-
-
 def load_text_tower(
     spec: BackboneSpec, weights: Path | None, revision: str | None = None
 ) -> TextTower:
@@ -537,8 +534,8 @@ def load_text_tower(
     import transformers
 
     model_type = spec.arch.get("model_type") if spec.family == "hf" else None
-    family = next((f for f, types in _TEXT_TOWERS.items() if model_type in types), None)
-    if family is None:
+    family = _TYPES[model_type].features if model_type in _TYPES else None
+    if family not in ("clip", "siglip"):
         raise UnsupportedModelError(
             f"{spec.name} is not a CLIP or SigLIP model: zero-shot classification needs their "
             "text tower (clip-vitb16, or an hf: CLIP or SigLIP repo)"

@@ -51,9 +51,9 @@ def zeroshot(data: Splits, cfg: ZeroshotConfig) -> dict:
                              "run featcache zeroshot again")  # fmt: skip
     x = data.x(cfg.split)
     x = x / np.linalg.norm(x, axis=1, keepdims=True).clip(1e-12)
-    bias = float(head["logit_bias"]) if "logit_bias" in head else float("nan")
-    sigmoid = not np.isnan(bias)  # SigLIP's scoring; NaN: CLIP's softmax
-    scores = float(head["logit_scale"]) * (x @ head["head"].T) + (bias if sigmoid else 0.0)
+    sigmoid = str(head.get("scoring", "softmax")) == "sigmoid"  # heads made before SigLIP: CLIP
+    bias = float(head["logit_bias"]) if sigmoid else 0.0
+    scores = float(head["logit_scale"]) * (x @ head["head"].T) + bias
     labels = data.labels[cfg.split]
     return {
         "split": cfg.split,

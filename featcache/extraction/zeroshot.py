@@ -116,8 +116,8 @@ def write_head(store_path, templates: str = "openai", classnames: str | None = N
         buf,
         head=head.numpy().astype(np.float32),
         logit_scale=np.float64(tower.logit_scale),
-        # SigLIP's bias (its scores: sigmoid(scale * cos + bias)); NaN for CLIP's softmax.
-        logit_bias=np.float64(np.nan if tower.logit_bias is None else tower.logit_bias),
+        scoring=np.array(tower.scoring),  # CLIP's softmax, SigLIP's sigmoid
+        logit_bias=np.float64(tower.logit_bias or 0.0),  # SigLIP's: sigmoid(scale * cos + bias)
         classnames=np.array(names),
         templates=np.array(prompts),
         spec=np.array([templates, classnames or ""]),  # what was asked: scoring checks it
