@@ -26,7 +26,7 @@ from featcache.errors import ArgumentError
 from featcache.evaluation.knn import HEADLINE_K, KS
 from featcache.io import check_output, write_atomic
 from featcache.store import Store, attention_path, result_path
-from featcache.studies.table import render, row
+from featcache.studies.table import read_result, render, row
 
 log = logging.getLogger(__name__)
 
@@ -111,27 +111,24 @@ def _covers(config: dict, want: dict) -> bool:
     return True
 
 
-def _kept(path: Path):
-    """A result file's JSON, or None where it is not valid JSON (then recomputed)."""
-    try:
-        return json.loads(path.read_text())
-    except ValueError:
-        return None
+def _of(store: Store, result, feature: str, covers) -> bool:
+    """Whether a kept result was computed from this store version, on ``feature``, with a
+    config that ``covers`` what the report shows."""
+    return (
+        isinstance(result, dict)
+        and result.get("fingerprint") == store.fingerprint
+        and result.get("features") == feature
+        and covers(result.get("config", {}))
+    )
 
 
-def _cached(store: Store, kind: str, covers, compute) -> dict:
-    """The result beside the store if it was computed from this store, on its default feature
-    set, with a config that ``covers`` what the report shows; else computed now and saved
-    there (atomically)."""
+def _cached(store: Store, kind: str, fresh, compute):
+    """The result (or list of results) kept beside the store where ``fresh`` says it still
+    holds; else computed now and saved there (atomically)."""
     path = result_path(store.path, kind)
     if path.is_file():
-        result = _kept(path)
-        if (
-            isinstance(result, dict)
-            and result.get("fingerprint") == store.fingerprint
-            and result.get("features") == store.default_feature()
-            and covers(result.get("config", {}))
-        ):
+        result = read_result(path)
+        if result is not None and fresh(result):
             return result
         log.info("%s was computed from another store version or config; recomputing", path)
     result = compute()
@@ -161,7 +158,9 @@ def gather(store: Store, cfg: ReportConfig) -> dict:
 
     def cached(kind, config, covers=None, method=None):
         covers = covers or (lambda c: _same(c, config))
-        return _cached(store, kind, covers, lambda: run(store, method or kind, config))
+        feature = store.default_feature()
+        return _cached(store, kind, lambda r: _of(store, r, feature, covers),
+                       lambda: run(store, method or kind, config))  # fmt: skip
 
     out = {
         "probe": cached("probe", probe),
@@ -194,19 +193,16 @@ def layer_knn(store: Store) -> list[dict] | None:
     if not sets:
         return None
     knn = KnnConfig(k=(min(HEADLINE_K, store.sizes.get("train", 1)),))
-    path = result_path(store.path, "knn-layers")
-    if path.is_file():
-        kept = _kept(path)
-        if (
+
+    def fresh(kept) -> bool:  # one result per set, in depth order, each still holding
+        return (
             isinstance(kept, list)
-            and [r.get("features") for r in kept] == sets
-            and all(r.get("fingerprint") == store.fingerprint for r in kept)
-            and all(_same(r.get("config", {}), knn) for r in kept)
-        ):
-            return kept
-    results = [run(store, "knn", knn, feature) for feature in sets]
-    write_atomic(path, json.dumps(results, indent=1))
-    return results
+            and len(kept) == len(sets)
+            and all(_of(store, r, f, lambda c: _same(c, knn)) for r, f in zip(kept, sets))
+        )
+
+    return _cached(store, "knn-layers", fresh,
+                   lambda: [run(store, "knn", knn, feature) for feature in sets])  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------

@@ -85,17 +85,21 @@ def collect(paths: list[str | Path]) -> list[dict]:
     that version."""
     groups: dict[tuple, dict] = {}  # (fingerprint, features, protocol) -> kind -> result
     stores: dict[str, Store] = {}  # fingerprint -> the store, where known
+    opened: dict[str, Store | None] = {}  # a result's store path -> the store, opened once
     for p in map(Path, paths):
         if p.suffix == ".json":
             # A result, or a list of them (--features all: one per feature set, one row each).
-            found = _read(p)
+            found = read_result(p)
+            noviews = p.name.endswith(".probe-noviews.json")
             for result in found if isinstance(found, list) else [found]:
                 if not isinstance(result, dict) or result.get("kind") not in RESULT_KINDS:
                     raise StoreError(f"{p} is not a featcache result (probe, knn, retrieval, ...)")
-                noviews = p.name.endswith(".probe-noviews.json")
                 kind = "probe-noviews" if noviews else result["kind"]
                 groups.setdefault(_key(result.get("fingerprint"), result), {})[kind] = result
-                store = _open(result.get("store"))
+                where = result.get("store")
+                if where not in opened:
+                    opened[where] = _open(where)
+                store = opened[where]
                 if store is not None and store.fingerprint == result.get("fingerprint"):
                     stores.setdefault(store.fingerprint, store)
             continue
@@ -103,7 +107,7 @@ def collect(paths: list[str | Path]) -> list[dict]:
         stores[store.fingerprint] = store
         found = False
         for kind in RESULT_KINDS:
-            kept = _read(result_path(store.path, kind))
+            kept = read_result(result_path(store.path, kind))
             for result in kept if isinstance(kept, list) else [kept] if kept else []:
                 if result.get("fingerprint") != store.fingerprint:
                     log.warning("%s: computed from another version of the store; left out", kind)
@@ -122,7 +126,9 @@ def _probe_order(r: dict) -> float:
     return -top1 if isinstance(top1, float) and math.isfinite(top1) else math.inf
 
 
-def _read(path: Path) -> dict | list | None:
+def read_result(path: Path) -> dict | list | None:
+    """A result file's JSON (a result or a list of them); None where it is missing or not
+    valid JSON (logged)."""
     if not path.is_file():
         return None
     try:
