@@ -220,7 +220,7 @@ def evaluate(method: str, store=None, train: Pair = None, test: Pair = None, fea
         raise TypeError("give a store, or train=(x, y) and test=(x, y), not both")
     if store is not None:
         if features == "all":  # every feature set (every layer), in the store's order
-            from featcache.evaluation.methods import open_store
+            from featcache.store import open_store
 
             store = open_store(store)
             return [RESULTS[method].of(run(store, method, cfg, f)) for f in store.feature_sets]
@@ -255,8 +255,7 @@ def export(store: str | Path | Store, out: str | Path, **options) -> Path:
     from featcache.store.export import ExportConfig
     from featcache.store.export import export as run
 
-    path = store.path if isinstance(store, Store) else store
-    return run(path, out, config(ExportConfig, options))
+    return run(store, out, config(ExportConfig, options))
 
 
 def zeroshot(store: str | Path | Store, **options) -> ZeroshotResult:
@@ -267,12 +266,13 @@ def zeroshot(store: str | Path | Store, **options) -> ZeroshotResult:
     store; SigLIP's classes scored by its sigmoid (Zhai et al. 2023) with its logit bias;
     top-1, top-5, mean per-class recall. Options: ``featcache zeroshot``'s, as
     ``ZeroshotConfig``."""
-    from featcache.evaluation.methods import METHODS, open_store, run
+    from featcache.evaluation.methods import METHODS, run
     from featcache.extraction.zeroshot import write_head
+    from featcache.store import open_store
 
     cfg = config(METHODS["zeroshot"].config, options)
     store = open_store(store)
-    write_head(store.path, cfg.templates, cfg.classnames, cfg.weights)
+    write_head(store, cfg.templates, cfg.classnames, cfg.weights)
     return ZeroshotResult.of(run(store, "zeroshot", cfg, "embed"))
 
 

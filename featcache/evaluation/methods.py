@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from featcache.distributed import Distributed
-from featcache.store import Store
+from featcache.store import Store, open_store
 
 
 @dataclass(frozen=True)
@@ -68,10 +68,6 @@ METHODS = {
                compares=True),
     )
 }  # fmt: skip
-
-
-def open_store(store: str | Path | Store) -> Store:
-    return store if isinstance(store, Store) else Store(store)
 
 
 def run(store: str | Path | Store, method: str, cfg=None, features: str | None = None) -> dict:

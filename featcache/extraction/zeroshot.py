@@ -22,7 +22,7 @@ from featcache.backbones import get_spec, weights_identity
 from featcache.backbones.hf_models import load_text_tower
 from featcache.errors import ArgumentError, FeatcacheError
 from featcache.io import write_atomic
-from featcache.store import Store, zeroshot_path
+from featcache.store import Store, open_store, zeroshot_path
 
 PROMPT_BATCH = 256  # prompts through the text tower at a time
 
@@ -79,11 +79,11 @@ def classnames_of(store: Store, path: str | None) -> list[str]:
     return names
 
 
-def write_head(store_path, templates: str = "openai", classnames: str | None = None,
-               weights: str | None = None) -> Path:  # fmt: skip
+def write_head(store: str | Path | Store, templates: str = "openai",
+               classnames: str | None = None, weights: str | None = None) -> Path:  # fmt: skip
     """The zero-shot classifier of a CLIP or SigLIP store, written beside it; returns its
     path."""
-    store = Store(store_path)
+    store = open_store(store)
     name = store.fields["backbone"]["name"]
     if "embed" not in store.feature_sets:
         raise FeatcacheError(

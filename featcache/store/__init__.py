@@ -10,6 +10,7 @@ from featcache.store.reader import (
     Store,
     as_float32,
     attention_path,
+    open_store,
     result_path,
     zeroshot_path,
 )
@@ -27,6 +28,7 @@ __all__ = [
     "attention_path",
     "fingerprint",
     "first_difference",
+    "open_store",
     "result_path",
     "storage_dtype",
     "zeroshot_path",

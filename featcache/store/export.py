@@ -23,7 +23,7 @@ import numpy as np
 
 from featcache.errors import ArgumentError, OutputError
 from featcache.io import check_output
-from featcache.store.reader import Store
+from featcache.store.reader import Store, open_store
 
 FORMATS = ("npy", "parquet")
 _CHUNK = 1 << 16  # rows copied at a time
@@ -51,9 +51,9 @@ class ExportConfig:
             raise ArgumentError(f"--shard-size must be at least 1, got {self.shard_size}")
 
 
-def export(store: str | Path, out: str | Path, cfg: ExportConfig = ExportConfig()) -> Path:
+def export(store: str | Path | Store, out: str | Path, cfg: ExportConfig = ExportConfig()) -> Path:
     """Write ``store``'s features to the folder ``out`` in ``cfg.format``; returns ``out``."""
-    store = Store(store)
+    store = open_store(store)
     out = check_output(out)
     if out.exists() and any(out.iterdir()) and not cfg.overwrite:
         raise OutputError(f"--out {out} exists and is not empty; pass --overwrite to replace it")

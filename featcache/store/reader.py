@@ -87,6 +87,11 @@ def attention_path(store: str | Path) -> Path:
     return store.with_name(f"{store.stem}.attention.npz")
 
 
+def open_store(store: str | Path | Store) -> Store:
+    """A store given as a path or already open."""
+    return store if isinstance(store, Store) else Store(store)
+
+
 def zeroshot_path(store: str | Path) -> Path:
     """Where a store's zero-shot classifier lies (``featcache zeroshot`` makes it with the
     store's own CLIP text tower; scoring reads it)."""
