@@ -306,14 +306,11 @@ def _evaluate(method: str, kw: dict, show, **extra) -> None:
     result = api.evaluate(method, kw["store"], features=kw["features"], **options)
     if not writes_results():
         return
-    if isinstance(result, list):  # --features all: one result per feature set
-        results = [r.to_dict() for r in result]
-        _write_json(results, kw["json_out"])
-        for r in results:
-            show(r, kw)
-        return
-    _write_json(result.to_dict(), kw["json_out"])
-    show(result.to_dict(), kw)
+    many = isinstance(result, list)  # --features all: one result per feature set
+    results = [r.to_dict() for r in (result if many else [result])]
+    _write_json(results if many else results[0], kw["json_out"])
+    for r in results:
+        show(r, kw)
 
 
 @main.command()

@@ -133,13 +133,12 @@ def random_weights(tmp_path_factory):
 def tiny_extract_args(folder, out, *extra) -> list[str]:
     """CLI arguments of `featcache extract` with the tiny backbone over an image folder (or a
     dataset spec)."""
-    spec = folder if ":" in str(folder) else f"imagefolder:{folder}"
     return [
         "extract",
         "--backbone",
         "test-tiny",
         "--dataset",
-        spec,
+        _spec(folder),
         "--out",
         str(out),
         "--workers",
@@ -154,10 +153,15 @@ def tiny_config(dataset, out, **fields):
     this process (no loader workers, no progress bar)."""
     from featcache.extraction.extract import ExtractConfig
 
-    spec = dataset if ":" in str(dataset) else f"imagefolder:{dataset}"
     return ExtractConfig(
-        backbone="test-tiny", dataset=spec, out=str(out), workers=0, progress=False, **fields
-    )
+        backbone="test-tiny", dataset=_spec(dataset), out=str(out), workers=0, progress=False,
+        **fields,
+    )  # fmt: skip
+
+
+def _spec(dataset) -> str:
+    """A dataset spec; a bare folder is an image folder."""
+    return dataset if ":" in str(dataset) else f"imagefolder:{dataset}"
 
 
 def tiny_extract(folder, out, *extra) -> list[str]:
