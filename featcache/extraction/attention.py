@@ -18,9 +18,9 @@ import torch
 from PIL import Image
 
 from featcache.backbones import get_spec, load_backbone, weights_identity
-from featcache.datasets import IMAGE_EXTENSIONS, load_dataset, open_image
+from featcache.datasets import IMAGE_EXTENSIONS, open_image
 from featcache.errors import ArgumentError, FeatcacheError
-from featcache.extraction.extract import split_source
+from featcache.extraction.extract import dataset_splits, split_source
 from featcache.io import write_atomic
 from featcache.preprocessing import to_rgb
 from featcache.store import Store, attention_path
@@ -70,11 +70,9 @@ def save_store_attention(store_path: str | Path, count: int = AttentionConfig.ma
         raise ArgumentError(f"--max-images must be at least 1, got {count}")
     store.check("test")
     cfg = store.config
-    source = dict(map(split_source, cfg.get("splits", ["test"]))).get("test", "test")
-    split = load_dataset(
-        cfg["dataset"], cfg.get("data_root"), (source,), cfg.get("image_column"),
-        cfg.get("label_column"),
-    )[source]  # fmt: skip
+    test = [s for s in cfg.get("splits", ["test"]) if split_source(s)[0] == "test"] or ["test"]
+    split = dataset_splits(cfg["dataset"], cfg.get("data_root"), test, cfg.get("image_column"),
+                           cfg.get("label_column"))["test"]  # fmt: skip
     index = {sid: i for i, sid in enumerate(split.ids)}
     ids = store.read("test", "ids")[:count].tolist()
     missing = [i for i in ids if i not in index]

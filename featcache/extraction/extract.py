@@ -221,23 +221,28 @@ def fingerprint_fields(
 
 
 def prepare_splits(cfg: ExtractConfig) -> dict[str, Split]:
-    """The store's splits, each the dataset's split of that name (or of the name after ``=``),
-    class-balanced where asked."""
-    sources = dict(split_source(s) for s in cfg.splits)
-    available = load_dataset(
-        cfg.dataset, cfg.data_root, tuple(sources.values()), cfg.image_column, cfg.label_column
+    """The store's splits (``dataset_splits``), class-balanced where asked."""
+    splits = dataset_splits(
+        cfg.dataset, cfg.data_root, cfg.splits, cfg.image_column, cfg.label_column
     )
     per_class = {"train": cfg.train_per_class, "test": cfg.test_per_class}
-    splits = {}
-    for name, source in sources.items():
+    return {n: balanced_subset(s, per_class.get(n), cfg.seed) for n, s in splits.items()}
+
+
+def dataset_splits(dataset: str, data_root, splits, image_column=None,
+                   label_column=None) -> dict[str, Split]:  # fmt: skip
+    """The store's splits named in ``splits`` (``--splits``), whole: each the dataset's split of
+    that name, or of the name after ``=`` (``test=validation``)."""
+    sources = dict(split_source(s) for s in splits)
+    available = load_dataset(dataset, data_root, tuple(sources.values()), image_column,
+                             label_column)  # fmt: skip
+    for source in sources.values():
         if source not in available:
             raise DatasetError(
-                f"dataset {cfg.dataset} has no '{source}' split (it has: {sorted(available)}); "
+                f"dataset {dataset} has no '{source}' split (it has: {sorted(available)}); "
                 "pass --splits with the ones it has (test=validation stores another as test)"
             )
-        split = replace(available[source], name=name)
-        splits[name] = balanced_subset(split, per_class.get(name), cfg.seed)
-    return splits
+    return {name: replace(available[source], name=name) for name, source in sources.items()}
 
 
 def split_source(text: str) -> tuple[str, str]:
