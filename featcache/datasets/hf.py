@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image
 
 from featcache.datasets.split import Split, class_order, numbered_ids, open_image
-from featcache.errors import DatasetError
+from featcache.errors import BadImageError, DatasetError
 
 
 def hf_dataset(
@@ -182,4 +182,4 @@ class _Rows:
             return open_image(entry["bytes"], name)
         if entry.get("path") and os.path.isfile(entry["path"]):
             return open_image(Path(entry["path"]))
-        return open_image(b"", f"{name} (no bytes and no file {entry.get('path')!r})")
+        raise BadImageError(name, f"no bytes and no file {entry.get('path')!r}")
