@@ -151,4 +151,3 @@ def _one(ds, name, **kw):
 
     label = kw.get("label_column", "label")
     return _split(name, ds, "image", label, "test-dataset")
-
