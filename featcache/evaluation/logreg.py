@@ -71,8 +71,12 @@ def fit(x: torch.Tensor, y: torch.Tensor, classes: int, c: float, start=None,
     return torch.from_numpy(out.x).to(x.device).view(shape), int(out.nit)
 
 
-def with_bias(x: torch.Tensor) -> torch.Tensor:
-    return torch.cat([x, x.new_ones(len(x), 1)], dim=1)
+def with_bias(x, dtype=torch.float64, device=None) -> torch.Tensor:
+    """``x`` (n, D) with a column of ones after it, (n, D + 1) in ``dtype``: one copy (a
+    conversion and then a concatenation would hold two)."""
+    out = torch.ones((len(x), x.shape[1] + 1), dtype=dtype, device=device)
+    out[:, :-1] = torch.as_tensor(x)
+    return out
 
 
 def _metrics(x, y, w) -> dict:
@@ -116,9 +120,9 @@ def logreg(data: Splits, cfg) -> dict:
     device = rank_device(resolve_device(cfg.device))
     for name in ("train", "test"):
         check_finite(data.x(name), name)
-    t = lambda a: torch.as_tensor(a, dtype=torch.float64, device=device)  # noqa: E731
     ytr = torch.as_tensor(data.labels["train"], device=device)
-    xtr, xte = with_bias(t(data.x("train"))), with_bias(t(data.x("test")))
+    xtr = with_bias(data.x("train"), device=device)
+    xte = with_bias(data.x("test"), device=device)
     classes, y_np = data.num_classes, data.labels["train"]
     folds = uses_cv(cfg, y_np)
     if folds:
