@@ -126,6 +126,10 @@ class Heads:
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         return torch.einsum("nd,sdc->snc", x, self.W) + self.b[:, None, :]  # (S, N, C)
 
+    def part(self, heads: slice) -> _HeadsPart:
+        """Some of the heads, for evaluation (``logits`` of those alone)."""
+        return _HeadsPart(self, heads)
+
     def run(self, batches, steps: int, epoch: int, epochs: int, active: torch.Tensor) -> None:
         """One epoch of ``steps`` minibatches ``(x (B, D), onehot (B, C))`` on the cosine
         schedule."""
@@ -357,6 +361,16 @@ def split_sweep(source, y_train, cfg: ProbeConfig, classes: int, gen, dist: Dist
     return cfg, sweep, chosen, curves, {"num_fit": len(fit_idx), "num_val": len(val_idx)}
 
 
+@dataclass
+class _HeadsPart:
+    heads: Heads
+    which: slice
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        W, b = self.heads.W[self.which], self.heads.b[self.which]
+        return torch.einsum("nd,sdc->snc", x, W) + b[:, None, :]
+
+
 def cv_sweep(source, y_train, cfg: ProbeConfig, classes: int, gen, dist: Distributed):
     """k-fold cross-validation of the weight decays: the heads of every fold and weight decay
     (folds x decays) train together on the same minibatches of all the training rows (views
@@ -380,9 +394,11 @@ def cv_sweep(source, y_train, cfg: ProbeConfig, classes: int, gen, dist: Distrib
     def own(idx):  # (k * S, B): a head trains on the rows outside its fold
         return (fold[idx][None, :] != head_fold[:, None]).float()
 
-    def evaluate():
-        per_fold = [part.evaluate(heads) for part in held_out]  # every head on every fold
-        return monitor.evaluate(heads), [per_fold[h // len(wds)][h] for h in range(len(wds) * k)]
+    def evaluate():  # each fold's held-out rows by its own heads (folds x decays, in order)
+        s = len(wds)
+        own_heads = [part.evaluate(heads.part(slice(f * s, (f + 1) * s)))
+                     for f, part in enumerate(held_out)]  # fmt: skip
+        return monitor.evaluate(heads), [m for fold_heads in own_heads for m in fold_heads]
 
     steps = rows.steps(cfg.batch_size)
     every_head = replace(cfg, weight_decays=wds * k)
