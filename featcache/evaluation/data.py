@@ -121,6 +121,13 @@ def uses_cv(cfg, labels: np.ndarray, bounded: bool = False) -> int:
     return folds if folds >= 2 else 0
 
 
+def validation(losses: list[float], top1: list[float]) -> dict:
+    """A candidate's validation loss and top-1 (``val``), the means over its folds; with more
+    than one fold their mean and spread too (``cv``)."""
+    val = {"loss": float(np.mean(losses)), "top1": float(np.mean(top1))}
+    return {"val": val, **({"cv": fold_summary(losses, top1)} if len(losses) > 1 else {})}
+
+
 def fold_summary(losses: list[float], top1: list[float]) -> dict:
     """The folds' mean and spread (population std) of a candidate's held-out loss and top-1."""
     return {

@@ -24,10 +24,10 @@ from featcache.device import rank_device, resolve_device
 from featcache.errors import ArgumentError
 from featcache.evaluation.data import (
     Splits,
-    fold_summary,
     stratified_folds,
     stratified_split,
     uses_cv,
+    validation,
 )
 from featcache.evaluation.metrics import classification_summary, per_class_accuracies
 from featcache.evaluation.rows import check_finite
@@ -101,13 +101,9 @@ def _sweep(xtr, ytr, classes: int, splits, cfg) -> list[dict]:
         runs.append(path)
     sweep = []
     for i, c in enumerate(cs):
+        losses = [r[i]["val"]["loss"] for r in runs]
         top1 = [r[i]["val"]["top1"] for r in runs]
-        loss = [r[i]["val"]["loss"] for r in runs]
-        row = {"C": c, "iterations": runs[0][i]["iterations"],
-               "val": {"top1": float(np.mean(top1)), "loss": float(np.mean(loss))}}  # fmt: skip
-        if len(runs) > 1:
-            row["cv"] = fold_summary(loss, top1)
-        sweep.append(row)
+        sweep.append({"C": c, "iterations": runs[0][i]["iterations"], **validation(losses, top1)})
     return sweep
 
 

@@ -22,10 +22,10 @@ from featcache.distributed import Distributed
 from featcache.errors import ArgumentError
 from featcache.evaluation.data import (
     Splits,
-    fold_summary,
     stratified_folds,
     stratified_split,
     uses_cv,
+    validation,
 )
 from featcache.evaluation.logreg import C_GRID, logreg
 from featcache.evaluation.metrics import per_class_accuracies, summary_from_predictions
@@ -416,8 +416,7 @@ def cv_sweep(source, y_train, cfg: ProbeConfig, classes: int, gen, dist: Distrib
         sweep.append({
             "weight_decay": wd,
             "best_epoch": max(1, round(float(np.mean([r["best_epoch"] for r in mine])))),
-            "val": {"loss": float(np.mean(losses)), "top1": float(np.mean(top1))},
-            "cv": fold_summary(losses, top1),
+            **validation(losses, top1),
         })  # fmt: skip
     chosen = min(range(len(wds)), key=lambda i: (sweep[i]["val"]["loss"], -wds[i]))
     return cfg, sweep, chosen, curves[: len(wds)], {"num_fit": n, "num_val": 0, "cv_folds": k}
