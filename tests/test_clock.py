@@ -32,19 +32,26 @@ def test_phases_are_consecutive_and_add_up():
 
 def test_extract_records_and_writes_the_phase_table(image_folder, tmp_path):
     """The CLI's table covers the process: its phases add up to the total, which is the
-    process's wall time as seen from outside, but for printing and the interpreter's exit."""
+    process's wall time as seen from outside up to the moment its JSON was written.
+
+    The outside view ends at the file's write, not at the process's exit: printing, closing
+    and the interpreter's exit come after the last mark and take seconds on a loaded machine
+    (CI saw 1 s more than the total with two test workers)."""
     out, result = tmp_path / "s.h5", tmp_path / "s.json"
     start = time.time()
     r = subprocess.run([*tiny_extract(image_folder, out), "--json", result], capture_output=True,
                        text=True, timeout=300)  # fmt: skip
-    wall = time.time() - start
     assert r.returncode == 0, r.stderr
+    written = result.stat().st_mtime - start  # the JSON is written just after the last mark
     phases = json.loads(result.read_text())["phases"]
     assert list(phases) == [*PHASES, "total"]
     parts = sum(v for k, v in phases.items() if k != "total")
     assert abs(parts - phases["total"]) <= 0.05 * phases["total"]
-    assert wall - 1.0 <= phases["total"] <= wall
     assert phases["startup"] > 0.3  # the interpreter and torch: measured from the process start
+    # No more than the outside view (the file time's 10 ms granularity aside), and less by
+    # far less than the startup: a clock that began after half the startup fails.
+    assert phases["total"] <= written + 0.02
+    assert written - phases["total"] < 0.5 * phases["startup"]
     recorded = Store(out).extraction["phases"]  # as of the store's own last write
     assert set(recorded) == {*PHASES, "total"}
     assert recorded["run"] == phases["run"]
