@@ -10,11 +10,14 @@ CLIP fit them (z-scoring would move the optimum of a given C, and the published 
 with it); the validation split is the probe's (``val_fraction``, stratified, ``seed``), or
 below ``cv_below`` training rows its k folds. Each fit starts from the previous C's solution
 (the path runs from the strongest penalty), as scikit-learn's ``LogisticRegressionCV`` does.
-SciPy's L-BFGS-B drives it; the loss and gradient are computed on the GPU where there is one,
-in float64 there too.
+SciPy's L-BFGS-B drives it, on the rows centred, turned onto their principal axes and scaled
+(``Problem``: the same minimiser, far better conditioned); the loss and gradient are computed
+on the GPU where there is one, in float64 there too.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -38,52 +41,106 @@ C_GRID = tuple(float(c) for c in 10.0 ** np.linspace(-6, 5, 45))
 TOLERANCE = 1e-6
 
 
-def fit(x: torch.Tensor, y: torch.Tensor, classes: int, c: float, start=None,
-        max_iter: int = 1000, tol: float = 1e-10) -> tuple[torch.Tensor, int]:  # fmt: skip
-    """(W (D + 1, classes) with the bias last, L-BFGS iterations) minimising the mean
-    cross-entropy + ||W[:-1]||^2 / (2 C n), from ``start`` (or zeros). ``x`` (n, D + 1) ends
-    with a column of ones (``with_bias``). SciPy's L-BFGS-B drives (scikit-learn's solver,
-    its stopping rules: the gradient's largest entry below ``tol``, or no relative progress);
-    the loss and its gradient are computed where ``x`` lies (the GPU where there is one)."""
-    from scipy.optimize import minimize
-    from threadpoolctl import threadpool_limits
-
-    n, shape = len(x), (x.shape[1], classes)
-    onehot = F.one_hot(y, classes).to(x.dtype)
-    penalty = 1.0 / (c * n)
-
-    def loss_and_grad(flat: np.ndarray):
-        w = torch.from_numpy(flat).to(x.device).view(shape)
-        z = x @ w
-        lse = torch.logsumexp(z, 1)
-        loss = (lse - (z * onehot).sum(1)).mean() + 0.5 * penalty * (w[:-1] ** 2).sum()
-        z.sub_(lse[:, None]).exp_().sub_(onehot)  # softmax - onehot
-        grad = x.T @ z / n
-        grad[:-1] += penalty * w[:-1]
-        return float(loss), grad.cpu().numpy().ravel()
-
-    w0 = start.cpu().numpy().ravel() if start is not None else np.zeros(shape[0] * shape[1])
-    opts = {"maxiter": max_iter, "gtol": tol, "ftol": 64 * np.finfo(float).eps, "maxls": 50}
-    # SciPy's BLAS on one thread: its small vector work, interleaved with torch's threaded
-    # loss, otherwise has two thread pools spin against each other (40x slower on 2 cores).
-    with torch.no_grad(), threadpool_limits(1, user_api="blas"):
-        out = minimize(loss_and_grad, w0, jac=True, method="L-BFGS-B", options=opts)
-    return torch.from_numpy(out.x).to(x.device).view(shape), int(out.nit)
+class Solution(NamedTuple):
+    weights: torch.Tensor  # (D + 1, classes), the bias last
+    iterations: int  # L-BFGS's
+    objective: float  # the mean cross-entropy + ||W||^2 / (2 C n) at the weights
 
 
-def with_bias(x, dtype=torch.float64, device=None) -> torch.Tensor:
-    """``x`` (n, D) with a column of ones after it, (n, D + 1) in ``dtype``: one copy (a
-    conversion and then a concatenation would hold two)."""
-    out = torch.ones((len(x), x.shape[1] + 1), dtype=dtype, device=device)
-    out[:, :-1] = torch.as_tensor(x)
-    return out
+class Problem:
+    """One set of fit rows, prepared for L-BFGS: the rows centred and turned onto the principal
+    axes of their covariance, and each axis scaled by its curvature, so that L-BFGS sees a
+    problem of condition near 1 where the features as stored give it one of thousands.
+
+    The minimiser is the same: centring moves only the unpenalised bias (``b' = b + mean @
+    W``), turning the weights by an orthogonal matrix keeps ``||W||^2``, and scaling is a change
+    of variables (a preconditioner); ``fit`` takes and returns weights in the features' own
+    terms. Each axis's scale is 1 / sqrt(its variance / classes + the penalty), the square
+    root of the Hessian at W = 0 (the softmax's curvature there is 1 / classes). On the probe
+    benchmark's 9,000 x 384 rows the 12-value sweep took 43 iterations per C at most instead
+    of 1,000 unconverged, and reached the lower objective at every C.
+    """
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, classes: int):
+        """``x`` (n, D) float64 where the fit runs (a copy is taken), ``y`` (n,) labels."""
+        self.mean = x.mean(0)
+        centred = x - self.mean
+        self.variances, self.axes = _principal_axes(centred)
+        self.rotated = centred @ self.axes  # (n, r)
+        del centred
+        self.onehot = F.one_hot(y, classes).to(x.dtype)
+
+    def fit(self, c: float, start=None, max_iter: int = 1000, tol: float = 1e-10) -> Solution:
+        """The weights W (D + 1, classes) with the bias last minimising the mean
+        cross-entropy + ||W[:-1]||^2 / (2 C n), from ``start`` (such a W) or zeros. SciPy's
+        L-BFGS-B drives (scikit-learn's solver and stopping rules: the largest entry of the
+        preconditioned gradient below ``tol``, or no relative progress); the loss and its
+        gradient are computed where the rows lie (the GPU where there is one)."""
+        from scipy.optimize import minimize
+        from threadpoolctl import threadpool_limits
+
+        x, onehot = self.rotated, self.onehot
+        (n, r), classes = x.shape, onehot.shape[1]
+        penalty = 1.0 / (c * n)
+        curvature = self.variances.new_full((r + 1,), 1.0 / classes)
+        curvature[:-1] *= self.variances
+        curvature[:-1] += penalty
+        scale = curvature.rsqrt()[:, None]  # the bias's row last: variance 1, no penalty
+
+        def loss_and_grad(flat: np.ndarray):
+            w = torch.from_numpy(flat).to(x.device).view(r + 1, classes) * scale
+            z = torch.addmm(w[-1], x, w[:-1])
+            lse = torch.logsumexp(z, 1)
+            loss = (lse - (z * onehot).sum(1)).mean() + 0.5 * penalty * (w[:-1] ** 2).sum()
+            z.sub_(lse[:, None]).exp_().sub_(onehot)  # softmax - onehot
+            grad = torch.cat([x.T @ z / n + penalty * w[:-1], z.mean(0, keepdim=True)])
+            return float(loss), (grad * scale).cpu().numpy().ravel()
+
+        v0 = x.new_zeros(r + 1, classes) if start is None else self._inward(start) / scale
+        opts = {"maxiter": max_iter, "gtol": tol, "ftol": 64 * np.finfo(float).eps, "maxls": 50}
+        # SciPy's BLAS on one thread: its small vector work, interleaved with torch's threaded
+        # loss, otherwise has two thread pools spin against each other (40x slower on 2 cores).
+        with torch.no_grad(), threadpool_limits(1, user_api="blas"):
+            out = minimize(
+                loss_and_grad, v0.cpu().numpy().ravel(), jac=True, method="L-BFGS-B", options=opts
+            )
+        w = torch.from_numpy(out.x).to(x.device).view(r + 1, classes) * scale
+        return Solution(self._outward(w), int(out.nit), float(out.fun))
+
+    def _inward(self, w: torch.Tensor) -> torch.Tensor:
+        """Weights in the features' terms -> on the axes, with the centred rows' bias."""
+        return torch.cat([self.axes.T @ w[:-1], (w[-1] + self.mean @ w[:-1])[None]])
+
+    def _outward(self, w: torch.Tensor) -> torch.Tensor:
+        weights = self.axes @ w[:-1]
+        return torch.cat([weights, (w[-1] - self.mean @ weights)[None]])
+
+
+def _principal_axes(centred: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(variances (r,), axes (D, r)) of the centred rows, from the smaller of the D x D
+    covariance and the n x n Gram matrix: with fewer rows than features the axes span the
+    rows (r <= n), and the optimum has no weight outside them (its gradient there is the
+    penalty's alone)."""
+    n, d = centred.shape
+    if d <= n:
+        variances, axes = torch.linalg.eigh(centred.T @ centred / n)
+        return variances.clamp_min(0), axes
+    variances, vectors = torch.linalg.eigh(centred @ centred.T / n)
+    keep = variances > 1e-12 * variances.max().clamp_min(1e-300)
+    variances, vectors = variances[keep], vectors[:, keep]
+    return variances, centred.T @ vectors / (variances * n).sqrt()
+
+
+def logits(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``x`` (n, D) through W (D + 1, classes), the bias last."""
+    return torch.addmm(w[-1], x, w[:-1])
 
 
 def _metrics(x, y, w) -> dict:
-    logits = x @ w
+    z = logits(x, w)
     return {
-        "loss": float(F.cross_entropy(logits, y)),
-        "top1": float((logits.argmax(1) == y).double().mean() * 100),
+        "loss": float(F.cross_entropy(z, y)),
+        "top1": float((z.argmax(1) == y).double().mean() * 100),
     }
 
 
@@ -93,10 +150,11 @@ def _sweep(xtr, ytr, classes: int, splits, cfg) -> list[dict]:
     cs = sorted(cfg.cs)
     runs = []  # per split, per C (strongest penalty first: each fit starts from the last)
     for fit_idx, val_idx in splits:
-        xf, yf, xv, yv = xtr[fit_idx], ytr[fit_idx], xtr[val_idx], ytr[val_idx]  # once a split
+        problem = Problem(xtr[fit_idx], ytr[fit_idx], classes)  # once a split
+        xv, yv = xtr[val_idx], ytr[val_idx]
         w, path = None, []
         for c in cs:
-            w, iterations = fit(xf, yf, classes, c, w, cfg.lbfgs_iterations, TOLERANCE)
+            w, iterations, _ = problem.fit(c, w, cfg.lbfgs_iterations, TOLERANCE)
             path.append({"iterations": iterations, "val": _metrics(xv, yv, w)})
         runs.append(path)
     sweep = []
@@ -117,8 +175,8 @@ def logreg(data: Splits, cfg) -> dict:
     for name in ("train", "test"):
         check_finite(data.x(name), name)
     ytr = torch.as_tensor(data.labels["train"], device=device)
-    xtr = with_bias(data.x("train"), device=device)
-    xte = with_bias(data.x("test"), device=device)
+    xtr = torch.as_tensor(data.x("train"), dtype=torch.float64, device=device)
+    xte = torch.as_tensor(data.x("test"), dtype=torch.float64, device=device)
     classes, y_np = data.num_classes, data.labels["train"]
     folds = uses_cv(cfg, y_np)
     if folds:
@@ -133,11 +191,11 @@ def logreg(data: Splits, cfg) -> dict:
     # DINOv2's choice: the best (mean) validation top-1; ties go to the stronger penalty.
     chosen = max(range(len(sweep)), key=lambda i: (sweep[i]["val"]["top1"], -sweep[i]["C"]))
     c = sweep[chosen]["C"]
-    final, iterations = fit(xtr, ytr, classes, c, None, cfg.lbfgs_iterations, TOLERANCE)
+    final = Problem(xtr, ytr, classes).fit(c, None, cfg.lbfgs_iterations, TOLERANCE)
     y_test = data.labels["test"]
-    logits = xte @ final
-    loss = float(F.cross_entropy(logits, torch.as_tensor(y_test, device=device)))
-    scores = logits.cpu().numpy()
+    z = logits(xte, final.weights)
+    loss = float(F.cross_entropy(z, torch.as_tensor(y_test, device=device)))
+    scores = z.cpu().numpy()
     return {
         "protocol": "logreg",
         "test": {**classification_summary(scores, y_test), "loss": loss},
@@ -146,7 +204,8 @@ def logreg(data: Splits, cfg) -> dict:
             "C": c,
             # The same penalty as the SGD probe's weight decay (on the mean loss).
             "weight_decay": 1.0 / (c * len(ytr)),
-            "epochs": iterations,  # L-BFGS iterations of the refit
+            "epochs": final.iterations,  # L-BFGS iterations of the refit
+            "objective": final.objective,  # scikit-learn's, divided by C n
             "val": sweep[chosen]["val"],
             **({"cv": sweep[chosen]["cv"]} if "cv" in sweep[chosen] else {}),
         },
