@@ -491,7 +491,7 @@ def _logreg_rows(tr, te, quick: bool) -> str:
     same 45 values of C, split, criterion (validation top-1) and tolerance, warm-started."""
     import warnings
 
-    from featcache.evaluation.baselines import sklearn_logreg
+    from featcache.evaluation.baselines import sklearn_logreg, sklearn_refit
     from featcache.evaluation.data import Splits
     from featcache.evaluation.logreg import C_GRID, TOLERANCE
     from featcache.evaluation.probe import ProbeConfig, probe
@@ -507,7 +507,10 @@ def _logreg_rows(tr, te, quick: bool) -> str:
         warnings.simplefilter("ignore")  # lbfgs's convergence warnings at the largest C
         t_sk, s = _timed(lambda: sklearn_logreg(tr.features, tr.labels, te.features, te.labels,
                                                 cs, tol=TOLERANCE))  # fmt: skip
-    sel = r["selected"]
+        # The reference both seek: scikit-learn's refit at featcache's C, run to convergence.
+        sel = r["selected"]
+        refit = (tr.features, tr.labels, te.features, te.labels, sel["C"], TOLERANCE, 20_000)
+        t_ref, ref = _timed(lambda: sklearn_refit(*refit))
     return "\n".join([
         f"**The logistic-regression protocol** (`probe --protocol logreg`, DINOv2's) on every "
         f"{every}th training row ({len(tr.labels):,}): {len(cs)} of DINOv2's 45 values of C (every "
@@ -527,8 +530,15 @@ def _logreg_rows(tr, te, quick: bool) -> str:
         f"| scikit-learn LogisticRegression lbfgs | {t_sk:.1f} | {s['test_top1']:.2f} | "
         f"{s['C']:.3g} | {s['objective']:.6f} | {s['iterations']} |",
         f"| ratio | {t_sk / t_fc:.2f}x | {r['test']['top1'] - s['test_top1']:+.2f} | | | |",
+        f"| scikit-learn's refit alone, at most 20,000 iterations | {t_ref:.1f} | "
+        f"{ref['test_top1']:.2f} | {sel['C']:.3g} | {ref['objective']:.6f} | "
+        f"{ref['iterations']} |",
+        f"| featcache - converged refit | | {r['test']['top1'] - ref['test_top1']:+.2f} | | "
+        f"{sel['objective'] - ref['objective']:+.2g} | |",
         "",
-        "Goals: top-1 within 0.1 points of scikit-learn's; at least 5x faster on the CPU.",
+        "Goals: top-1 within 0.1 points of scikit-learn's; at least 5x faster on the CPU. "
+        "Where scikit-learn stops at its 1,000 iterations short of the optimum, the refit run "
+        "to convergence is the reference for the top-1.",
     ])  # fmt: skip
 
 
