@@ -94,6 +94,7 @@ def staleness(section: str) -> str:
 
     title, _, body = section.partition("\n")
     body = "\n".join(line for line in body.split("\n") if not line.startswith(STALE))
+    body = body.lstrip("\n")  # the blank line the mark stood in (one more every run)
     stamp = re.search(r"at commit ([0-9a-f]{7,40})", body)
     if stamp is None:
         note = "measured before sections named their commit; rerun it to trust its figures"
@@ -101,7 +102,7 @@ def staleness(section: str) -> str:
         since = ["git", "diff", "--quiet", stamp.group(1), "--", "featcache", "bench"]
         diff = subprocess.run(since, cwd=REPO, capture_output=True)
         if diff.returncode == 0:
-            return f"{title}\n{body}"
+            return f"{title}\n\n{body}"
         note = f"featcache/ or bench/ changed since {stamp.group(1)}; rerun it to trust its figures"
     name = title.strip()
     how = (
@@ -109,7 +110,7 @@ def staleness(section: str) -> str:
         else "`bench/device_check.sh` on a GPU" if name.startswith("device check")
         else "the commands it lists"
     )  # fmt: skip
-    return f"{title}\n\n{STALE}{note} ({how})\n{body}"
+    return f"{title}\n\n{STALE}{note} ({how})\n\n{body}"
 
 
 def batch_size(device) -> int:
