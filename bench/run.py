@@ -494,7 +494,7 @@ def _logreg_rows(tr, te, quick: bool) -> str:
     same 45 values of C, split, criterion (validation top-1) and tolerance, warm-started."""
     import warnings
 
-    from featcache.evaluation.baselines import sklearn_logreg, sklearn_refit
+    from featcache.evaluation.baselines import sklearn_logreg
     from featcache.evaluation.data import Splits
     from featcache.evaluation.logreg import C_GRID, TOLERANCE
     from featcache.evaluation.probe import ProbeConfig, probe
@@ -510,10 +510,7 @@ def _logreg_rows(tr, te, quick: bool) -> str:
         warnings.simplefilter("ignore")  # lbfgs's convergence warnings at the largest C
         t_sk, s = _timed(lambda: sklearn_logreg(tr.features, tr.labels, te.features, te.labels,
                                                 cs, tol=TOLERANCE))  # fmt: skip
-        # The reference both seek: scikit-learn's refit at featcache's C, run to convergence.
-        sel = r["selected"]
-        refit = (tr.features, tr.labels, te.features, te.labels, sel["C"], TOLERANCE, 20_000)
-        t_ref, ref = _timed(lambda: sklearn_refit(*refit))
+    converged = _against_converged(r, tr.features, tr.labels, te.features, te.labels)
     return "\n".join([
         f"**The logistic-regression protocol** (`probe --protocol logreg`, DINOv2's) on every "
         f"{every}th training row ({len(tr.labels):,}): {len(cs)} of DINOv2's 45 values of C (every "
@@ -529,16 +526,11 @@ def _logreg_rows(tr, te, quick: bool) -> str:
         "",
         "| method | wall (s) | test top-1 | chosen C | refit objective | refit iterations |",
         "| --- | --- | --- | --- | --- | --- |",
-        f"| featcache logreg (SciPy's L-BFGS-B, torch loss) | {t_fc:.1f} | "
-        f"{r['test']['top1']:.2f} | {sel['C']:.3g} | {sel['objective']:.6f} | {sel['epochs']} |",
-        f"| scikit-learn LogisticRegression lbfgs | {t_sk:.1f} | {s['test_top1']:.2f} | "
-        f"{s['C']:.3g} | {s['objective']:.6f} | {s['iterations']} |",
+        f"| featcache logreg (SciPy's L-BFGS-B, torch loss) | {t_fc:.1f} | {_our_cells(r)}",
+        f"| scikit-learn LogisticRegression lbfgs | {t_sk:.1f} | "
+        + _refit_cells(s["test_top1"], s["C"], s["objective"], s["iterations"]),
         f"| ratio | {t_sk / t_fc:.2f}x | {r['test']['top1'] - s['test_top1']:+.2f} | | | |",
-        f"| scikit-learn's refit alone, at most 20,000 iterations | {t_ref:.1f} | "
-        f"{ref['test_top1']:.2f} | {sel['C']:.3g} | {ref['objective']:.6f} | "
-        f"{ref['iterations']} |",
-        f"| featcache - converged refit | | {r['test']['top1'] - ref['test_top1']:+.2f} | | "
-        f"{sel['objective'] - ref['objective']:+.2g} | |",
+        *converged,
         "",
         "Goals: top-1 within 0.1 points of scikit-learn's; at least 5x faster on the CPU. "
         "Where scikit-learn stops at its 1,000 iterations short of the optimum, the refit run "
@@ -546,13 +538,40 @@ def _logreg_rows(tr, te, quick: bool) -> str:
     ])  # fmt: skip
 
 
+def _refit_cells(top1, c, objective, iterations) -> str:
+    """The logreg tables' last four cells: test top-1, C, the refit's objective, iterations."""
+    return f"{top1:.2f} | {c:.3g} | {objective:.6f} | {iterations} |"
+
+
+def _our_cells(r) -> str:
+    sel = r["selected"]
+    return _refit_cells(r["test"]["top1"], sel["C"], sel["objective"], sel["epochs"])
+
+
+def _against_converged(r, xtr, ytr, xte, yte) -> list[str]:
+    """Two rows: scikit-learn's refit at featcache's chosen C run to convergence (at most
+    20,000 iterations: the optimum both seek), and featcache's difference from it."""
+    import warnings
+
+    from featcache.evaluation.baselines import sklearn_refit
+    from featcache.evaluation.logreg import TOLERANCE
+
+    sel = r["selected"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t, ref = _timed(lambda: sklearn_refit(xtr, ytr, xte, yte, sel["C"], TOLERANCE, 20_000))
+    cells = _refit_cells(ref["test_top1"], sel["C"], ref["objective"], ref["iterations"])
+    return [
+        f"| scikit-learn's refit alone, at most 20,000 iterations | {t:.1f} | {cells}",
+        f"| featcache - converged refit | | {r['test']['top1'] - ref['test_top1']:+.2f} | | "
+        f"{sel['objective'] - ref['objective']:+.2g} | |",
+    ]
+
+
 def bench_logreg(quick: bool) -> str:
     """DINOv2's whole protocol (its 45 values of C, one 10% split, the refit) on the probe
     section's 50,000 x 384 store, against scikit-learn's refit at the chosen C run to
     convergence: the optimum both seek (scikit-learn's own sweep is hours on this CPU)."""
-    import warnings
-
-    from featcache.evaluation.baselines import sklearn_refit
     from featcache.evaluation.data import Splits
     from featcache.evaluation.logreg import TOLERANCE
     from featcache.evaluation.probe import ProbeConfig, probe
@@ -564,11 +583,8 @@ def bench_logreg(quick: bool) -> str:
     xtr, ytr = tr.features[::every], tr.labels[::every]
     cfg = ProbeConfig(protocol="logreg", device="cpu", cv_below=0)
     t_fc, r = _timed(lambda: probe(Splits.in_memory((xtr, ytr), (te.features, te.labels)), cfg))
-    sel, fits = r["selected"], [s["iterations"] for s in r["sweep"]]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        refit = (xtr, ytr, te.features, te.labels, sel["C"], TOLERANCE, 20_000)
-        t_ref, ref = _timed(lambda: sklearn_refit(*refit))
+    fits = [s["iterations"] for s in r["sweep"]]
+    converged = _against_converged(r, xtr, ytr, te.features, te.labels)
     print(f"logreg: featcache {t_fc:.1f} s top-1 {r['test']['top1']:.2f}", flush=True)
     return "\n".join([
         f"`probe --protocol logreg` with its defaults but `--cv-below 0` (DINOv2's 45 values of "
@@ -581,12 +597,8 @@ def bench_logreg(quick: bool) -> str:
         "",
         "| run | wall (s) | test top-1 | C | refit objective | refit iterations |",
         "| --- | --- | --- | --- | --- | --- |",
-        f"| featcache, the whole protocol (45 fits + refit) | {t_fc:.1f} | "
-        f"{r['test']['top1']:.2f} | {sel['C']:.3g} | {sel['objective']:.6f} | {sel['epochs']} |",
-        f"| scikit-learn, the refit alone | {t_ref:.1f} | {ref['test_top1']:.2f} | "
-        f"{sel['C']:.3g} | {ref['objective']:.6f} | {ref['iterations']} |",
-        f"| difference | | {r['test']['top1'] - ref['test_top1']:+.2f} | | "
-        f"{sel['objective'] - ref['objective']:+.2g} | |",
+        f"| featcache, the whole protocol (45 fits + refit) | {t_fc:.1f} | {_our_cells(r)}",
+        *converged,
         "",
         f"The sweep's fits: {sum(fits):,} L-BFGS iterations in all, at most {max(fits)} for one "
         f"C ({sum(f >= cfg.lbfgs_iterations for f in fits)} of 45 stopped at the "
