@@ -68,10 +68,10 @@ class Problem:
         """``x`` (n, D) where the fit runs, ``y`` (n,) labels. The problem holds the rows
         turned (n x min(n, D), float64); ``overwrite`` lets it centre ``x`` in place (a copy
         the caller no longer needs), else the centred rows are a temporary copy."""
-        overwrite = overwrite and x.dtype == torch.float64
+        owned = overwrite or x.dtype != torch.float64  # a conversion is a copy of our own
         x = x.to(torch.float64)
         self.mean = x.mean(0)
-        centred = x.sub_(self.mean) if overwrite else x - self.mean
+        centred = x.sub_(self.mean) if owned else x - self.mean
         self.variances, self.axes = _principal_axes(centred)
         self.rotated = centred @ self.axes  # (n, r)
         del centred
