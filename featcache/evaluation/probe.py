@@ -123,8 +123,9 @@ class Heads:
         self.step_size = cfg.lr / (curvature + self.wd)  # (S,)
         self.cfg, self.gen = cfg, gen
 
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.einsum("nd,sdc->snc", x, self.W) + self.b[:, None, :]  # (S, N, C)
+    def logits(self, x: torch.Tensor, which: slice = slice(None)) -> torch.Tensor:
+        """(S, N, C): every head's logits, or those of ``which`` heads."""
+        return torch.einsum("nd,sdc->snc", x, self.W[which]) + self.b[which][:, None, :]
 
     def part(self, heads: slice) -> _HeadsPart:
         """Some of the heads, for evaluation (``logits`` of those alone)."""
@@ -367,8 +368,7 @@ class _HeadsPart:
     which: slice
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        W, b = self.heads.W[self.which], self.heads.b[self.which]
-        return torch.einsum("nd,sdc->snc", x, W) + b[:, None, :]
+        return self.heads.logits(x, self.which)
 
 
 def cv_sweep(source, y_train, cfg: ProbeConfig, classes: int, gen, dist: Distributed):
